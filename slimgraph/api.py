@@ -1,0 +1,108 @@
+"""The public entry points: import_model, optimize, to_torch and OptimizeResult."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimgraph.errors import ModelImportError, SlimgraphError
+from slimgraph.ir import Graph
+from slimgraph.passes import NumericalCheck, Pass, PassContext, PassManager, Trace, TraceInstrument, to_passes
+from slimgraph.passes.instruments import Instrument
+
+
+def import_model(model: Any, example_inputs: Any = None) -> Graph:
+    """A torch.nn.Module (with example_inputs) as an IR Graph. The model is not modified."""
+    if isinstance(model, torch.nn.Module):
+        from slimgraph.frontends.pytorch import import_torch
+
+        return import_torch(model, example_inputs)
+    if isinstance(model, Graph):
+        return model.clone()
+    if isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx"):
+        raise ModelImportError(f"{model}: ONNX import is not available yet (the ONNX frontend is pending)")
+    raise ModelImportError(f"cannot import a {type(model).__name__}: expected a torch.nn.Module or a Graph")
+
+
+def sample_inputs(graph: Graph, seed: int = 0) -> list[torch.Tensor]:
+    """Deterministic random inputs matching the graph's input types."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for v in graph.inputs:
+        shape = [d if isinstance(d, int) else 1 for d in v.shape]
+        if v.dtype.is_float:
+            out.append(torch.randn(shape, generator=gen).to(v.dtype.torch))
+        else:
+            out.append(torch.randint(0, 8, shape, generator=gen).to(v.dtype.torch))
+    return out
+
+
+@dataclass
+class OptimizeResult:
+    graph: Graph
+    trace: Trace
+    example_inputs: tuple[torch.Tensor, ...] | None = None
+
+    def to_torch(self) -> torch.nn.Module:
+        return to_torch(self.graph)
+
+    def save_torch(self, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write folder/model.py (needs only torch, has ``load(folder)``) and folder/weights.pt."""
+        from slimgraph.backends.pytorch import save_torch
+
+        folder = Path(folder)
+        existing = [p for p in ("model.py", "weights.pt", "modules.pt") if (folder / p).exists()]
+        if existing and not overwrite:
+            raise SlimgraphError(f"{folder}: {', '.join(existing)} already exist (pass overwrite=True)")
+        return save_torch(self.graph, folder)
+
+    def summary(self) -> str:
+        return self.trace.summary()
+
+
+def to_torch(graph: Graph) -> torch.nn.Module:
+    """An nn.Module that computes ``graph``; its generated source is in ``.code``."""
+    from slimgraph.backends.pytorch import to_torch as emit
+
+    return emit(graph)
+
+
+def optimize(
+    model: Any,
+    passes: str | Sequence[str | Pass] | Pass,
+    example_inputs: Any = None,
+    verify: bool = True,
+    *,
+    fixed_point: bool = False,
+    instruments: Sequence[Instrument] = (),
+    rtol: float = 1e-4,
+) -> OptimizeResult:
+    """Import ``model`` (never modified), run ``passes`` and return the graph and its trace.
+
+    With ``verify`` (the default) the graph is verified after every pass and each pass is run
+    numerically against its input on sample inputs: exact passes must stay within ``rtol``,
+    lossy ones report ``max_abs_error`` in the trace.
+    """
+    pipeline = to_passes(passes)  # bad names and options fail before any work
+    graph = import_model(model, example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    inputs = tuple(example_inputs) if example_inputs is not None else tuple(sample_inputs(graph))
+    if len(inputs) != len(graph.inputs):
+        raise SlimgraphError(f"the graph takes {len(graph.inputs)} inputs, example_inputs has {len(inputs)}")
+    for value, tensor in zip(graph.inputs, inputs):
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape[1:]) != tuple(value.shape[1:]):
+            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise SlimgraphError(f"example input for %{value.name}: expected {value.type_str()}, got {got}")
+    chosen: list[Instrument] = [TraceInstrument()]
+    if verify:
+        chosen.append(NumericalCheck(inputs, rtol=rtol))
+    chosen += list(instruments)
+    ctx = PassContext(example_inputs=inputs)
+    trace = PassManager(pipeline, chosen, verify=verify, fixed_point=fixed_point).run(graph, ctx)
+    return OptimizeResult(graph, trace, inputs)

@@ -1,0 +1,1 @@
+"""Backends turn IR Graphs into runnable artifacts."""

@@ -1,0 +1,547 @@
+"""IR Graph -> readable PyTorch source (a real nn.Module) plus its weights.
+
+The source reads like hand-written code, in the spirit of torch.fx's codegen: layers with
+weights become named submodules built in ``__init__`` (nn.Conv2d, nn.BatchNorm2d, ...), and
+``forward`` has one statement per node. Weights travel separately as a state dict, so the
+source holds no data and needs only torch. Opaque nodes call the original code: a function by
+its import path, or a module kept beside the weights.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+import keyword
+import linecache
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimgraph.errors import SlimgraphError, UnsupportedError
+from slimgraph.ir import OPAQUE, Graph, Node, OpaqueImpl, Value, clean_name
+from slimgraph.ir.opaque import Slot
+
+RESERVED = {"self", "torch", "nn", "F", "os", "math", "importlib", "stochastic_depth", "load", "Model"}
+
+
+@dataclass
+class _Ctx:
+    graph: Graph
+    names: dict[int, str] = field(default_factory=dict)  # id(Value) -> python expression
+    init: list[str] = field(default_factory=list)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    externals: dict[str, Any] = field(default_factory=dict)
+    imports: dict[str, str] = field(default_factory=dict)  # alias -> import path
+    attrs: set[str] = field(default_factory=set)
+    uses_helpers: set[str] = field(default_factory=set)
+
+    def attr(self, base: str) -> str:
+        name = _ident(base)
+        while name in self.attrs:
+            name += "_"
+        self.attrs.add(name)
+        return name
+
+    def ref(self, v: Value | None) -> str:
+        if v is None:
+            return "None"
+        if id(v) in self.names:
+            return self.names[id(v)]
+        if v.is_constant:  # first reference: inline a scalar, else register a parameter/buffer
+            tensor = v.const_value
+            if tensor.dim() == 0 and tensor.dtype.is_floating_point and math.isfinite(float(tensor)) \
+                    and tensor.dtype == torch.float32:
+                expr = repr(float(tensor))
+            else:
+                name = self.attr(v.name)
+                empty = f"torch.empty({_lit(tuple(tensor.shape))}, dtype={tensor.dtype})"
+                if v.meta.get("trainable") and tensor.dtype.is_floating_point:
+                    self.init.append(f"self.{name} = nn.Parameter({empty})")
+                else:
+                    self.init.append(f"self.register_buffer({name!r}, {empty})")
+                self.state[name] = tensor
+                expr = f"self.{name}"
+            self.names[id(v)] = expr
+            return expr
+        raise SlimgraphError(f"value %{v.name} is used before it is defined")
+
+
+def _ident(name: str) -> str:
+    name = clean_name(name)
+    if name in RESERVED or hasattr(builtins, name) or keyword.iskeyword(name):
+        name += "_"
+    return name
+
+
+def _lit(x: Any) -> str:
+    """A Python literal for attribute data; anything else is refused (names are data, not code)."""
+    if x is None or isinstance(x, (bool, int)):
+        return repr(x)
+    if isinstance(x, float):
+        return repr(x) if math.isfinite(x) else f"float({str(x)!r})"
+    if isinstance(x, str):
+        return repr(x)
+    if isinstance(x, (list, tuple)):
+        inner = ", ".join(_lit(v) for v in x)
+        return f"[{inner}]" if isinstance(x, list) else f"({inner}{',' if len(x) == 1 else ''})"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{_lit(k)}: {_lit(v)}" for k, v in x.items()) + "}"
+    if isinstance(x, torch.dtype):
+        return str(x)
+    if isinstance(x, torch.device):
+        return f"torch.device({str(x)!r})"
+    raise UnsupportedError(f"cannot write {type(x).__name__} {x!r} as source")
+
+
+class _Args:
+    """A node's input expressions, made on first access: weights a submodule owns are never
+    registered a second time as loose parameters."""
+
+    def __init__(self, ctx: _Ctx, node: Node) -> None:
+        self.ctx, self.node = ctx, node
+
+    def __getitem__(self, i: int) -> str:
+        return self.ctx.ref(self.node.inputs[i])
+
+    def __len__(self) -> int:
+        return len(self.node.inputs)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+# ============================================================================ emitters
+Emitter = Callable[[_Ctx, Node, list[str]], str]
+EMITTERS: dict[str, Emitter] = {}
+
+
+def emitter(*ops: str):
+    def deco(fn: Emitter) -> Emitter:
+        for op in ops:
+            EMITTERS[op] = fn
+        return fn
+
+    return deco
+
+
+def _owned_params(ctx: _Ctx, node: Node, indices: range) -> bool:
+    """Weights become a submodule's own parameters only if no other node reads them."""
+    for i in indices:
+        v = node.inputs[i] if i < len(node.inputs) else None
+        if v is not None and (not v.is_constant or len(v.uses) != 1 or v in ctx.graph.outputs):
+            return False
+    return True
+
+
+def _module(ctx: _Ctx, node: Node, ctor: str, params: dict[str, Value | None]) -> str:
+    attr = ctx.attr(node.name)
+    ctx.init.append(f"self.{attr} = {ctor}")
+    for pname, v in params.items():
+        if v is not None:
+            ctx.state[f"{attr}.{pname}"] = v.const_value
+    return attr
+
+
+def _pair(values: list[int]) -> str:
+    return _lit(tuple(values))
+
+
+@emitter("conv")
+def emit_conv(ctx, node, a):
+    w = node.inputs[1]
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    at = node.attrs
+    nd = w.rank - 2
+    pads = at["pads"]
+    sym = pads[:nd] == pads[nd:]
+    xin = a[0] if sym else f"F.pad({a[0]}, {_lit(_torch_pads(pads))})"
+    padding = pads[:nd] if sym else [0] * nd
+    if _owned_params(ctx, node, range(1, 3)):
+        cin = w.shape[1] * at["groups"]
+        options = [f"kernel_size={_pair(w.shape[2:])}"]
+        for key, value, default in [("stride", at["stride"], 1), ("padding", padding, 0),
+                                    ("dilation", at["dilation"], 1)]:
+            if any(v != default for v in value):
+                options.append(f"{key}={_pair(value)}")
+        if at["groups"] != 1:
+            options.append(f"groups={at['groups']}")
+        if b is None:
+            options.append("bias=False")
+        ctor = f"nn.Conv{nd}d({cin}, {w.shape[0]}, {', '.join(options)})"
+        return f"self.{_module(ctx, node, ctor, {'weight': w, 'bias': b})}({xin})"
+    return (f"F.conv{nd}d({xin}, {a[1]}, {a[2] if b is not None else 'None'}, {_pair(at['stride'])}, "
+            f"{_pair(padding)}, {_pair(at['dilation'])}, {at['groups']})")
+
+
+def _torch_pads(pads: list[int]) -> list[int]:
+    n = len(pads) // 2
+    out: list[int] = []
+    for d in reversed(range(n)):
+        out += [pads[d], pads[n + d]]
+    return out
+
+
+@emitter("linear")
+def emit_linear(ctx, node, a):
+    w = node.inputs[1]
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    if _owned_params(ctx, node, range(1, 3)):
+        ctor = f"nn.Linear({w.shape[1]}, {w.shape[0]}{'' if b is not None else ', bias=False'})"
+        return f"self.{_module(ctx, node, ctor, {'weight': w, 'bias': b})}({a[0]})"
+    return f"F.linear({a[0]}, {a[1]}, {a[2] if b is not None else 'None'})"
+
+
+@emitter("batch_norm")
+def emit_batch_norm(ctx, node, a):
+    x, w, b, m, v = node.inputs
+    if _owned_params(ctx, node, range(1, 5)):
+        kind = {2: 1, 3: 1, 4: 2, 5: 3}[x.rank]
+        eps, momentum = node.attrs["eps"], node.attrs.get("momentum", 0.1)
+        options = ("" if eps == 1e-5 else f", eps={eps!r}") + ("" if momentum == 0.1 else f", momentum={momentum!r}")
+        ctor = f"nn.BatchNorm{kind}d({w.shape[0]}{options})"
+        attr = _module(ctx, node, ctor, {"weight": w, "bias": b, "running_mean": m, "running_var": v})
+        ctx.state[f"{attr}.num_batches_tracked"] = torch.tensor(0)
+        return f"self.{attr}({a[0]})"
+    return f"F.batch_norm({a[0]}, {a[3]}, {a[4]}, {a[1]}, {a[2]}, False, 0.0, {node.attrs['eps']!r})"
+
+
+@emitter("layer_norm")
+def emit_layer_norm(ctx, node, a):
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    shape, eps = node.attrs["normalized_shape"], node.attrs["eps"]
+    if w is not None and _owned_params(ctx, node, range(1, 3)):
+        ctor = f"nn.LayerNorm({_lit(tuple(shape))}, eps={eps!r}, bias={b is not None})"
+        return f"self.{_module(ctx, node, ctor, {'weight': w, 'bias': b})}({a[0]})"
+    wa = a[1] if w is not None else "None"
+    ba = a[2] if b is not None else "None"
+    return f"F.layer_norm({a[0]}, {_lit(tuple(shape))}, {wa}, {ba}, {eps!r})"
+
+
+@emitter("group_norm")
+def emit_group_norm(ctx, node, a):
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    return (f"F.group_norm({a[0]}, {node.attrs['num_groups']}, {a[1] if w is not None else 'None'}, "
+            f"{a[2] if b is not None else 'None'}, {node.attrs['eps']!r})")
+
+
+@emitter("multihead_attention")
+def emit_mha(ctx, node, a):
+    q, _, _, w_in, b_in, w_out, b_out = node.inputs
+    at = node.attrs
+    if _owned_params(ctx, node, range(3, 7)) and (b_in is None) == (b_out is None):
+        embed = q.shape[-1]
+        ctor = (f"nn.MultiheadAttention({embed}, {at['num_heads']}, dropout={at.get('dropout', 0.0)!r}, "
+                f"bias={b_in is not None}, batch_first={at['batch_first']})")
+        params = {"in_proj_weight": w_in, "in_proj_bias": b_in, "out_proj.weight": w_out, "out_proj.bias": b_out}
+        attr = _module(ctx, node, ctor, params)
+        return f"self.{attr}({a[0]}, {a[1]}, {a[2]}, need_weights=False)[0]"
+    raise UnsupportedError(f"node {node.name}: attention with shared weights has no PyTorch form yet")
+
+
+_UNARY = {
+    "relu": "F.relu({})", "sigmoid": "torch.sigmoid({})", "tanh": "torch.tanh({})", "silu": "F.silu({})",
+    "hardswish": "F.hardswish({})", "hardsigmoid": "F.hardsigmoid({})", "erf": "torch.erf({})",
+    "exp": "torch.exp({})", "log": "torch.log({})", "sqrt": "torch.sqrt({})", "rsqrt": "torch.rsqrt({})",
+    "neg": "-{}", "abs": "torch.abs({})", "identity": "{}",
+}
+for _op, _fmt in _UNARY.items():
+    EMITTERS[_op] = (lambda fmt: lambda ctx, node, a: fmt.format(a[0]))(_fmt)
+
+_BINARY = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**", "matmul": "@"}
+for _op, _sym in _BINARY.items():
+    EMITTERS[_op] = (lambda sym: lambda ctx, node, a: f"{a[0]} {sym} {a[1]}")(_sym)
+EMITTERS["maximum"] = lambda ctx, node, a: f"torch.maximum({a[0]}, {a[1]})"
+EMITTERS["minimum"] = lambda ctx, node, a: f"torch.minimum({a[0]}, {a[1]})"
+
+
+@emitter("clip")
+def emit_clip(ctx, node, a):
+    lo, hi = node.attrs.get("min"), node.attrs.get("max")
+    if (lo, hi) == (0.0, 6.0):
+        return f"F.relu6({a[0]})"
+    return f"torch.clamp({a[0]}, {_lit(lo)}, {_lit(hi)})"
+
+
+EMITTERS["gelu"] = lambda ctx, node, a: (
+    f"F.gelu({a[0]})" if node.attrs.get("approximate", "none") == "none"
+    else f"F.gelu({a[0]}, approximate={node.attrs['approximate']!r})")
+EMITTERS["leaky_relu"] = lambda ctx, node, a: f"F.leaky_relu({a[0]}, {node.attrs['negative_slope']!r})"
+EMITTERS["elu"] = lambda ctx, node, a: f"F.elu({a[0]}, {node.attrs.get('alpha', 1.0)!r})"
+EMITTERS["softmax"] = lambda ctx, node, a: f"torch.softmax({a[0]}, {node.attrs['axis']})"
+EMITTERS["log_softmax"] = lambda ctx, node, a: f"torch.log_softmax({a[0]}, {node.attrs['axis']})"
+EMITTERS["lrn"] = lambda ctx, node, a: (
+    f"F.local_response_norm({a[0]}, {node.attrs['size']}, {node.attrs['alpha']!r}, "
+    f"{node.attrs['beta']!r}, {node.attrs['k']!r})")
+
+
+@emitter("dropout")
+def emit_dropout(ctx, node, a):
+    kind = "nn.Dropout"
+    if node.attrs.get("channelwise"):
+        kind = {3: "nn.Dropout1d", 4: "nn.Dropout2d", 5: "nn.Dropout3d"}.get(node.inputs[0].rank, "nn.Dropout")
+    ctor = f"{kind}(p={node.attrs['p']!r})"
+    return f"self.{_module(ctx, node, ctor, {})}({a[0]})"
+
+
+@emitter("stochastic_depth")
+def emit_stochastic_depth(ctx, node, a):
+    ctx.uses_helpers.add("stochastic_depth")
+    return f"stochastic_depth({a[0]}, {node.attrs['p']!r}, {node.attrs['mode']!r}, self.training)"
+
+
+def _pool_input(a0: str, pads: list[int], nd: int, kernel: list[int], fill: str) -> tuple[str, list[int]]:
+    sym = pads[:nd] == pads[nd:] and all(2 * p <= k for p, k in zip(pads[:nd], kernel))
+    if sym:
+        return a0, pads[:nd]
+    return f"F.pad({a0}, {_lit(_torch_pads(pads))}, value={fill})", [0] * nd
+
+
+@emitter("max_pool")
+def emit_max_pool(ctx, node, a):
+    at = node.attrs
+    nd = len(at["kernel"])
+    x, padding = _pool_input(a[0], at["pads"], nd, at["kernel"], "float('-inf')")
+    return (f"F.max_pool{nd}d({x}, {_pair(at['kernel'])}, {_pair(at['stride'])}, {_pair(padding)}, "
+            f"{_pair(at.get('dilation', [1] * nd))}, ceil_mode={at.get('ceil_mode', False)})")
+
+
+@emitter("avg_pool")
+def emit_avg_pool(ctx, node, a):
+    at = node.attrs
+    nd = len(at["kernel"])
+    x, padding = _pool_input(a[0], at["pads"], nd, at["kernel"], "0.0")
+    return (f"F.avg_pool{nd}d({x}, {_pair(at['kernel'])}, {_pair(at['stride'])}, {_pair(padding)}, "
+            f"ceil_mode={at.get('ceil_mode', False)}, count_include_pad={at.get('count_include_pad', True)})")
+
+
+EMITTERS["adaptive_avg_pool"] = lambda ctx, node, a: (
+    f"F.adaptive_avg_pool{len(node.attrs['output_size'])}d({a[0]}, {_pair(node.attrs['output_size'])})")
+EMITTERS["adaptive_max_pool"] = lambda ctx, node, a: (
+    f"F.adaptive_max_pool{len(node.attrs['output_size'])}d({a[0]}, {_pair(node.attrs['output_size'])})")
+
+
+def _shape_expr(shape: list, source: str) -> str:
+    return ", ".join(f"{source}.shape[0]" if d == "N" else str(d) for d in shape)
+
+
+EMITTERS["reshape"] = lambda ctx, node, a: f"{a[0]}.reshape({_shape_expr(node.attrs['shape'], a[0])})"
+EMITTERS["flatten"] = lambda ctx, node, a: (
+    f"torch.flatten({a[0]}, {node.attrs['start']})" if node.attrs["end"] == node.inputs[0].rank - 1
+    else f"torch.flatten({a[0]}, {node.attrs['start']}, {node.attrs['end']})")
+EMITTERS["permute"] = lambda ctx, node, a: f"{a[0]}.permute({', '.join(map(str, node.attrs['perm']))})"
+EMITTERS["expand"] = lambda ctx, node, a: f"{a[0]}.expand({', '.join(map(str, node.attrs['shape']))})"
+EMITTERS["expand_batch"] = lambda ctx, node, a: f"{a[0]}.expand({_shape_expr(node.attrs['shape'], a[1])})"
+EMITTERS["concat"] = lambda ctx, node, a: f"torch.cat([{', '.join(a)}], {node.attrs['axis']})"
+EMITTERS["split"] = lambda ctx, node, a: f"torch.split({a[0]}, {_lit(node.attrs['sizes'])}, {node.attrs['axis']})"
+EMITTERS["select"] = lambda ctx, node, a: f"{a[0]}.select({node.attrs['axis']}, {node.attrs['index']})"
+EMITTERS["mean"] = lambda ctx, node, a: (
+    f"{a[0]}.mean({_lit(node.attrs['axes'])}, keepdim={node.attrs.get('keepdim', False)})")
+EMITTERS["sum"] = lambda ctx, node, a: (
+    f"{a[0]}.sum({_lit(node.attrs['axes'])}, keepdim={node.attrs.get('keepdim', False)})")
+EMITTERS["cast"] = lambda ctx, node, a: f"{a[0]}.to(torch.{node.attrs['dtype']})"
+EMITTERS["pad"] = lambda ctx, node, a: (
+    f"F.pad({a[0]}, {_lit(node.attrs['pads'])}, {node.attrs.get('mode', 'constant')!r}, "
+    f"{node.attrs.get('value', 0.0)!r})")
+
+
+def _unsqueeze_expr(a0: str, axes: list[int], rank: int) -> str:
+    for axis in sorted(ax % (rank + len(axes)) for ax in axes):
+        a0 = f"{a0}.unsqueeze({axis})"
+    return a0
+
+
+def _squeeze_expr(a0: str, axes: list[int], rank: int) -> str:
+    for axis in sorted((ax % rank for ax in axes), reverse=True):
+        a0 = f"{a0}.squeeze({axis})"
+    return a0
+
+
+EMITTERS["unsqueeze"] = lambda ctx, node, a: _unsqueeze_expr(a[0], node.attrs["axes"], node.inputs[0].rank)
+EMITTERS["squeeze"] = lambda ctx, node, a: _squeeze_expr(a[0], node.attrs["axes"], node.inputs[0].rank)
+
+
+@emitter("slice")
+def emit_slice(ctx, node, a):
+    at = node.attrs
+    parts = [":"] * node.inputs[0].rank
+    for axis, s, e, st in zip(at["axes"], at["starts"], at["ends"], at["steps"]):
+        parts[axis] = f"{s}:{e}" + (f":{st}" if st != 1 else "")
+    while parts and parts[-1] == ":":
+        parts.pop()
+    return f"{a[0]}[{', '.join(parts)}]"
+
+
+@emitter(OPAQUE)
+def emit_opaque(ctx, node, a):
+    impl: OpaqueImpl = node.attrs["impl"]
+    if impl.source != "torch":
+        raise UnsupportedError(f"node {node.name}: opaque {impl.source} op {impl.target} has no PyTorch form")
+
+    def fill(t: Any) -> str:
+        if isinstance(t, Slot):
+            return a[t.index]
+        if isinstance(t, list):
+            return "[" + ", ".join(fill(v) for v in t) + "]"
+        if isinstance(t, tuple):
+            return "(" + ", ".join(fill(v) for v in t) + ("," if len(t) == 1 else "") + ")"
+        if isinstance(t, dict):
+            return "{" + ", ".join(f"{_lit(k)}: {fill(v)}" for k, v in t.items()) + "}"
+        return _lit(t)
+
+    args = [fill(t) for t in impl.args] + [f"{k}={fill(v)}" for k, v in impl.kwargs.items() if k.isidentifier()]
+    if impl.kind == "module":
+        attr = ctx.attr(node.name)
+        ctx.externals[attr] = impl.module
+        ctx.init.append(f"self.{attr} = externals[{attr!r}]")
+        return f"self.{attr}({', '.join(args)})"
+    if impl.kind == "method":
+        if not impl.target.isidentifier():
+            raise UnsupportedError(f"node {node.name}: method name {impl.target!r} is not an identifier")
+        return f"{args[0]}.{impl.target}({', '.join(args[1:])})"
+    alias = _import_alias(ctx, impl)
+    return f"{alias}({', '.join(args)})"
+
+
+def _import_alias(ctx: _Ctx, impl: OpaqueImpl) -> str:
+    """An importable path for a function (checked now), so model.py can import it."""
+    path = impl.target
+    parts = path.split(".")
+    if path.startswith("torch.ops.") and all(p.isidentifier() for p in parts):
+        return path  # operator overloads resolve through torch.ops at run time
+    if all(p.isidentifier() for p in parts) and _resolves(path, impl.fn):
+        alias = "_" + _ident(parts[-1])
+        while alias in ctx.imports and ctx.imports[alias] != path:
+            alias += "_"
+        ctx.imports[alias] = path
+        return alias
+    raise UnsupportedError(f"opaque function {path!r} is not importable by name; it cannot be emitted")
+
+
+def _resolves(path: str, fn: Any) -> bool:
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:i]))
+        except Exception:
+            continue
+        try:
+            for p in parts[i:]:
+                obj = getattr(obj, p)
+        except AttributeError:
+            return False
+        return fn is None or obj is fn
+    return False
+
+
+# ============================================================================ source
+_HELPERS = {
+    "stochastic_depth": '''
+def stochastic_depth(x, p, mode, training):
+    """Drop whole residual branches while training (torchvision.ops.stochastic_depth)."""
+    if not training or p == 0.0:
+        return x
+    shape = [x.shape[0]] + [1] * (x.dim() - 1) if mode == "row" else [1] * x.dim()
+    keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+''',
+}
+
+
+def generate(graph: Graph, class_name: str = "Model") -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+    """Source of model.py, its state dict, and the external objects (opaque modules) it needs."""
+    ctx = _Ctx(graph)
+    used_names: set[str] = set()
+
+    def local(v: Value) -> str:
+        name = _ident(v.name)
+        while name in used_names:
+            name += "_"
+        used_names.add(name)
+        ctx.names[id(v)] = name
+        return name
+
+    params = [local(v) for v in graph.inputs]
+    body: list[str] = []
+    for node in graph.nodes:
+        emit = EMITTERS.get(node.op)
+        if emit is None:
+            raise UnsupportedError(f"node {node.name}: op {node.op!r} has no PyTorch emitter")
+        expr = emit(ctx, node, _Args(ctx, node))
+        outs = [local(v) for v in node.outputs]
+        target = outs[0] if len(outs) == 1 else ", ".join(outs) + ("," if len(outs) == 1 else "")
+        body.append(f"{target} = {expr}")
+    results = [ctx.ref(v) for v in graph.outputs]
+    ret = results[0] if len(results) == 1 else "(" + ", ".join(results) + ")"
+
+    lines = [
+        f'"""{class_name}: generated by slimgraph. Needs only torch; load(folder) restores the weights."""',
+        "",
+        "import os",
+        "",
+        "import torch",
+        "import torch.nn as nn",
+        "import torch.nn.functional as F",
+    ]
+    if ctx.imports:
+        lines.append("import importlib")
+        lines.append("")
+        for alias, path in sorted(ctx.imports.items()):
+            module, _, attr = path.rpartition(".")
+            lines.append(f"{alias} = getattr(importlib.import_module({module!r}), {attr!r})")
+    for helper in sorted(ctx.uses_helpers):
+        lines.append("")
+        lines.append(_HELPERS[helper].rstrip())
+    lines += ["", "", f"class {class_name}(nn.Module):", "    def __init__(self, externals=None):",
+              "        super().__init__()"]
+    lines += [f"        {s}" for s in ctx.init]
+    lines += ["", f"    def forward(self, {', '.join(params)}):"]
+    lines += [f"        {s}" for s in body]
+    lines += [f"        return {ret}", "", ""]
+    lines += [
+        "def load(folder):",
+        '    """Build the model and load its weights (and any opaque modules) from folder."""',
+        "    externals = None",
+        '    extra = os.path.join(folder, "modules.pt")',
+        "    if os.path.exists(extra):",
+        "        externals = torch.load(extra, weights_only=False)",
+        f"    model = {class_name}(externals)",
+        '    model.load_state_dict(torch.load(os.path.join(folder, "weights.pt"), weights_only=True))',
+        "    return model.eval()",
+        "",
+    ]
+    return "\n".join(lines), ctx.state, ctx.externals
+
+
+_counter = iter(range(1 << 30))
+
+
+def to_torch(graph: Graph) -> torch.nn.Module:
+    """An nn.Module computing the graph; its source is in ``module.code``."""
+    source, state, externals = generate(graph)
+    filename = f"<slimgraph:{graph.name}:{next(_counter)}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace: dict[str, Any] = {"__name__": f"slimgraph_generated_{clean_name(graph.name)}"}
+    exec(compile(source, filename, "exec"), namespace)  # our own generated code, never user text
+    model = namespace["Model"](externals)
+    model.load_state_dict({k: v.clone() for k, v in state.items()})
+    model.code = source
+    return model.eval()
+
+
+def save_torch(graph: Graph, folder: str | os.PathLike) -> Path:
+    """Write folder/model.py and folder/weights.pt (plus modules.pt for opaque modules)."""
+    source, state, externals = generate(graph)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.py").write_text(source)
+    torch.save({k: v.contiguous() for k, v in state.items()}, folder / "weights.pt")
+    if externals:
+        torch.save(externals, folder / "modules.pt")
+    return folder

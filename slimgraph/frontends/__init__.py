@@ -1,0 +1,1 @@
+"""Frontends turn user models into IR Graphs."""

@@ -1,0 +1,308 @@
+"""torch.nn.Module -> IR Graph, through torch.fx (torch.export when fx cannot trace).
+
+The frontend walks the traced graph once, evaluating every node on the example inputs as it
+goes: tensors become IR Values (shapes recorded), Python ints stay Python ints (except a
+tensor's batch size, kept symbolic as ``BatchDim`` so reshapes work at any batch), and every
+call is mapped to a canonical op by the handler tables in ``torch_ops``. Anything without a
+handler becomes an opaque node that calls the original code.
+
+The user's model is never touched: we trace a deep copy in eval mode (import captures
+inference semantics; the PyTorch backend restores trainable modules).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+
+from slimgraph.errors import ModelImportError, SlimgraphError, UnsupportedError
+from slimgraph.ir import OPAQUE, DType, Graph, OpaqueImpl, Value
+from slimgraph.ir.opaque import Slot
+
+
+@dataclass(frozen=True)
+class BatchDim:
+    """An int that is the batch size of ``source`` (dim 0): emitted symbolically as "N"."""
+
+    value: int
+    source: Value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+def concrete(x: Any) -> Any:
+    """Python value of an IR-side argument (BatchDim -> int), recursively."""
+    if isinstance(x, BatchDim):
+        return x.value
+    if isinstance(x, (list, tuple)):
+        return type(x)(concrete(v) for v in x)
+    return x
+
+
+class Unhandled(Exception):
+    """A handler declines a call it cannot map exactly; the caller falls back to opaque."""
+
+
+def import_torch(model: torch.nn.Module, example_inputs: Any) -> Graph:
+    if not isinstance(model, torch.nn.Module):
+        raise ModelImportError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    inputs = _check_example_inputs(example_inputs)
+    model = copy.deepcopy(model).eval()  # ours to trace and run; the user's stays bit-identical
+    try:
+        traced = torch.fx.symbolic_trace(model)
+        source = "torch.fx"
+    except Exception as fx_error:  # data-dependent Python control flow, unsupported builtins...
+        traced = _export(model, inputs, fx_error)
+        source = "torch.export"
+    graph = _Converter(traced, source).convert(inputs)
+    graph.meta["source"] = source
+    return graph
+
+
+def _check_example_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    if example_inputs is None:
+        raise ModelImportError("a torch.nn.Module needs example_inputs (a tensor or a tuple of tensors)")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not all(
+        isinstance(t, torch.Tensor) for t in example_inputs
+    ):
+        raise ModelImportError("example_inputs must be a tensor or a tuple of tensors")
+    return tuple(t.detach() for t in example_inputs)
+
+
+def _export(model: torch.nn.Module, inputs: tuple, fx_error: Exception) -> torch.fx.GraphModule:
+    try:
+        exported = torch.export.export(model, inputs, strict=False)
+        return exported.module()
+    except Exception as export_error:
+        raise ModelImportError(
+            f"cannot trace the model: torch.fx said: {_first_line(fx_error)}; "
+            f"torch.export said: {_first_line(export_error)}"
+        ) from export_error
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+class _Converter:
+    def __init__(self, gm: torch.fx.GraphModule, source: str) -> None:
+        self.gm = gm
+        self.graph = Graph(type(gm).__name__ if source == "torch.fx" else "exported")
+        self.modules = dict(gm.named_modules())
+        self.params = {id(p) for p in gm.parameters()}
+        self.ir: dict[torch.fx.Node, Any] = {}  # fx node -> Value / python value / BatchDim / tuple
+        self.real: dict[torch.fx.Node, Any] = {}  # fx node -> concrete result
+        self.const_cache: dict[int, Value] = {}
+        self.current: torch.fx.Node | None = None
+
+    # ------------------------------------------------------------------ driver
+    def convert(self, inputs: tuple[torch.Tensor, ...]) -> Graph:
+        from slimgraph.frontends import torch_ops
+
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        required = [n for n in placeholders if not n.args]
+        if not (len(required) <= len(inputs) <= len(placeholders)):
+            raise ModelImportError(
+                f"the model takes {len(required)}..{len(placeholders)} inputs, "
+                f"example_inputs has {len(inputs)}"
+            )
+        it = iter(inputs)
+        for fx_node in self.gm.graph.nodes:
+            self.current = fx_node
+            if fx_node.op == "placeholder":
+                tensor = next(it, None)
+                if tensor is None:  # a defaulted argument: baked in as a constant
+                    self.ir[fx_node] = self.real[fx_node] = fx_node.args[0]
+                    continue
+                value = self.graph.add_input(fx_node.name, tuple(tensor.shape), DType.from_torch(tensor.dtype))
+                self.ir[fx_node], self.real[fx_node] = value, tensor
+            elif fx_node.op == "get_attr":
+                obj = _fetch_attr(self.gm, fx_node.target)
+                self.real[fx_node] = obj
+                self.ir[fx_node] = self.constant(obj, fx_node.target) if isinstance(obj, torch.Tensor) else obj
+            elif fx_node.op == "output":
+                self.graph.set_outputs(self._outputs(fx_node.args[0]))
+            else:
+                self._call(fx_node, torch_ops)
+        return self.graph
+
+    def _outputs(self, result: Any) -> list[Value]:
+        if isinstance(result, torch.fx.Node):
+            flat = [result]
+        elif isinstance(result, (tuple, list)):
+            flat = list(result)
+        else:
+            raise UnsupportedError(f"model output of type {type(result).__name__} is not supported")
+        outs = []
+        for item in flat:
+            value = self.ir.get(item) if isinstance(item, torch.fx.Node) else None
+            if isinstance(value, torch.fx.Node) or not isinstance(value, Value):
+                raise UnsupportedError(f"model output {item} is not a tensor")
+            outs.append(value)
+        return outs
+
+    def _call(self, fx_node: torch.fx.Node, torch_ops: Any) -> None:
+        args = torch.fx.node.map_arg(fx_node.args, lambda n: self.real[n])
+        kwargs = torch.fx.node.map_arg(fx_node.kwargs, lambda n: self.real[n])
+        ir_args = torch.fx.node.map_arg(fx_node.args, lambda n: self.ir[n])
+        ir_kwargs = torch.fx.node.map_arg(fx_node.kwargs, lambda n: self.ir[n])
+        if fx_node.op == "call_module":
+            target = self.modules[fx_node.target]
+            call = target
+        elif fx_node.op == "call_method":
+            target = fx_node.target
+            call = lambda *a, **k: getattr(a[0], fx_node.target)(*a[1:], **k)  # noqa: E731
+        else:
+            target = fx_node.target
+            call = target
+        try:
+            with torch.no_grad():
+                real = call(*args, **kwargs)
+        except Exception as exc:
+            raise ModelImportError(
+                f"node {fx_node.name} ({_describe(fx_node)}) failed on the example inputs "
+                f"(wrong shape or dtype?): {_first_line(exc)}"
+            ) from exc
+        self.real[fx_node] = real
+        handler = torch_ops.find_handler(fx_node.op, target)
+        result = None
+        if handler is not None:
+            try:
+                result = handler(self, ir_args, ir_kwargs, real)
+            except Unhandled:
+                handler = None
+        if handler is None:
+            result = self.opaque(fx_node, target, ir_args, ir_kwargs, real)
+        self._check(fx_node, result, real)
+        self.ir[fx_node] = result
+
+    def _check(self, fx_node: torch.fx.Node, result: Any, real: Any) -> None:
+        """The IR's inferred type must be what torch computed; a mismatch is a frontend bug."""
+        if isinstance(result, Value) and isinstance(real, torch.Tensor):
+            if result.shape != tuple(real.shape) or result.dtype != DType.from_torch(real.dtype):
+                raise SlimgraphError(
+                    f"node {fx_node.name}: IR type {result.type_str()} differs from torch's "
+                    f"{tuple(real.shape)} {real.dtype} (frontend bug)"
+                )
+
+    # ------------------------------------------------------------------ helpers for handlers
+    @property
+    def name(self) -> str:
+        return self.current.name
+
+    def module_path(self) -> str | None:
+        return self.current.target if self.current.op == "call_module" else None
+
+    def emit(self, op: str, inputs: Sequence[Value | None], attrs: dict | None = None, **kw: Any) -> Value | tuple:
+        meta = {"origin": f"torch:{self.current.name}"}
+        if self.current.op == "call_module":
+            meta["module"] = self.current.target
+        node = self.graph.create_node(op, list(inputs), attrs, name=kw.pop("name", self.name), meta=meta, **kw)
+        return node.outputs[0] if len(node.outputs) == 1 else node.outputs
+
+    def constant(self, tensor: torch.Tensor, name: str) -> Value:
+        """A graph constant for a parameter/buffer (deduplicated, so tied weights stay tied)."""
+        key = id(tensor)
+        if key not in self.const_cache:
+            trainable = key in self.params
+            self.const_cache[key] = self.graph.add_constant(name, tensor.detach().clone(), trainable=trainable)
+        return self.const_cache[key]
+
+    def scalar(self, number: float | int | bool, like: Value) -> Value:
+        """A Python number operand as a 0-d constant of a compatible dtype."""
+        if isinstance(number, bool) or (isinstance(number, int) and not like.dtype.is_float):
+            dtype = like.dtype.torch if not isinstance(number, bool) else torch.bool
+        else:
+            dtype = like.dtype.torch if like.dtype.is_float else torch.float32
+        return self.graph.add_constant(f"{self.name}_scalar", torch.tensor(number, dtype=dtype))
+
+    def as_value(self, x: Any, like: Value | None = None) -> Value:
+        if isinstance(x, Value):
+            return x
+        if isinstance(x, torch.Tensor):
+            return self.graph.add_constant(f"{self.name}_const", x.detach().clone())
+        if isinstance(x, (int, float, bool)) and like is not None:
+            return self.scalar(x, like)
+        raise Unhandled
+
+    def opaque(self, fx_node: torch.fx.Node, target: Any, args: Any, kwargs: Any, real: Any) -> Any:
+        inputs: list[Value] = []
+
+        def template(x: Any) -> Any:
+            if isinstance(x, Value):
+                inputs.append(x)
+                return Slot(len(inputs) - 1)
+            if isinstance(x, BatchDim):
+                return x.value
+            if isinstance(x, (list, tuple)):
+                return type(x)(template(v) for v in x)
+            if isinstance(x, dict):
+                return {k: template(v) for k, v in x.items()}
+            return x
+
+        args_t, kwargs_t = template(args), template(kwargs)
+        if fx_node.op == "call_module":
+            impl = OpaqueImpl(fx_node.target, "module", args_t, kwargs_t, module=target)
+        elif fx_node.op == "call_method":
+            impl = OpaqueImpl(target, "method", args_t, kwargs_t)
+        else:
+            impl = OpaqueImpl(_qualname(target), "function", args_t, kwargs_t, fn=target)
+        tensors = [real] if isinstance(real, torch.Tensor) else list(real) if _is_tensor_seq(real) else None
+        if tensors is None:
+            if isinstance(real, (int, float, bool, str, type(None), torch.dtype, torch.device)):
+                return real  # a host value (shape arithmetic, flags): evaluated now
+            if isinstance(real, (tuple, list)) and all(isinstance(r, (int, float, bool)) for r in real):
+                return real
+            raise UnsupportedError(f"node {fx_node.name} ({_describe(fx_node)}) returns {type(real).__name__}")
+        types = [(tuple(t.shape), DType.from_torch(t.dtype)) for t in tensors]
+        outs = self.emit(OPAQUE, inputs, {"impl": impl}, output_types=types)
+        if isinstance(real, torch.Tensor):
+            return outs
+        return tuple(outs) if isinstance(outs, tuple) else (outs,)
+
+
+def _is_tensor_seq(x: Any) -> bool:
+    return isinstance(x, (tuple, list)) and len(x) > 0 and all(isinstance(t, torch.Tensor) for t in x)
+
+
+def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _qualname(fn: Any) -> str:
+    """An import path for a called function, e.g. "torch.cumsum" or "torchvision.ops.foo"."""
+    if isinstance(fn, torch._ops.OpOverload):
+        return f"torch.ops.{fn.namespace}.{fn._opname}.{fn._overloadname}"
+    name = getattr(fn, "__name__", None)
+    import torch.nn.functional as F
+
+    for namespace, path in ((torch, "torch"), (F, "torch.nn.functional"), (torch.special, "torch.special"),
+                            (torch.linalg, "torch.linalg"), (torch.fft, "torch.fft")):
+        if name and getattr(namespace, name, None) is fn:
+            return f"{path}.{name}"
+    module = getattr(fn, "__module__", None) or ""
+    qualname = getattr(fn, "__qualname__", None) or name or repr(fn)
+    if module in ("_operator", "operator"):
+        module = "operator"
+    return f"{module}.{qualname}" if module else qualname
+
+
+def _describe(fx_node: torch.fx.Node) -> str:
+    if fx_node.op == "call_module":
+        return f"module {fx_node.target}"
+    if fx_node.op == "call_method":
+        return f"method .{fx_node.target}()"
+    return f"function {_qualname(fx_node.target)}"
+

@@ -1,0 +1,42 @@
+"""Run a Graph on torch tensors with each op's reference implementation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from slimgraph.errors import SlimgraphError
+from slimgraph.ir.graph import Graph
+from slimgraph.ir.ops import run_reference
+
+
+def run(graph: Graph, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Evaluate the graph (inference semantics) and return its outputs."""
+    if len(inputs) != len(graph.inputs):
+        raise SlimgraphError(f"graph {graph.name} takes {len(graph.inputs)} inputs, got {len(inputs)}")
+    env: dict[int, torch.Tensor] = {}
+    for value, tensor in zip(graph.inputs, inputs):
+        env[id(value)] = tensor
+    for value in graph.constants.values():
+        env[id(value)] = value.const_value
+    remaining = {id(v): len(v.uses) for v in graph.values()}
+    keep = {id(v) for v in graph.outputs}
+    with torch.no_grad():
+        for node in graph.nodes:
+            args = [None if v is None else env[id(v)] for v in node.inputs]
+            try:
+                results = run_reference(node, args)
+            except SlimgraphError:
+                raise
+            except Exception as exc:
+                raise SlimgraphError(f"node {node.name} ({node.op}) failed to run: {exc}") from exc
+            for value, result in zip(node.outputs, results):
+                env[id(value)] = result
+            # free intermediates as soon as their last consumer ran
+            for v in node.inputs:
+                if v is not None and v.producer is not None:
+                    remaining[id(v)] -= 1
+                    if remaining[id(v)] == 0 and id(v) not in keep:
+                        env.pop(id(v), None)
+    return [env[id(v)] for v in graph.outputs]

@@ -1,0 +1,3 @@
+"""Canonical op definitions; importing this package registers them all."""
+
+from slimgraph.ir.opdefs import elementwise, nn, shape  # noqa: F401

@@ -1,0 +1,104 @@
+"""Element-wise ops: every axis of the output is the same axis of each (broadcast) input."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slimgraph.ir.coupling import Coupling, frozen, inp, out, same
+from slimgraph.ir.ops import register_op
+
+
+def elementwise_coupling(node) -> list[Coupling]:
+    """Axis a of the output is axis a of every input that is not broadcast along it."""
+    rank = node.outputs[0].rank
+    couplings = []
+    for axis in range(rank):
+        dims = [out(0, axis)]
+        for i, v in enumerate(node.inputs):
+            if v is None:
+                continue
+            k = axis - (rank - v.rank)
+            if k >= 0 and v.shape[k] != 1:
+                dims.append(inp(i, k))
+            elif k >= 0 and node.outputs[0].shape[axis] == 1:
+                dims.append(inp(i, k))
+        couplings.append(same(*dims))
+    return couplings
+
+
+def reduce_coupling(axis_attr: str):
+    """Ops that mix values along some axes (softmax): those axes are frozen, others pass."""
+
+    def coupling(node) -> list[Coupling]:
+        rank = node.outputs[0].rank
+        mixed = node.attrs[axis_attr]
+        mixed = {a % rank for a in (mixed if isinstance(mixed, list) else [mixed])}
+        return [
+            frozen(inp(0, a), out(0, a)) if a in mixed else same(inp(0, a), out(0, a))
+            for a in range(rank)
+        ]
+
+    return coupling
+
+
+UNARY = {
+    "identity": (lambda x, a: x, "returns its input"),
+    "relu": (lambda x, a: torch.relu(x), "max(x, 0)"),
+    "sigmoid": (lambda x, a: torch.sigmoid(x), "logistic sigmoid"),
+    "tanh": (lambda x, a: torch.tanh(x), "hyperbolic tangent"),
+    "gelu": (lambda x, a: F.gelu(x, approximate=a.get("approximate", "none")), "GELU"),
+    "silu": (lambda x, a: F.silu(x), "x * sigmoid(x)"),
+    "hardswish": (lambda x, a: F.hardswish(x), "x * relu6(x + 3) / 6"),
+    "hardsigmoid": (lambda x, a: F.hardsigmoid(x), "relu6(x + 3) / 6"),
+    "clip": (lambda x, a: torch.clamp(x, a.get("min"), a.get("max")), "clamp to [min, max] (relu6, hardtanh)"),
+    "leaky_relu": (lambda x, a: F.leaky_relu(x, a["negative_slope"]), "leaky ReLU"),
+    "elu": (lambda x, a: F.elu(x, a.get("alpha", 1.0)), "ELU"),
+    "erf": (lambda x, a: torch.erf(x), "error function"),
+    "exp": (lambda x, a: torch.exp(x), "exponential"),
+    "log": (lambda x, a: torch.log(x), "natural logarithm"),
+    "sqrt": (lambda x, a: torch.sqrt(x), "square root"),
+    "rsqrt": (lambda x, a: torch.rsqrt(x), "1 / sqrt(x)"),
+    "neg": (lambda x, a: torch.neg(x), "-x"),
+    "abs": (lambda x, a: torch.abs(x), "|x|"),
+}
+
+for _name, (_fn, _doc) in UNARY.items():
+    register_op(
+        _name,
+        (lambda fn: lambda xs, a: fn(xs[0], a))(_fn),
+        description=_doc,
+        coupling=elementwise_coupling,
+    )
+
+BINARY = {
+    "add": (torch.add, "a + b (broadcasting)"),
+    "sub": (torch.sub, "a - b (broadcasting)"),
+    "mul": (torch.mul, "a * b (broadcasting)"),
+    "div": (torch.div, "a / b (broadcasting)"),
+    "pow": (torch.pow, "a ** b (broadcasting)"),
+    "maximum": (torch.maximum, "element-wise max"),
+    "minimum": (torch.minimum, "element-wise min"),
+}
+
+for _name, (_fn, _doc) in BINARY.items():
+    register_op(
+        _name,
+        (lambda fn: lambda xs, a: fn(xs[0], xs[1]))(_fn),
+        description=_doc,
+        num_inputs=(2, 2),
+        coupling=elementwise_coupling,
+    )
+
+register_op(
+    "softmax",
+    lambda xs, a: torch.softmax(xs[0], a["axis"]),
+    description="softmax along axis",
+    coupling=reduce_coupling("axis"),
+)
+register_op(
+    "log_softmax",
+    lambda xs, a: torch.log_softmax(xs[0], a["axis"]),
+    description="log-softmax along axis",
+    coupling=reduce_coupling("axis"),
+)

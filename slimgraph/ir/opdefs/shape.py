@@ -1,0 +1,224 @@
+"""Ops that move data without arithmetic: reshape, permute, concat, split, slice, pad, reductions.
+
+Target shapes may hold "N": the input's leading (batch) dim, so a graph traced at batch 1
+still runs at any batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slimgraph.ir.coupling import Coupling, frozen, inp, out, same
+from slimgraph.ir.opdefs.nn import passthrough_coupling
+from slimgraph.ir.ops import register_op
+
+BATCH = "N"
+
+
+def resolve_shape(target: list, x: torch.Tensor) -> list[int]:
+    return [x.shape[0] if d == BATCH else d for d in target]
+
+
+def reshape_coupling(node) -> list[Coupling]:
+    x, y = node.inputs[0], node.outputs[0]
+    # leading dims that survive unchanged pass through; the rest is a structured reshape
+    k = 0
+    while k < min(x.rank, y.rank) and x.shape[k] == y.shape[k]:
+        k += 1
+    couplings = [same(inp(0, a), out(0, a)) for a in range(k)]
+    rest = tuple([inp(0, a) for a in range(k, x.rank)] + [out(0, a) for a in range(k, y.rank)])
+    if rest:
+        couplings.append(Coupling("reshape", rest, (tuple(x.shape), tuple(y.shape))))
+    return couplings
+
+
+register_op(
+    "reshape",
+    lambda xs, a: xs[0].reshape(resolve_shape(a["shape"], xs[0])),
+    description="reshape to attr shape (-1 inferred, N = input batch)",
+    coupling=reshape_coupling,
+)
+register_op(
+    "flatten",
+    lambda xs, a: torch.flatten(xs[0], a["start"], a["end"]),
+    description="merge dims start..end",
+    coupling=reshape_coupling,
+)
+
+
+def permute_coupling(node) -> list[Coupling]:
+    return [same(inp(0, p), out(0, i)) for i, p in enumerate(node.attrs["perm"])]
+
+
+register_op(
+    "permute",
+    lambda xs, a: xs[0].permute(a["perm"]),
+    description="reorder dims by perm",
+    coupling=permute_coupling,
+)
+
+
+def _squeeze(x, axes):
+    for axis in sorted((a % x.dim() for a in axes), reverse=True):
+        x = x.squeeze(axis)
+    return x
+
+
+def _unsqueeze(x, axes):
+    rank = x.dim() + len(axes)
+    for axis in sorted(a % rank for a in axes):
+        x = x.unsqueeze(axis)
+    return x
+
+
+register_op("squeeze", lambda xs, a: _squeeze(xs[0], a["axes"]), description="drop size-1 dims",
+            coupling=reshape_coupling)
+register_op("unsqueeze", lambda xs, a: _unsqueeze(xs[0], a["axes"]), description="insert size-1 dims",
+            coupling=reshape_coupling)
+
+
+def concat_coupling(node) -> list[Coupling]:
+    y = node.outputs[0]
+    axis = node.attrs["axis"] % y.rank
+    offsets, acc = [], 0
+    for v in node.inputs:
+        offsets.append(acc)
+        acc += v.shape[axis]
+    cat = Coupling("concat", (out(0, axis), *[inp(i, axis) for i in range(len(node.inputs))]), tuple(offsets))
+    rest = [same(out(0, a), *[inp(i, a) for i in range(len(node.inputs))]) for a in range(y.rank) if a != axis]
+    return [cat] + rest
+
+
+register_op(
+    "concat",
+    lambda xs, a: torch.cat(xs, a["axis"]),
+    description="concatenate along axis",
+    num_inputs=(1, -1),
+    coupling=concat_coupling,
+)
+
+
+def split_coupling(node) -> list[Coupling]:
+    x = node.inputs[0]
+    axis = node.attrs["axis"] % x.rank
+    offsets, acc = [], 0
+    for size in node.attrs["sizes"]:
+        offsets.append(acc)
+        acc += size
+    n = len(node.outputs)
+    split = Coupling("split", (inp(0, axis), *[out(i, axis) for i in range(n)]), tuple(offsets))
+    rest = [same(inp(0, a), *[out(i, a) for i in range(n)]) for a in range(x.rank) if a != axis]
+    return [split] + rest
+
+
+register_op(
+    "split",
+    lambda xs, a: torch.split(xs[0], a["sizes"], a["axis"]),
+    description="split along axis into sizes (one output each)",
+    coupling=split_coupling,
+)
+
+
+def slice_ref(xs, a):
+    x = xs[0]
+    index = [slice(None)] * x.dim()
+    for axis, start, end, step in zip(a["axes"], a["starts"], a["ends"], a["steps"]):
+        index[axis] = slice(start, end, step)
+    return x[tuple(index)]
+
+
+def slice_coupling(node) -> list[Coupling]:
+    sliced = {a % node.inputs[0].rank for a in node.attrs["axes"]}
+    return [
+        Coupling("slice", (inp(0, a), out(0, a))) if a in sliced else same(inp(0, a), out(0, a))
+        for a in range(node.inputs[0].rank)
+    ]
+
+
+register_op("slice", slice_ref, description="strided slice; attrs axes, starts, ends, steps",
+            coupling=slice_coupling)
+
+
+def select_coupling(node) -> list[Coupling]:
+    axis = node.attrs["axis"] % node.inputs[0].rank
+    couplings = [frozen(inp(0, axis))]
+    for a in range(node.inputs[0].rank):
+        if a != axis:
+            couplings.append(same(inp(0, a), out(0, a if a < axis else a - 1)))
+    return couplings
+
+
+register_op(
+    "select",
+    lambda xs, a: xs[0].select(a["axis"], a["index"]),
+    description="take one index along axis (the axis is removed)",
+    coupling=select_coupling,
+)
+
+
+def expand_coupling(node) -> list[Coupling]:
+    x, y = node.inputs[0], node.outputs[0]
+    lead = y.rank - x.rank
+    return [
+        same(inp(0, a), out(0, a + lead)) if x.shape[a] == y.shape[a + lead] else frozen(inp(0, a))
+        for a in range(x.rank)
+    ]
+
+
+register_op(
+    "expand",
+    lambda xs, a: xs[0].expand(a["shape"]),
+    description="broadcast to shape (-1 keeps a dim)",
+    coupling=expand_coupling,
+)
+
+
+def expand_like_ref(xs, a):
+    """expand whose batch size comes from a second input (class tokens in ViT)."""
+    shape = [xs[1].shape[0] if d == BATCH else d for d in a["shape"]]
+    return xs[0].expand(shape)
+
+
+register_op(
+    "expand_batch",
+    expand_like_ref,
+    description="broadcast to shape, N taken from input 1's leading dim",
+    num_inputs=(2, 2),
+    coupling=lambda node: expand_coupling(node) + [frozen(inp(1, 0))],
+)
+
+register_op(
+    "pad",
+    lambda xs, a: F.pad(xs[0], a["pads"], a.get("mode", "constant"), a.get("value", 0.0)),
+    description="pad (torch F.pad order: last dim first)",
+    coupling=lambda node: [frozen(inp(0, a), out(0, a)) for a in range(node.inputs[0].rank)],
+)
+
+
+def reduce_coupling(node) -> list[Coupling]:
+    x = node.inputs[0]
+    axes = {a % x.rank for a in node.attrs["axes"]}
+    keep = node.attrs.get("keepdim", False)
+    couplings, j = [], 0
+    for a in range(x.rank):
+        if a in axes:
+            couplings.append(frozen(inp(0, a)))
+            j += keep
+        else:
+            couplings.append(same(inp(0, a), out(0, j)))
+            j += 1
+    return couplings
+
+
+register_op("mean", lambda xs, a: xs[0].mean(a["axes"], keepdim=a.get("keepdim", False)),
+            description="mean over axes", coupling=reduce_coupling, macs=lambda n: n.inputs[0].numel)
+register_op("sum", lambda xs, a: xs[0].sum(a["axes"], keepdim=a.get("keepdim", False)),
+            description="sum over axes", coupling=reduce_coupling)
+
+register_op(
+    "cast",
+    lambda xs, a: xs[0].to(getattr(torch, a["dtype"])),
+    description="convert element type (attr dtype: torch dtype name)",
+    coupling=passthrough_coupling,
+)

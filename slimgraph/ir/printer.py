@@ -1,0 +1,47 @@
+"""Deterministic text form of a graph, one line per node, made to be diffed.
+
+Names are the values' own names (never renumbered), so changing one node changes only its lines.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slimgraph.ir.graph import Graph
+from slimgraph.ir.node import Node
+from slimgraph.ir.ops import OPAQUE
+
+
+def format_attr(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(round(value, 8))
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_attr(v) for v in value) + "]"
+    if isinstance(value, str):
+        return value
+    return repr(value)
+
+
+def format_node(node: Node) -> str:
+    outs = ", ".join(f"%{v.name}: {v.type_str()}" for v in node.outputs)
+    args = ", ".join("_" if v is None else f"%{v.name}" for v in node.inputs)
+    attrs = {k: v for k, v in node.attrs.items() if k != "impl"}
+    op = node.op
+    if node.op == OPAQUE:
+        op = f"opaque<{node.attrs['impl'].target}>"
+    text = f"{outs} = {op}({args})"
+    if attrs:
+        text += " {" + ", ".join(f"{k}={format_attr(v)}" for k, v in sorted(attrs.items())) + "}"
+    return text
+
+
+def print_graph(graph: Graph, constants: bool = True) -> str:
+    lines = [f"graph {graph.name}("]
+    lines += [f"    %{v.name}: {v.type_str()}," for v in graph.inputs]
+    lines.append(") {")
+    if constants:
+        lines += [f"  const %{v.name}: {v.type_str()}" for v in graph.constants.values()]
+    lines += [f"  {format_node(n)}" for n in graph.nodes]
+    lines.append("  return " + ", ".join(f"%{v.name}" for v in graph.outputs))
+    lines.append("}")
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""The pass-by-pass record of a pipeline run, and its text summary."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, overload
+
+
+@dataclass
+class PassRecord:
+    """What one pass did. Instruments fill in the fields they own."""
+
+    name: str
+    pipeline_item: str = ""
+    iteration: int = 0
+    changed: bool = False
+    seconds: float = 0.0
+    stats_before: dict[str, int] = field(default_factory=dict)
+    stats_after: dict[str, int] = field(default_factory=dict)
+    diff: str = ""
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+    pass_stats: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+class Trace(Sequence[PassRecord]):
+    def __init__(self, records: list[PassRecord] | None = None) -> None:
+        self._records: list[PassRecord] = list(records or [])
+
+    def append(self, record: PassRecord) -> None:
+        self._records.append(record)
+
+    @overload
+    def __getitem__(self, i: int) -> PassRecord: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[PassRecord]: ...
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._records[i]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[PassRecord]:
+        return iter(self._records)
+
+    def summary(self) -> str:
+        """A text table: one row per pass with params, MACs, nodes, time and error."""
+        header = ["pass", "changed", "params", "MACs", "nodes", "time (ms)", "max abs err"]
+        rows = []
+        for r in self._records:
+            b, a = r.stats_before, r.stats_after
+
+            def delta(key: str) -> str:
+                if a.get(key) == b.get(key):
+                    return _human(a.get(key))
+                return f"{_human(b.get(key))} -> {_human(a.get(key))}"
+
+            err = "-" if r.max_abs_error is None else f"{r.max_abs_error:.2e}"
+            name = r.pipeline_item or r.name
+            if r.iteration:
+                name += f" (#{r.iteration + 1})"
+            rows.append([name, "yes" if r.changed else "no", delta("params"), delta("macs"), delta("nodes"),
+                         f"{r.seconds * 1000:.1f}", err if r.error is None else f"FAILED: {r.error[:40]}"])
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+        line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        out = [line(header), line(["-" * w for w in widths])]
+        out += [line(r) for r in rows]
+        return "\n".join(out)
+
+    def __repr__(self) -> str:
+        return f"Trace({len(self)} passes)"

@@ -1,0 +1,63 @@
+"""Shared fixtures: small models and helpers. Tests run on the CPU with one thread per process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|; ``b`` must not be all zeros (tests re-init heads that are)."""
+    scale = float(b.abs().max())
+    assert scale > 0, "reference output is all zeros: the comparison would prove nothing"
+    return float((a - b).abs().max()) / scale
+
+
+class TinyNet(torch.nn.Module):
+    """conv-bn-relu, a residual add, pooling and a classifier: the smallest real CNN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.drop = torch.nn.Dropout(0.0)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = y + self.conv2(y)
+        y = torch.nn.functional.adaptive_avg_pool2d(y, 1)
+        return self.fc(self.drop(torch.flatten(y, 1)))
+
+
+def perturb_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random init leaves BatchNorm as identity; give it real statistics."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+    return model
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return perturb_bn(TinyNet().eval()), (torch.randn(1, 3, 16, 16),)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests.zoo.test_roundtrip import CANONICAL_SHARE
+
+    if CANONICAL_SHARE:
+        terminalreporter.section("canonical (non-opaque) share of nodes per model")
+        for name, share in CANONICAL_SHARE.items():
+            terminalreporter.write_line(f"{name:22s} {share:7.1%}")

@@ -1,0 +1,129 @@
+import pytest
+import torch
+
+from slimgraph.errors import VerificationError
+from slimgraph.ir import DType, Graph, print_graph, run, verify
+
+
+def conv_graph():
+    g = Graph("g")
+    x = g.add_input("x", (1, 3, 8, 8), DType.float32)
+    w = g.add_constant("w", torch.randn(4, 3, 3, 3))
+    conv = g.create_node("conv", [x, w, None], {"stride": [1, 1], "pads": [1, 1, 1, 1], "dilation": [1, 1],
+                                                "groups": 1})
+    relu = g.create_node("relu", [conv.output])
+    flat = g.create_node("reshape", [relu.output], {"shape": ["N", -1]})
+    g.set_outputs([flat.output])
+    return g, x, w, conv, relu, flat
+
+
+def test_shapes_are_inferred_and_uses_recorded():
+    g, x, w, conv, relu, flat = conv_graph()
+    assert conv.output.shape == (1, 4, 8, 8) and conv.output.dtype is DType.float32
+    assert flat.output.shape == (1, 256)
+    assert [u.node for u in x.uses] == [conv] and [u.node for u in w.uses] == [conv]
+    assert relu.inputs[0] is conv.output and conv.output.users() == [relu]
+    verify(g)
+
+
+def test_batch_symbol_lets_a_graph_traced_at_batch_1_run_at_batch_3():
+    g, *_ = conv_graph()
+    (y,) = run(g, [torch.randn(3, 3, 8, 8)])
+    assert y.shape == (3, 256)
+
+
+def test_replace_all_uses_and_remove_keep_use_lists_consistent():
+    g, x, w, conv, relu, flat = conv_graph()
+    g.replace_all_uses_with(relu.output, conv.output)
+    assert flat.inputs[0] is conv.output and not relu.output.uses
+    g.remove_node(relu)
+    assert relu.graph is None and len(conv.output.uses) == 1
+    verify(g)
+
+
+def test_remove_refuses_a_node_still_in_use():
+    g, x, w, conv, relu, flat = conv_graph()
+    with pytest.raises(VerificationError, match="still used"):
+        g.remove_node(relu)
+
+
+def test_nodes_snapshot_allows_editing_while_iterating():
+    g, *_ = conv_graph()
+    for node in g.nodes:
+        if node.op == "relu":
+            g.create_node("sigmoid", [node.output], after=node)
+    assert [n.op for n in g.nodes] == ["conv", "relu", "sigmoid", "reshape"]
+
+
+def test_create_node_rejects_unknown_ops_and_bad_operands():
+    g, x, *_ = conv_graph()
+    with pytest.raises(VerificationError, match="unknown op"):
+        g.create_node("frobnicate", [x])
+    with pytest.raises(VerificationError, match="shape inference failed"):
+        g.create_node("linear", [x, g.add_constant("w2", torch.randn(5, 7))])
+    other = Graph("other").add_input("y", (1,), DType.float32)
+    with pytest.raises(VerificationError, match="does not belong"):
+        g.create_node("relu", [other])
+
+
+def test_verify_catches_a_node_out_of_order():
+    g, x, w, conv, relu, flat = conv_graph()
+    g.move_before(flat, conv)  # reshape now reads relu's output before it exists
+    with pytest.raises(VerificationError, match="reshape.*defined later"):
+        verify(g)
+
+
+def test_verify_catches_a_cycle():
+    g, x, w, conv, relu, flat = conv_graph()
+    conv.set_input(0, relu.output)  # relu -> conv -> relu
+    with pytest.raises(VerificationError, match="cycle"):
+        verify(g)
+
+
+def test_verify_catches_corrupted_uses_and_wrong_shapes():
+    g, x, w, conv, relu, flat = conv_graph()
+    x.uses.clear()
+    with pytest.raises(VerificationError, match="recorded uses"):
+        verify(g)
+    g, x, w, conv, relu, flat = conv_graph()
+    relu.output.shape = (1, 5, 8, 8)
+    with pytest.raises(VerificationError, match="relu"):
+        verify(g)
+
+
+def test_clone_is_independent_and_prints_the_same():
+    g, *_ = conv_graph()
+    c = g.clone()
+    assert print_graph(c) == print_graph(g)
+    relu = next(n for n in c.nodes if n.op == "relu")
+    c.replace_all_uses_with(relu.output, relu.inputs[0])
+    c.remove_node(relu)
+    assert len(g) == 3 and len(c) == 2
+    verify(g)
+    verify(c)
+
+
+def test_printer_is_deterministic_and_names_do_not_shift():
+    g, x, w, conv, relu, flat = conv_graph()
+    before = print_graph(g).splitlines()
+    g.create_node("sigmoid", [relu.output], after=relu)
+    after = print_graph(g).splitlines()
+    assert len(after) == len(before) + 1
+    assert set(before) <= set(after)  # inserting one node leaves every other line as it was
+    assert "%conv: f32[1,4,8,8] = conv(%x, %w, _) {dilation=[1,1], groups=1, pads=[1,1,1,1], stride=[1,1]}" in after[4]
+
+
+def test_unique_names_and_clean_identifiers():
+    g = Graph()
+    a = g.add_input("x", (1,), DType.float32)
+    b = g.add_input("x", (1,), DType.float32)
+    c = g.add_input("1 bad name'); import os", (1,), DType.float32)
+    assert a.name == "x" and b.name == "x_1"
+    assert c.name.isidentifier()
+
+
+def test_int8_values_and_quantization_dtypes_fit():
+    g = Graph()
+    q = g.add_constant("wq", torch.randint(-128, 127, (4, 4), dtype=torch.int8))
+    assert q.dtype is DType.int8 and q.nbytes == 16
+    assert DType.uint8.torch is torch.uint8
