@@ -183,5 +183,19 @@ def convert_option(pass_name: str, key: str, raw: Any, hint: Any) -> Any:
     return raw
 
 
+_BUILTIN_LOADED = False
+
+
 def _load_builtin_passes() -> None:
-    import slimgraph.passes.cleanup  # noqa: F401  (registers the built-in passes)
+    """Import every module of slimgraph.passes once, so each registers its passes."""
+    global _BUILTIN_LOADED
+    if _BUILTIN_LOADED:
+        return
+    _BUILTIN_LOADED = True
+    import importlib
+    import pkgutil
+
+    import slimgraph.passes as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"slimgraph.passes.{info.name}")

@@ -9,6 +9,7 @@ import torch
 import slimgraph
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import DType, Graph
+from tests.conftest import perturb_bn
 
 
 def test_emitted_module_reads_like_hand_written_code(tiny):
@@ -36,12 +37,19 @@ def test_emitted_module_trains(tiny):
     assert emitted.bn1.num_batches_tracked.item() == 1  # BatchNorm really is in train mode
 
 
-def test_saved_model_loads_in_a_process_that_cannot_import_slimgraph(tiny, tmp_path):
-    model, inputs = tiny
-    result = slimgraph.optimize(model, "dce", example_inputs=inputs)
+def test_saved_resnet18_reads_like_hand_written_code_and_loads_without_slimgraph(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = perturb_bn(torchvision.models.resnet18()).eval()
+    x = torch.randn(1, 3, 224, 224)
+    result = slimgraph.optimize(model, "dce", example_inputs=x)
     result.save_torch(tmp_path / "out")
-    torch.save(inputs[0], tmp_path / "x.pt")
-    torch.save(model(*inputs).detach(), tmp_path / "y.pt")
+    code = (tmp_path / "out" / "model.py").read_text()
+    assert "self.layer1_0_conv1 = nn.Conv2d(64, 64, kernel_size=(3, 3), padding=(1, 1), bias=False)" in code
+    assert "layer1_0_bn1 = self.layer1_0_bn1(layer1_0_conv1)" in code
+    assert "add = layer1_0_bn2 + maxpool" in code and "import slimgraph" not in code
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(model(x).detach(), tmp_path / "y.pt")
     script = textwrap.dedent(f"""
         import importlib.abc, importlib.util, sys
         class Block(importlib.abc.MetaPathFinder):
@@ -57,11 +65,11 @@ def test_saved_model_loads_in_a_process_that_cannot_import_slimgraph(tiny, tmp_p
         y = net(torch.load({str(tmp_path / "x.pt")!r}))
         ref = torch.load({str(tmp_path / "y.pt")!r})
         assert "slimgraph" not in sys.modules
-        print("maxdiff", float((y - ref).abs().max()))
+        print("relerr", float((y - ref).abs().max() / ref.abs().max()))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert float(out.stdout.split()[-1]) < 1e-6
+    assert float(out.stdout.split()[-1]) < 1e-5
 
 
 def test_save_torch_never_overwrites(tiny, tmp_path):
