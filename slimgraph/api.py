@@ -17,16 +17,24 @@ from slimgraph.passes.instruments import Instrument
 
 
 def import_model(model: Any, example_inputs: Any = None) -> Graph:
-    """A torch.nn.Module (with example_inputs) as an IR Graph. The model is not modified."""
+    """A torch.nn.Module (with example_inputs), an ONNX file path or ModelProto, or a Graph (copied)
+    as an IR Graph. The model is never modified."""
     if isinstance(model, torch.nn.Module):
         from slimgraph.frontends.pytorch import import_torch
 
         return import_torch(model, example_inputs)
     if isinstance(model, Graph):
         return model.clone()
-    if isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx"):
-        raise ModelImportError(f"{model}: ONNX import is not available yet (the ONNX frontend is pending)")
-    raise ModelImportError(f"cannot import a {type(model).__name__}: expected a torch.nn.Module or a Graph")
+    import onnx
+
+    if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+        from slimgraph.frontends.onnx import import_onnx
+
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        return import_onnx(model, example_inputs)
+    raise ModelImportError(
+        f"cannot import a {type(model).__name__}: expected a torch.nn.Module, an ONNX path or ModelProto, or a Graph")
 
 
 def sample_inputs(graph: Graph, seed: int = 0) -> list[torch.Tensor]:
@@ -61,6 +69,11 @@ class OptimizeResult:
             raise SlimgraphError(f"{folder}: {', '.join(existing)} already exist (pass overwrite=True)")
         return save_torch(self.graph, folder)
 
+    def to_onnx(self, path: str | os.PathLike | None = None, opset: int = 17, overwrite: bool = False):
+        """The graph as a checked ONNX ModelProto, written to ``path`` if given (never overwriting
+        an existing file unless asked)."""
+        return to_onnx(self.graph, path, opset=opset, overwrite=overwrite)
+
     def summary(self) -> str:
         return self.trace.summary()
 
@@ -70,6 +83,13 @@ def to_torch(graph: Graph) -> torch.nn.Module:
     from slimgraph.backends.pytorch import to_torch as emit
 
     return emit(graph)
+
+
+def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int = 17, overwrite: bool = False):
+    """Emit ``graph`` as an ONNX ModelProto (checked with onnx.checker, full check), optionally saved."""
+    from slimgraph.backends.onnx import to_onnx as emit
+
+    return emit(graph, path, opset=opset, overwrite=overwrite)
 
 
 def optimize(

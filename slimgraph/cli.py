@@ -1,6 +1,7 @@
 """The ``slimgraph`` command: optimize, inspect, passes.
 
     slimgraph optimize torchvision:resnet18 --passes dce -o out/
+    slimgraph optimize model.onnx --passes dce -o out.onnx
     slimgraph inspect torchvision:mobilenet_v2
     slimgraph passes
 """
@@ -25,9 +26,18 @@ def default_input_shape(name: str) -> tuple[int, ...]:
 
 
 def load_model(spec: str, input_shape: str | None):
-    """``torchvision:NAME`` (random init) or ``package.module:factory``; returns (model, inputs)."""
+    """An ONNX path, ``torchvision:NAME`` (random init) or ``package.module:factory``.
+
+    Returns (model, example inputs); ONNX models carry their own input shapes (None).
+    """
     import torch
 
+    if spec.endswith(".onnx"):
+        if not Path(spec).is_file():
+            raise SlimgraphError(f"{spec}: no such file")
+        if input_shape:
+            return spec, (torch.randn(_parse_shape(input_shape)),)
+        return spec, None
     if ":" not in spec:
         raise SlimgraphError(f"model {spec!r}: expected torchvision:NAME or module:factory")
     source, _, name = spec.partition(":")
@@ -48,12 +58,16 @@ def load_model(spec: str, input_shape: str | None):
         model = factory()
         shape = (1, 3, 224, 224)
     if input_shape:
-        try:
-            shape = tuple(int(d) for d in input_shape.split(","))
-        except ValueError:
-            raise SlimgraphError(f"--input-shape {input_shape!r}: expected comma-separated ints") from None
+        shape = _parse_shape(input_shape)
     torch.manual_seed(0)
     return model.eval(), (torch.randn(shape),)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise SlimgraphError(f"--input-shape {text!r}: expected comma-separated ints") from None
 
 
 def _cmd_passes(args) -> None:
@@ -82,7 +96,10 @@ def _cmd_optimize(args) -> None:
     instruments = [PrintAfterChange()] if args.print_after_change else []
     result = optimize(model, args.passes, example_inputs=inputs, instruments=instruments)
     print(result.trace.summary())
-    if args.output:
+    if args.output and args.output.endswith(".onnx"):
+        result.to_onnx(args.output, opset=args.opset, overwrite=args.force)
+        print(f"wrote {args.output}")
+    elif args.output:
         folder = result.save_torch(Path(args.output), overwrite=args.force)
         print(f"wrote {folder / 'model.py'} and {folder / 'weights.pt'}")
 
@@ -91,9 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="slimgraph", description="Make neural networks faster and smaller.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     p = sub.add_parser("optimize", help="run a pass pipeline and write model.py + weights")
-    p.add_argument("model", help="torchvision:NAME or module:factory")
+    p.add_argument("model", help="model.onnx, torchvision:NAME or module:factory")
     p.add_argument("--passes", default="dce", help='pipeline, e.g. "dce,remove-identity"')
-    p.add_argument("-o", "--output", help="folder for model.py and weights.pt")
+    p.add_argument("-o", "--output", help="out.onnx, or a folder for model.py and weights.pt")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset to emit (default 17)")
     p.add_argument("--force", action="store_true", help="overwrite an existing model.py")
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
     p.add_argument("--print-after-change", action="store_true", help="print each changing pass's diff")

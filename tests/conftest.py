@@ -61,3 +61,12 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("canonical (non-opaque) share of nodes per model")
         for name, share in CANONICAL_SHARE.items():
             terminalreporter.write_line(f"{name:22s} {share:7.1%}")
+    from tests.zoo.test_onnx_node_tests import CANONICAL
+
+    if CANONICAL:
+        terminalreporter.section("onnx node tests (pytorch-converted, pytorch-operator)")
+        canonical = sorted(n for n, ok in CANONICAL.items() if ok)
+        others = sorted(n for n, ok in CANONICAL.items() if not ok)
+        terminalreporter.write_line(f"{len(canonical)} of {len(CANONICAL)} map to canonical ops and match "
+                                    "after import -> emit -> onnxruntime")
+        terminalreporter.write_line("opaque: " + ", ".join(others))

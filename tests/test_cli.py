@@ -27,3 +27,14 @@ def test_wrong_arguments_give_one_line_and_nonzero_exit():
                               timeout=120)
         assert proc.returncode != 0, argv
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error:"), proc.stderr
+
+
+def test_optimize_onnx_to_onnx(tmp_path, capsys):
+    from tests.zoo.onnx_data import DATA
+
+    src = DATA / "light" / "light_squeezenet.onnx"
+    out = tmp_path / "out.onnx"
+    assert main(["optimize", str(src), "--passes", "dce,remove-identity", "-o", str(out)]) == 0
+    assert out.exists() and "wrote" in capsys.readouterr().out
+    assert main(["optimize", str(src), "-o", str(out)]) == 1  # never overwrites without --force
+    assert "already exists" in capsys.readouterr().err

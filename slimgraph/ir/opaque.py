@@ -16,7 +16,8 @@ import torch
 class OpaqueImpl:
     """How to call the original computation.
 
-    kind: "module" (``module`` is called), "function" (``fn``), "method" (``inputs[0].<target>``).
+    kind: "module" (``module`` is called), "method" (``inputs[0].<target>``), anything else calls
+    ``fn`` (a Python function, an aten op, or a runner for an ONNX node).
     ``args``/``kwargs`` are templates: each ``Slot(i)`` is replaced by node input i.
     ``source``: the frontend that made it (e.g. "torch"), so backends know what they can emit.
     """
@@ -28,6 +29,7 @@ class OpaqueImpl:
     module: torch.nn.Module | None = None
     fn: Any = None
     source: str = "torch"
+    extra: dict[str, Any] = field(default_factory=dict)  # frontend data, e.g. the ONNX NodeProto
 
     def __call__(self, inputs: list) -> Any:
         args = fill(self.args, inputs)

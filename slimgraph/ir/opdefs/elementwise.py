@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from slimgraph.ir.coupling import Coupling, frozen, inp, out, same
+from slimgraph.ir.dtypes import DType
 from slimgraph.ir.ops import register_op
 
 
@@ -42,6 +43,24 @@ def reduce_coupling(axis_attr: str):
     return coupling
 
 
+def same_type(node) -> list:
+    x = node.inputs[0]
+    return [(tuple(x.shape), x.dtype)]
+
+
+def broadcast_type(node) -> list:
+    a, b = node.inputs[0], node.inputs[1]
+    shape = tuple(torch.broadcast_shapes(a.shape, b.shape))
+    # torch's rule: a 0-d operand of the same kind (float/int) does not promote the other
+    if a.rank == 0 and b.rank > 0 and a.dtype.is_float == b.dtype.is_float:
+        dtype = b.dtype
+    elif b.rank == 0 and a.rank > 0 and a.dtype.is_float == b.dtype.is_float:
+        dtype = a.dtype
+    else:
+        dtype = DType.from_torch(torch.promote_types(a.dtype.torch, b.dtype.torch))
+    return [(shape, dtype)]
+
+
 UNARY = {
     "identity": (lambda x, a: x, "returns its input"),
     "relu": (lambda x, a: torch.relu(x), "max(x, 0)"),
@@ -69,6 +88,7 @@ for _name, (_fn, _doc) in UNARY.items():
         (lambda fn: lambda xs, a: fn(xs[0], a))(_fn),
         description=_doc,
         coupling=elementwise_coupling,
+        infer=same_type,
     )
 
 BINARY = {
@@ -88,6 +108,7 @@ for _name, (_fn, _doc) in BINARY.items():
         description=_doc,
         num_inputs=(2, 2),
         coupling=elementwise_coupling,
+        infer=broadcast_type if _name != "pow" else None,
     )
 
 register_op(
@@ -102,3 +123,25 @@ register_op(
     description="log-softmax along axis",
     coupling=reduce_coupling("axis"),
 )
+
+
+def prelu_ref(xs, a):
+    x, slope = xs
+    if slope.dim() == 1 and x.dim() > 1:  # per-channel slope on axis 1 (torch.nn.PReLU)
+        slope = slope.reshape([-1] + [1] * (x.dim() - 2))
+    return torch.where(x >= 0, x, x * slope)
+
+
+def prelu_coupling(node) -> list[Coupling]:
+    x, slope = node.inputs
+    if slope.rank == 1 and x.rank > 1:  # per-channel slope follows axis 1
+        dims = [inp(1, 0)] if slope.shape[0] > 1 else []
+        return [same(inp(0, a), out(0, a), *(dims if a == 1 else [])) for a in range(x.rank)]
+    return elementwise_coupling(node)
+
+
+register_op("prelu", prelu_ref, description="x if x >= 0 else slope * x (slope broadcast)",
+            num_inputs=(2, 2), coupling=prelu_coupling)
+register_op("softplus", lambda xs, a: F.softplus(xs[0]), description="log(1 + exp(x))",
+            coupling=elementwise_coupling)
+register_op("selu", lambda xs, a: F.selu(xs[0]), description="scaled ELU", coupling=elementwise_coupling)

@@ -30,6 +30,13 @@ def torch_pad_arg(pads: list[int]) -> list[int]:
     return arg
 
 
+def _checked_same(node, ok: bool) -> list:
+    if not ok:
+        raise ValueError(f"{node.op}: operands {[v.shape for v in node.inputs if v is not None]} do not fit")
+    x = node.inputs[0]
+    return [(tuple(x.shape), x.dtype)]
+
+
 # ---------------------------------------------------------------------------- conv
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -57,6 +64,21 @@ def conv_coupling(node) -> list[Coupling]:
     return [batch, Coupling("group", (inp(0, 1), out(0, 1), inp(1, 0), *bias), (groups,))]
 
 
+def conv_infer(node) -> list:
+    x, w = node.inputs[0], node.inputs[1]
+    a = node.attrs
+    nd = w.rank - 2
+    if x.rank != nd + 2 or x.shape[1] != w.shape[1] * a["groups"]:
+        raise ValueError(f"conv: input {x.shape} does not fit weight {w.shape} with groups={a['groups']}")
+    spatial = []
+    for i in range(nd):
+        size = x.shape[2 + i] + a["pads"][i] + a["pads"][nd + i] - a["dilation"][i] * (w.shape[2 + i] - 1) - 1
+        if size < 0:
+            raise ValueError(f"conv: input {x.shape} is smaller than the kernel {w.shape}")
+        spatial.append(size // a["stride"][i] + 1)
+    return [((x.shape[0], w.shape[0], *spatial), x.dtype)]
+
+
 def conv_macs(node) -> int:
     w = node.inputs[1]
     return node.outputs[0].numel * _prod(w.shape[1:])
@@ -69,6 +91,7 @@ register_op(
     num_inputs=(2, 3),
     coupling=conv_coupling,
     macs=conv_macs,
+    infer=conv_infer,
 )
 
 
@@ -135,6 +158,8 @@ register_op(
     num_inputs=(5, 5),
     coupling=channel_param_coupling,
     stateful=True,
+    infer=lambda node: _checked_same(node, node.inputs[0].rank >= 2 and all(
+        v.shape == (node.inputs[0].shape[1],) for v in node.inputs[1:])),
 )
 
 
@@ -235,10 +260,10 @@ def passthrough_coupling(node) -> list[Coupling]:
 
 
 register_op("dropout", lambda xs, a: xs[0], description="dropout (identity at inference)",
-            coupling=passthrough_coupling, stateful=True)
+            coupling=passthrough_coupling, stateful=True, infer=lambda node: _checked_same(node, True))
 register_op("stochastic_depth", lambda xs, a: xs[0],
             description="stochastic depth / drop path (identity at inference); attrs p, mode",
-            coupling=passthrough_coupling, stateful=True)
+            coupling=passthrough_coupling, stateful=True, infer=lambda node: _checked_same(node, True))
 
 
 # ---------------------------------------------------------------------------- attention

@@ -222,3 +222,19 @@ register_op(
     description="convert element type (attr dtype: torch dtype name)",
     coupling=passthrough_coupling,
 )
+
+
+def gather_coupling(node) -> list[Coupling]:
+    axis = node.attrs["axis"] % node.inputs[0].rank
+    return [frozen(inp(0, axis), out(0, axis))] + [
+        same(inp(0, a), out(0, a)) for a in range(node.inputs[0].rank) if a != axis
+    ]
+
+
+register_op(
+    "gather",
+    lambda xs, a: torch.index_select(xs[0], a["axis"], torch.tensor(a["indices"], dtype=torch.long,
+                                                                     device=xs[0].device)),
+    description="take a constant list of indices along axis (index_select)",
+    coupling=gather_coupling,
+)

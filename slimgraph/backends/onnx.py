@@ -1,0 +1,581 @@
+"""IR Graph -> ONNX ModelProto (onnx.helper), checked by onnx.checker and runnable in onnxruntime.
+
+Each canonical op has an emitter that appends ONNX nodes to a ``_Builder``; constants become
+initializers. Opaque nodes imported from ONNX are written back as their original NodeProto;
+opaque torch code has no ONNX form, and the backend lists every such node in one error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from slimgraph.errors import SlimgraphError, UnsupportedError
+from slimgraph.ir import OPAQUE, DType, Graph, Node, Value
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 13
+
+_ONNX_DTYPE = {
+    DType.float32: TensorProto.FLOAT, DType.float16: TensorProto.FLOAT16, DType.bfloat16: TensorProto.BFLOAT16,
+    DType.float64: TensorProto.DOUBLE, DType.int64: TensorProto.INT64, DType.int32: TensorProto.INT32,
+    DType.int8: TensorProto.INT8, DType.uint8: TensorProto.UINT8, DType.bool: TensorProto.BOOL,
+}
+
+
+def fill_tensor_proto(proto: TensorProto, tensor: torch.Tensor, name: str) -> TensorProto:
+    """Write a tensor into ``proto`` in place (one copy of the data: models can be GBs)."""
+    tensor = tensor.detach().cpu().contiguous()
+    proto.name = name
+    proto.dims.extend(tensor.shape)
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the raw bits
+        proto.data_type = TensorProto.BFLOAT16
+        proto.raw_data = tensor.view(torch.int16).numpy().tobytes()
+    else:
+        proto.data_type = _ONNX_DTYPE[DType.from_torch(tensor.dtype)]
+        proto.raw_data = tensor.numpy().tobytes()
+    return proto
+
+
+class _Builder:
+    def __init__(self, graph: Graph, opset: int, model: onnx.ModelProto) -> None:
+        self.graph = graph
+        self.opset = opset
+        self.nodes = model.graph.node  # appended to in place: no copies of large models
+        self.initializers = model.graph.initializer
+        self.names: dict[int, str] = {}
+        self.used: set[str] = set()
+        self.extra_opsets: dict[str, int] = {}
+        self.node: Node | None = None
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used:
+            name, i = f"{base}_{i}", i + 1
+        self.used.add(name)
+        return name
+
+    def name(self, value: Value | None) -> str:
+        if value is None:
+            return ""
+        if id(value) not in self.names:
+            self.names[id(value)] = self.fresh(value.name)
+            if value.is_constant:
+                fill_tensor_proto(self.initializers.add(), value.const_value, self.names[id(value)])
+        return self.names[id(value)]
+
+    def const(self, array: Any, base: str, dtype: Any = None) -> str:
+        name = self.fresh(f"{self.node.name}_{base}" if self.node else base)
+        self.initializers.append(numpy_helper.from_array(np.asarray(array, dtype=dtype), name))
+        return name
+
+    def ints(self, values: Sequence[int], base: str) -> str:
+        return self.const(np.asarray(list(values), dtype=np.int64), base)
+
+    def scalar_like(self, number: float, value: Value, base: str) -> str:
+        dtype = value.dtype.torch if value.dtype is not None else torch.float32
+        return self.initializer(torch.tensor(number, dtype=dtype), base)
+
+    def initializer(self, tensor: torch.Tensor, base: str) -> str:
+        name = self.fresh(f"{self.node.name}_{base}" if self.node else base)
+        fill_tensor_proto(self.initializers.add(), tensor, name)
+        return name
+
+    def add(self, op: str, inputs: Sequence[str], outputs: Sequence[str] | int = 1, domain: str = "",
+            **attrs: Any) -> list[str]:
+        if isinstance(outputs, int):
+            outputs = [self.fresh(f"{self.node.name}_{op.lower()}") for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op, list(inputs), list(outputs), name=self.fresh(f"{self.node.name}/{op}"),
+                                           domain=domain or None, **attrs))
+        return list(outputs)
+
+    def out(self, index: int = 0) -> str:
+        return self.name(self.node.outputs[index])
+
+    def inp(self, index: int) -> str:
+        return self.name(self.node.inputs[index]) if index < len(self.node.inputs) else ""
+
+
+Emitter = Callable[[_Builder, Node], None]
+EMITTERS: dict[str, Emitter] = {}
+
+
+def emitter(*ops: str):
+    def deco(fn: Emitter) -> Emitter:
+        for op in ops:
+            EMITTERS[op] = fn
+        return fn
+
+    return deco
+
+
+def _simple(onnx_op: str, **fixed: Any) -> Emitter:
+    def emit(b: _Builder, node: Node) -> None:
+        b.add(onnx_op, [b.inp(i) for i in range(len(node.inputs))], [b.out()], **fixed)
+
+    return emit
+
+
+for _op, _onnx in {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "erf": "Erf", "exp": "Exp",
+                   "log": "Log", "sqrt": "Sqrt", "neg": "Neg", "abs": "Abs", "softplus": "Softplus",
+                   "selu": "Selu", "identity": "Identity", "stochastic_depth": "Identity",
+                   "matmul": "MatMul", "maximum": "Max", "minimum": "Min", "hardswish": "HardSwish"}.items():
+    EMITTERS[_op] = _simple(_onnx)
+EMITTERS["hardsigmoid"] = _simple("HardSigmoid", alpha=1.0 / 6.0, beta=0.5)
+
+
+@emitter("dropout")
+def emit_dropout(b, node):
+    ratio = b.const(np.asarray(node.attrs.get("p", 0.5), dtype=np.float32), "ratio")
+    b.add("Dropout", [b.inp(0), ratio], [b.out()])
+
+
+@emitter("add", "sub", "mul", "div", "pow")
+def emit_binary(b, node):
+    op = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow"}[node.op]
+    names = []
+    for v in node.inputs:  # ONNX does not promote types: cast the odd operand
+        name = b.name(v)
+        if node.op != "pow" and v.dtype != node.outputs[0].dtype:
+            name = b.add("Cast", [name], 1, to=_ONNX_DTYPE[node.outputs[0].dtype])[0]
+        names.append(name)
+    b.add(op, names, [b.out()])
+
+
+@emitter("conv")
+def emit_conv(b, node):
+    a, w = node.attrs, node.inputs[1]
+    b.add("Conv", [b.inp(0), b.inp(1), b.inp(2)] if len(node.inputs) > 2 and node.inputs[2] is not None
+          else [b.inp(0), b.inp(1)], [b.out()], kernel_shape=list(w.shape[2:]), strides=a["stride"],
+          pads=a["pads"], dilations=a["dilation"], group=a["groups"])
+
+
+@emitter("linear")
+def emit_linear(b, node):
+    x, w = node.inputs[0], node.inputs[1]
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if x.rank == 2:
+        b.add("Gemm", [b.inp(0), b.inp(1)] + ([b.inp(2)] if bias is not None else []), [b.out()], transB=1)
+        return
+    if w.is_constant:
+        wt = b.initializer(w.const_value.t().contiguous(), "weight_t")
+    else:
+        wt = b.add("Transpose", [b.inp(1)], 1, perm=[1, 0])[0]
+    if bias is None:
+        b.add("MatMul", [b.inp(0), wt], [b.out()])
+    else:
+        y = b.add("MatMul", [b.inp(0), wt], 1)[0]
+        b.add("Add", [y, b.inp(2)], [b.out()])
+
+
+@emitter("batch_norm")
+def emit_batch_norm(b, node):
+    b.add("BatchNormalization", [b.inp(i) for i in range(5)], [b.out()], epsilon=node.attrs["eps"],
+          momentum=1.0 - node.attrs.get("momentum", 0.1))
+
+
+@emitter("layer_norm")
+def emit_layer_norm(b, node):
+    x = node.inputs[0]
+    k = len(node.attrs["normalized_shape"])
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    scale = b.inp(1) if w is not None else b.initializer(torch.ones(node.attrs["normalized_shape"],
+                                                                     dtype=x.dtype.torch), "ones")
+    if b.opset >= 17:
+        b.add("LayerNormalization", [b.inp(0), scale] + ([b.inp(2)] if bias is not None else []), [b.out()],
+              axis=-k, epsilon=node.attrs["eps"])
+        return
+    axes = list(range(x.rank - k, x.rank))
+    mean = _reduce_mean(b, b.inp(0), axes)
+    centered = b.add("Sub", [b.inp(0), mean], 1)[0]
+    var = _reduce_mean(b, b.add("Mul", [centered, centered], 1)[0], axes)
+    std = b.add("Sqrt", [b.add("Add", [var, b.scalar_like(node.attrs["eps"], x, "eps")], 1)[0]], 1)[0]
+    normed = b.add("Mul", [b.add("Div", [centered, std], 1)[0], scale], 1 if bias is not None else [b.out()])[0]
+    if bias is not None:
+        b.add("Add", [normed, b.inp(2)], [b.out()])
+
+
+def _reduce_mean(b: _Builder, x: str, axes: list[int], keepdims: int = 1, outputs: Any = 1) -> str:
+    if b.opset >= 18:
+        return b.add("ReduceMean", [x, b.ints(axes, "axes")], outputs, keepdims=keepdims)[0]
+    return b.add("ReduceMean", [x], outputs, axes=axes, keepdims=keepdims)[0]
+
+
+@emitter("group_norm")
+def emit_group_norm(b, node):
+    x = node.inputs[0]
+    groups = node.attrs["num_groups"]
+    grouped = b.add("Reshape", [b.inp(0), b.ints([0, groups, -1], "grouped")], 1)[0]
+    ones = b.initializer(torch.ones(groups, dtype=x.dtype.torch), "ones")
+    zeros = b.initializer(torch.zeros(groups, dtype=x.dtype.torch), "zeros")
+    normed = b.add("InstanceNormalization", [grouped, ones, zeros], 1, epsilon=node.attrs["eps"])[0]
+    y = b.add("Reshape", [normed, b.ints([0] + list(x.shape[1:]), "shape")], 1)[0]
+    per_channel = [x.shape[1]] + [1] * (x.rank - 2)
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if w is not None:
+        y = b.add("Mul", [y, b.add("Reshape", [b.inp(1), b.ints(per_channel, "wshape")], 1)[0]], 1)[0]
+    if bias is not None:
+        y = b.add("Add", [y, b.add("Reshape", [b.inp(2), b.ints(per_channel, "bshape")], 1)[0]], 1)[0]
+    b.add("Identity", [y], [b.out()])
+
+
+@emitter("lrn")
+def emit_lrn(b, node):
+    a = node.attrs
+    b.add("LRN", [b.inp(0)], [b.out()], size=a["size"], alpha=a["alpha"], beta=a["beta"], bias=a["k"])
+
+
+@emitter("max_pool")
+def emit_max_pool(b, node):
+    a = node.attrs
+    nd = len(a["kernel"])
+    b.add("MaxPool", [b.inp(0)], [b.out()], kernel_shape=a["kernel"], strides=a["stride"], pads=a["pads"],
+          dilations=a.get("dilation", [1] * nd), ceil_mode=int(a.get("ceil_mode", False)))
+
+
+@emitter("avg_pool")
+def emit_avg_pool(b, node):
+    a = node.attrs
+    b.add("AveragePool", [b.inp(0)], [b.out()], kernel_shape=a["kernel"], strides=a["stride"], pads=a["pads"],
+          ceil_mode=int(a.get("ceil_mode", False)), count_include_pad=int(a.get("count_include_pad", True)))
+
+
+@emitter("adaptive_avg_pool", "adaptive_max_pool")
+def emit_adaptive(b, node):
+    x, size = node.inputs[0], node.attrs["output_size"]
+    is_avg = node.op == "adaptive_avg_pool"
+    if all(s == 1 for s in size):
+        b.add("GlobalAveragePool" if is_avg else "GlobalMaxPool", [b.inp(0)], [b.out()])
+        return
+    spatial = x.shape[2:]
+    if any(d % s for d, s in zip(spatial, size)):
+        raise UnsupportedError(f"node {node.name}: adaptive pooling {spatial} -> {size} has no ONNX form")
+    kernel = [d // s for d, s in zip(spatial, size)]
+    b.add("AveragePool" if is_avg else "MaxPool", [b.inp(0)], [b.out()], kernel_shape=kernel, strides=kernel)
+
+
+@emitter("clip")
+def emit_clip(b, node):
+    x = node.inputs[0]
+    lo, hi = node.attrs.get("min"), node.attrs.get("max")
+    inputs = [b.inp(0), "" if lo is None else b.scalar_like(lo, x, "min"),
+              "" if hi is None else b.scalar_like(hi, x, "max")]
+    while inputs[-1] == "":
+        inputs.pop()
+    b.add("Clip", inputs, [b.out()])
+
+
+@emitter("leaky_relu")
+def emit_leaky_relu(b, node):
+    b.add("LeakyRelu", [b.inp(0)], [b.out()], alpha=node.attrs["negative_slope"])
+
+
+@emitter("elu")
+def emit_elu(b, node):
+    b.add("Elu", [b.inp(0)], [b.out()], alpha=node.attrs.get("alpha", 1.0))
+
+
+@emitter("prelu")
+def emit_prelu(b, node):
+    x, slope = node.inputs
+    name = b.inp(1)
+    if slope.rank == 1 and x.rank > 2:  # per-channel: ONNX broadcasts from the right
+        name = b.add("Reshape", [name, b.ints([slope.shape[0]] + [1] * (x.rank - 2), "slope_shape")], 1)[0]
+    b.add("PRelu", [b.inp(0), name], [b.out()])
+
+
+@emitter("rsqrt")
+def emit_rsqrt(b, node):
+    b.add("Reciprocal", [b.add("Sqrt", [b.inp(0)], 1)[0]], [b.out()])
+
+
+@emitter("silu")
+def emit_silu(b, node):
+    b.add("Mul", [b.inp(0), b.add("Sigmoid", [b.inp(0)], 1)[0]], [b.out()])
+
+
+@emitter("gelu")
+def emit_gelu(b, node):
+    x = node.inputs[0]
+    approximate = node.attrs.get("approximate", "none")
+    if b.opset >= 20:
+        b.add("Gelu", [b.inp(0)], [b.out()], approximate=approximate)
+        return
+    if approximate == "tanh":
+        cube = b.add("Mul", [b.inp(0), b.add("Mul", [b.inp(0), b.inp(0)], 1)[0]], 1)[0]
+        inner = b.add("Add", [b.inp(0), b.add("Mul", [cube, b.scalar_like(0.044715, x, "k")], 1)[0]], 1)[0]
+        t = b.add("Tanh", [b.add("Mul", [inner, b.scalar_like(math.sqrt(2 / math.pi), x, "s")], 1)[0]], 1)[0]
+    else:
+        t = b.add("Erf", [b.add("Div", [b.inp(0), b.scalar_like(math.sqrt(2.0), x, "sqrt2")], 1)[0]], 1)[0]
+    one_plus = b.add("Add", [t, b.scalar_like(1.0, x, "one")], 1)[0]
+    half_x = b.add("Mul", [b.inp(0), b.scalar_like(0.5, x, "half")], 1)[0]
+    b.add("Mul", [half_x, one_plus], [b.out()])
+
+
+@emitter("softmax", "log_softmax")
+def emit_softmax(b, node):
+    b.add("Softmax" if node.op == "softmax" else "LogSoftmax", [b.inp(0)], [b.out()], axis=node.attrs["axis"])
+
+
+@emitter("reshape")
+def emit_reshape(b, node):
+    target = [0 if d == "N" else d for d in node.attrs["shape"]]
+    b.add("Reshape", [b.inp(0), b.ints(target, "shape")], [b.out()])
+
+
+@emitter("flatten")
+def emit_flatten(b, node):
+    x, start, end = node.inputs[0], node.attrs["start"], node.attrs["end"]
+    if start == 1 and end == x.rank - 1:
+        b.add("Flatten", [b.inp(0)], [b.out()], axis=1)
+        return
+    target = [0] * start + [-1] + list(x.shape[end + 1:])  # 0 copies a leading dim, so any batch works
+    b.add("Reshape", [b.inp(0), b.ints(target, "shape")], [b.out()])
+
+
+@emitter("permute")
+def emit_permute(b, node):
+    b.add("Transpose", [b.inp(0)], [b.out()], perm=node.attrs["perm"])
+
+
+@emitter("squeeze", "unsqueeze")
+def emit_squeeze(b, node):
+    op = "Squeeze" if node.op == "squeeze" else "Unsqueeze"
+    b.add(op, [b.inp(0), b.ints(node.attrs["axes"], "axes")], [b.out()])
+
+
+@emitter("concat")
+def emit_concat(b, node):
+    b.add("Concat", [b.inp(i) for i in range(len(node.inputs))], [b.out()], axis=node.attrs["axis"])
+
+
+@emitter("split")
+def emit_split(b, node):
+    b.add("Split", [b.inp(0), b.ints(node.attrs["sizes"], "split")], [b.out(i) for i in range(len(node.outputs))],
+          axis=node.attrs["axis"])
+
+
+@emitter("slice")
+def emit_slice(b, node):
+    a = node.attrs
+    ends = [e if e >= 0 or st > 0 else -(2**62) for e, st in zip(a["ends"], a["steps"])]
+    b.add("Slice", [b.inp(0), b.ints(a["starts"], "starts"), b.ints(ends, "ends"), b.ints(a["axes"], "axes"),
+                    b.ints(a["steps"], "steps")], [b.out()])
+
+
+@emitter("select")
+def emit_select(b, node):
+    index = b.const(np.asarray(node.attrs["index"], dtype=np.int64), "index")
+    b.add("Gather", [b.inp(0), index], [b.out()], axis=node.attrs["axis"])
+
+
+@emitter("gather")
+def emit_gather(b, node):
+    b.add("Gather", [b.inp(0), b.ints(node.attrs["indices"], "indices")], [b.out()], axis=node.attrs["axis"])
+
+
+@emitter("expand")
+def emit_expand(b, node):
+    # ONNX Expand broadcasts like numpy: a 1 keeps the input's dim where torch writes -1
+    b.add("Expand", [b.inp(0), b.ints([1 if d == -1 else d for d in node.attrs["shape"]], "shape")], [b.out()])
+
+
+@emitter("expand_batch")
+def emit_expand_batch(b, node):
+    shape = node.attrs["shape"]
+    batch = b.add("Shape", [b.inp(1)], 1, start=0, end=1)[0] if b.opset >= 15 else b.add(
+        "Slice", [b.add("Shape", [b.inp(1)], 1)[0], b.ints([0], "s"), b.ints([1], "e")], 1)[0]
+    rest = b.ints([1 if d == -1 else d for d in shape[1:]], "rest")
+    target = b.add("Concat", [batch, rest], 1, axis=0)[0]
+    b.add("Expand", [b.inp(0), target], [b.out()])
+
+
+@emitter("pad")
+def emit_pad(b, node):
+    x, a = node.inputs[0], node.attrs
+    torch_pads = a["pads"]
+    begin, end = [0] * x.rank, [0] * x.rank
+    for i in range(len(torch_pads) // 2):
+        dim = x.rank - 1 - i
+        begin[dim], end[dim] = torch_pads[2 * i], torch_pads[2 * i + 1]
+    mode = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}.get(a.get("mode", "constant"))
+    if mode is None or any(p < 0 for p in torch_pads):
+        raise UnsupportedError(f"node {node.name}: pad mode {a.get('mode')!r} or negative pads have no ONNX form")
+    inputs = [b.inp(0), b.ints(begin + end, "pads")]
+    if mode == "constant":
+        inputs.append(b.scalar_like(a.get("value", 0.0), x, "value"))
+    b.add("Pad", inputs, [b.out()], mode=mode)
+
+
+@emitter("mean", "sum")
+def emit_reduce(b, node):
+    axes, keep = node.attrs["axes"], int(node.attrs.get("keepdim", False))
+    if node.op == "mean":
+        _reduce_mean(b, b.inp(0), axes, keep, [b.out()])
+    else:
+        b.add("ReduceSum", [b.inp(0), b.ints(axes, "axes")], [b.out()], keepdims=keep)
+
+
+@emitter("cast")
+def emit_cast(b, node):
+    b.add("Cast", [b.inp(0)], [b.out()], to=_ONNX_DTYPE[node.outputs[0].dtype])
+
+
+@emitter("multihead_attention")
+def emit_attention(b, node):
+    """Self/cross attention as MatMul/Softmax, keeping batch and sequence dims dynamic."""
+    q, k, v, w_in, b_in, w_out, b_out = node.inputs
+    heads, batch_first = node.attrs["num_heads"], node.attrs["batch_first"]
+    if not w_in.is_constant or not w_out.is_constant:
+        raise UnsupportedError(f"node {node.name}: attention with computed weights has no ONNX form here")
+    embed = q.shape[-1]
+    head_dim = embed // heads
+    names = [b.inp(0), b.inp(1), b.inp(2)]
+    if not batch_first:  # [L, B, E] -> [B, L, E]
+        names = [b.add("Transpose", [n], 1, perm=[1, 0, 2])[0] for n in names]
+    projected = []
+    for i, (name, perm) in enumerate(zip(names, ([0, 2, 1, 3], [0, 2, 3, 1], [0, 2, 1, 3]))):
+        w = b.initializer(w_in.const_value[i * embed:(i + 1) * embed].t().contiguous(), f"w_{'qkv'[i]}")
+        y = b.add("MatMul", [name, w], 1)[0]
+        if b_in is not None:
+            y = b.add("Add", [y, b.initializer(b_in.const_value[i * embed:(i + 1) * embed], f"b_{'qkv'[i]}")], 1)[0]
+        y = b.add("Reshape", [y, b.ints([0, 0, heads, head_dim], "heads")], 1)[0]
+        projected.append(b.add("Transpose", [y], 1, perm=perm)[0])
+    qh, kh, vh = projected
+    scale = b.scalar_like(1.0 / math.sqrt(head_dim), q, "scale")
+    scores = b.add("Mul", [b.add("MatMul", [qh, kh], 1)[0], scale], 1)[0]
+    context = b.add("MatMul", [b.add("Softmax", [scores], 1, axis=-1)[0], vh], 1)[0]
+    merged = b.add("Reshape", [b.add("Transpose", [context], 1, perm=[0, 2, 1, 3])[0],
+                               b.ints([0, 0, embed], "merge")], 1)[0]
+    y = b.add("MatMul", [merged, b.initializer(w_out.const_value.t().contiguous(), "w_out")], 1)[0]
+    if b_out is not None:
+        y = b.add("Add", [y, b.name(b_out)], 1)[0]
+    b.add("Transpose" if not batch_first else "Identity", [y], [b.out()],
+          **({"perm": [1, 0, 2]} if not batch_first else {}))
+
+
+@emitter(OPAQUE)
+def emit_opaque(b, node):
+    impl = node.attrs["impl"]
+    proto = impl.extra.get("node")
+    if impl.source != "onnx" or proto is None:
+        raise AssertionError("unreachable: torch opaque nodes are rejected before emission")
+    _check_same_definition(node, proto, dict(impl.extra.get("opset", [])), b.opset)
+    copy = onnx.NodeProto()
+    copy.CopyFrom(proto)
+    names = iter(b.name(v) for v in node.inputs)
+    inputs = [next(names) if name else "" for name in proto.input]
+    del copy.input[:]
+    copy.input.extend(inputs)
+    del copy.output[:]
+    copy.output.extend(b.out(i) for i in range(len(node.outputs)))
+    b.nodes.append(copy)
+    for domain, version in impl.extra.get("opset", []):
+        if domain not in ("", "ai.onnx"):
+            b.extra_opsets[domain] = version
+
+
+def _check_same_definition(node: Node, proto: onnx.NodeProto, source_opsets: dict[str, int], opset: int) -> None:
+    """An opaque node keeps its meaning only if its op's definition is the same at both opsets."""
+    domain = proto.domain or ""
+    if domain not in ("", "ai.onnx"):
+        return
+    source = source_opsets.get("", source_opsets.get("ai.onnx", opset))
+    try:
+        then = onnx.defs.get_schema(proto.op_type, source, domain).since_version
+        now = onnx.defs.get_schema(proto.op_type, opset, domain).since_version
+    except Exception:
+        return  # not a standard op: nothing to compare
+    if then != now:
+        raise UnsupportedError(
+            f"node {node.name}: opaque {proto.op_type} was imported at opset {source} ({proto.op_type}-{then}) "
+            f"and means something else at opset {opset} ({proto.op_type}-{now}); emit at opset {source} or map it")
+
+
+# ============================================================================ model
+def _value_info(name: str, value: Value, symbolic_batch: str | None = None) -> onnx.ValueInfoProto:
+    shape: list[Any] = list(value.shape)
+    if symbolic_batch and shape:
+        shape[0] = symbolic_batch
+    return helper.make_tensor_value_info(name, _ONNX_DTYPE[value.dtype], shape)
+
+
+def build_model(graph: Graph, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """The graph as a checked ModelProto. Raises UnsupportedError listing nodes without an ONNX form."""
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise SlimgraphError(f"opset {opset} is outside the supported range {MIN_OPSET}..{newest}")
+    torch_only = [n for n in graph.nodes if n.op == OPAQUE and n.attrs["impl"].source != "onnx"]
+    missing = [n for n in graph.nodes if n.op != OPAQUE and n.op not in EMITTERS]
+    if torch_only or missing:
+        listed = ", ".join(f"{n.name} ({n.attrs['impl'].target})" for n in torch_only)
+        listed += ", ".join(f"{n.name} ({n.op})" for n in missing)
+        raise UnsupportedError(f"{len(torch_only) + len(missing)} node(s) have no ONNX form: {listed}")
+    model = onnx.ModelProto(ir_version=min(onnx.IR_VERSION, 10), producer_name="slimgraph")  # 10: current ORT
+    b = _Builder(graph, opset, model)
+    model.graph.name = graph.name or "slimgraph"
+    model.graph.input.extend(_value_info(b.name(v), v, v.meta.get("batch_symbol")) for v in graph.inputs)
+    for node in graph.nodes:
+        b.node = node
+        EMITTERS[node.op](b, node)
+    b.node = None
+    model.graph.output.extend(_value_info(b.name(v), v) for v in graph.outputs)
+    model.opset_import.extend([helper.make_opsetid("", opset)] +
+                              [helper.make_opsetid(d, v) for d, v in b.extra_opsets.items()])
+    return model
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    try:
+        if model.ByteSize() < 2**31 - 1:
+            onnx.checker.check_model(model, full_check=True)
+        else:
+            onnx.checker.check_model(model)
+    except Exception as exc:
+        raise SlimgraphError(f"the emitted ONNX model fails onnx.checker: {exc}") from None
+
+
+def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int = DEFAULT_OPSET,
+            overwrite: bool = False) -> onnx.ModelProto:
+    """Build and check the ModelProto; with a path, write it (never over an existing file unless asked)."""
+    model = build_model(graph, opset)
+    check_model(model)
+    if path is not None:
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise SlimgraphError(f"{path} already exists (pass overwrite=True)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+        os.close(fd)
+        try:
+            onnx.save(model, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return model
+
+
+def run_onnxruntime(model: onnx.ModelProto | str | os.PathLike, inputs: Sequence[torch.Tensor],
+                    threads: int = 1) -> list[torch.Tensor]:
+    """Run a model in onnxruntime's CPU provider (one thread by default, for stable timings)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
+    return [torch.from_numpy(np.asarray(r)) for r in session.run(None, feeds)]

@@ -1,0 +1,513 @@
+"""Handlers mapping ONNX ops to canonical IR ops (opset 7 and up).
+
+Each handler reads the converter's current node (``cv.node``: attributes via ``cv.attr``,
+inputs via ``cv.tensor_input`` for tensors and ``cv.static`` for shapes, axes, pads) and
+returns the IR value(s) for its outputs, or raises Unhandled to make the node opaque.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimgraph.ir import Value
+from slimgraph.ir.opdefs.shape import BATCH
+
+Handler = Callable[[Any], Any]
+HANDLERS: dict[str, Handler] = {}
+# ops never evaluated at import even with static inputs (random, or with training outputs)
+NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+              "Bernoulli", "Dropout"}
+
+
+class Unhandled(Exception):
+    """This node cannot be mapped exactly; make it opaque."""
+
+
+def handles(*ops: str):
+    def deco(fn: Handler) -> Handler:
+        for op in ops:
+            HANDLERS[op] = fn
+        return fn
+
+    return deco
+
+
+def _x(cv) -> Value:
+    x = cv.tensor_input(0)
+    if x is None:
+        raise Unhandled
+    return x
+
+
+def _ints(values: Any) -> list[int]:
+    return [int(v) for v in np.asarray(values).reshape(-1)]
+
+
+def _window(cv, x: Value, kernel: list[int], strides: list[int], dilations: list[int]) -> list[int]:
+    """ONNX pads (or auto_pad) as [begin..., end...] over the spatial dims."""
+    nd = len(kernel)
+    auto = cv.attr("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("NOTSET", ""):
+        pads = cv.attr("pads")
+        return _ints(pads) if pads is not None else [0] * (2 * nd)
+    if auto == "VALID":
+        return [0] * (2 * nd)
+    begin, end = [], []
+    for i in range(nd):
+        size = x.shape[2 + i]
+        out = -(-size // strides[i])
+        total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size)
+        small, big = total // 2, total - total // 2
+        begin.append(small if auto == "SAME_UPPER" else big)
+        end.append(big if auto == "SAME_UPPER" else small)
+    return begin + end
+
+
+# ============================================================================ layers
+@handles("Conv")
+def conv(cv):
+    x, w, b = _x(cv), cv.tensor_input(1), cv.tensor_input(2)
+    if w is None:
+        raise Unhandled
+    nd = w.rank - 2
+    kernel = list(w.shape[2:])
+    strides = _ints(cv.attr("strides", [1] * nd))
+    dilations = _ints(cv.attr("dilations", [1] * nd))
+    pads = _window(cv, x, kernel, strides, dilations)
+    return cv.emit("conv", [x, w, b], {"stride": strides, "pads": pads, "dilation": dilations,
+                                       "groups": int(cv.attr("group", 1))})
+
+
+@handles("Gemm")
+def gemm(cv):
+    """alpha * A' @ B' + beta * C; a fully connected layer (linear) whenever B is static."""
+    a, b, c = _x(cv), cv.input(1), cv.input(2)
+    alpha, beta = float(cv.attr("alpha", 1.0)), float(cv.attr("beta", 1.0))
+    trans_a, trans_b = int(cv.attr("transA", 0)), int(cv.attr("transB", 0))
+    if trans_a:
+        a = cv.emit("permute", [a], {"perm": [1, 0]}, suffix="_at")
+    bias = None
+    if isinstance(b, np.ndarray):
+        w = b if trans_b else b.T
+        cv.env[cv.name + "::W"] = np.ascontiguousarray(w * alpha if alpha != 1.0 else w)
+        weight = cv.value(cv.name + "::W", f"{cv.name}_weight")
+        if isinstance(c, np.ndarray) and c.size == w.shape[0] and (c.ndim == 1 or c.shape[-1] == c.size):
+            cv.env[cv.name + "::B"] = (c * beta).reshape(-1).astype(c.dtype)
+            bias, c = cv.value(cv.name + "::B", f"{cv.name}_bias"), None
+        y = cv.emit("linear", [a, weight, bias], suffix="_mm" if c is not None else "")
+    else:
+        bt = cv.tensor_input(1)
+        if trans_b:
+            bt = cv.emit("permute", [bt], {"perm": [1, 0]}, suffix="_bt")
+        y = cv.emit("matmul", [a, bt], suffix="_mm")
+        if alpha != 1.0:
+            y = cv.emit("mul", [y, _scalar(cv, alpha, y)], suffix="_alpha")
+        if c is None:
+            return cv.emit("identity", [y])
+    if c is None:
+        return y
+    cv_c = cv.tensor_input(2)
+    if beta != 1.0:
+        cv_c = cv.emit("mul", [cv_c, _scalar(cv, beta, cv_c)], suffix="_beta")
+    return cv.emit("add", [y, cv_c])
+
+
+@handles("MatMul")
+def matmul(cv):
+    return cv.emit("matmul", [_x(cv), cv.tensor_input(1)])
+
+
+@handles("BatchNormalization")
+def batch_norm(cv):
+    if len(cv.node.outputs) > 1 and any(t.outputs for t in cv.node.outputs[1:]):
+        raise Unhandled  # training-mode statistics outputs
+    if int(cv.attr("training_mode", 0)):
+        raise Unhandled
+    x = _x(cv)
+    params = [cv.tensor_input(i) for i in range(1, 5)]
+    return cv.emit("batch_norm", [x, *params], {"eps": float(cv.attr("epsilon", 1e-5)),
+                                                "momentum": round(1.0 - float(cv.attr("momentum", 0.9)), 6)})
+
+
+@handles("LayerNormalization")
+def layer_norm(cv):
+    x = _x(cv)
+    axis = int(cv.attr("axis", -1)) % x.rank
+    if len(cv.node.outputs) > 1 and any(t.outputs for t in cv.node.outputs[1:]):
+        raise Unhandled
+    return cv.emit("layer_norm", [x, cv.tensor_input(1), cv.tensor_input(2)],
+                   {"normalized_shape": list(x.shape[axis:]), "eps": float(cv.attr("epsilon", 1e-5))})
+
+
+@handles("LRN")
+def lrn(cv):
+    return cv.emit("lrn", [_x(cv)], {"size": int(cv.attr("size")), "alpha": float(cv.attr("alpha", 1e-4)),
+                                     "beta": float(cv.attr("beta", 0.75)), "k": float(cv.attr("bias", 1.0))})
+
+
+@handles("MaxPool", "AveragePool")
+def pool(cv):
+    if len(cv.node.outputs) > 1 and cv.node.outputs[1].outputs:
+        raise Unhandled  # MaxPool's indices output
+    x = _x(cv)
+    kernel = _ints(cv.attr("kernel_shape"))
+    nd = len(kernel)
+    strides = _ints(cv.attr("strides", [1] * nd))
+    dilations = _ints(cv.attr("dilations", [1] * nd))
+    pads = _window(cv, x, kernel, strides, dilations)
+    attrs = {"kernel": kernel, "stride": strides, "pads": pads, "ceil_mode": bool(cv.attr("ceil_mode", 0))}
+    if cv.node.op == "MaxPool":
+        if int(cv.attr("storage_order", 0)):
+            raise Unhandled
+        return cv.emit("max_pool", [x], {**attrs, "dilation": dilations})
+    if dilations != [1] * nd:
+        raise Unhandled
+    return cv.emit("avg_pool", [x], {**attrs, "count_include_pad": bool(cv.attr("count_include_pad", 0))})
+
+
+@handles("GlobalAveragePool", "GlobalMaxPool")
+def global_pool(cv):
+    x = _x(cv)
+    op = "adaptive_avg_pool" if cv.node.op == "GlobalAveragePool" else "adaptive_max_pool"
+    return cv.emit(op, [x], {"output_size": [1] * (x.rank - 2)})
+
+
+@handles("Dropout")
+def dropout(cv):
+    if len(cv.node.outputs) > 1 and cv.node.outputs[1].outputs:
+        raise Unhandled  # the mask is used
+    ratio = cv.static(1) if len(cv.node.inputs) > 1 else None
+    p = float(ratio) if ratio is not None else float(cv.attr("ratio", 0.5))
+    return [cv.emit("dropout", [_x(cv)], {"p": p}), None]
+
+
+@handles("Identity")
+def identity(cv):
+    return cv.emit("identity", [_x(cv)])
+
+
+# ============================================================================ element-wise
+_UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Exp": "exp", "Log": "log", "Sqrt": "sqrt",
+          "Neg": "neg", "Abs": "abs", "Erf": "erf", "Softplus": "softplus", "HardSwish": "hardswish"}
+for _onnx, _op in _UNARY.items():
+    HANDLERS[_onnx] = (lambda op: lambda cv: cv.emit(op, [_x(cv)]))(_op)
+
+
+@handles("Selu")
+def selu(cv):
+    default_alpha, default_gamma = 1.67326319217681884765625, 1.05070102214813232421875
+    if abs(float(cv.attr("alpha", default_alpha)) - default_alpha) > 1e-6 or \
+            abs(float(cv.attr("gamma", default_gamma)) - default_gamma) > 1e-6:
+        raise Unhandled
+    return cv.emit("selu", [_x(cv)])
+
+
+@handles("LeakyRelu")
+def leaky_relu(cv):
+    return cv.emit("leaky_relu", [_x(cv)], {"negative_slope": float(cv.attr("alpha", 0.01))})
+
+
+@handles("Elu")
+def elu(cv):
+    return cv.emit("elu", [_x(cv)], {"alpha": float(cv.attr("alpha", 1.0))})
+
+
+@handles("PRelu")
+def prelu(cv):
+    """The canonical prelu takes a scalar or a per-channel (axis 1) slope vector."""
+    x, slope = _x(cv), cv.input(1)
+    if not isinstance(slope, np.ndarray):
+        raise Unhandled
+    channels = x.shape[1] if x.rank > 1 else None
+    per_channel = slope.size == channels and (
+        (cv.opset < 7 and slope.ndim == 1)  # legacy PRelu: a [C] slope applies along axis 1
+        or list(slope.shape) == [channels] + [1] * (x.rank - 2)
+        or (x.rank == 2 and slope.ndim == 1))
+    if slope.size == 1:
+        cv.env[cv.name + "::slope"] = slope.reshape(())
+    elif per_channel:
+        cv.env[cv.name + "::slope"] = slope.reshape(-1)
+    else:
+        raise Unhandled
+    return cv.emit("prelu", [x, cv.value(cv.name + "::slope", f"{cv.name}_slope")])
+
+
+@handles("HardSigmoid")
+def hard_sigmoid(cv):
+    alpha, beta = float(cv.attr("alpha", 0.2)), float(cv.attr("beta", 0.5))
+    x = _x(cv)
+    if abs(alpha - 1 / 6) < 1e-7 and beta == 0.5:
+        return cv.emit("hardsigmoid", [x])
+    scaled = cv.emit("mul", [x, _scalar(cv, alpha, x)], suffix="_scale")
+    shifted = cv.emit("add", [scaled, _scalar(cv, beta, x)], suffix="_shift")
+    return cv.emit("clip", [shifted], {"min": 0.0, "max": 1.0})
+
+
+def _scalar(cv, number: float, like: Value) -> Value:
+    return cv.graph.add_constant(f"{cv.name}_c", torch.tensor(number, dtype=like.dtype.torch))
+
+
+@handles("Clip")
+def clip(cv):
+    if cv.node.inputs[1:]:
+        lo, hi = cv.static(1), cv.static(2)
+    else:
+        lo, hi = cv.attr("min"), cv.attr("max")
+    return cv.emit("clip", [_x(cv)], {"min": None if lo is None else float(lo),
+                                      "max": None if hi is None else float(hi)})
+
+
+@handles("Gelu")
+def gelu(cv):
+    approx = cv.attr("approximate", "none")
+    return cv.emit("gelu", [_x(cv)], {"approximate": approx.decode() if isinstance(approx, bytes) else approx})
+
+
+_BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow"}
+
+
+def _binary(cv, op: str) -> Value:
+    a, b = cv.tensor_input(0), cv.tensor_input(1)
+    if int(cv.attr("broadcast", 0)) and cv.attr("axis") is not None:
+        # opset < 7: B is aligned with A starting at `axis`; pad B's shape on the right instead
+        trailing = a.rank - int(cv.attr("axis")) % a.rank - b.rank
+        if trailing > 0:
+            b = cv.emit("reshape", [b], {"shape": list(b.shape) + [1] * trailing}, suffix="_aligned")
+    if op == "div" and not a.dtype.is_float:
+        raise Unhandled  # integer division truncates in ONNX
+    return cv.emit(op, [a, b])
+
+
+for _onnx, _op in _BINARY.items():
+    HANDLERS[_onnx] = (lambda op: lambda cv: _binary(cv, op))(_op)
+
+
+@handles("Sum", "Max", "Min")
+def variadic(cv):
+    op = {"Sum": "add", "Max": "maximum", "Min": "minimum"}[cv.node.op]
+    values = [cv.tensor_input(i) for i in range(len(cv.node.inputs))]
+    acc = values[0]
+    if len(values) == 1:
+        return cv.emit("identity", [acc])
+    for i, v in enumerate(values[1:]):
+        acc = cv.emit(op, [acc, v], suffix="" if i == len(values) - 2 else f"_{i}")
+    return acc
+
+
+@handles("Softmax", "LogSoftmax")
+def softmax(cv):
+    x = _x(cv)
+    op = "softmax" if cv.node.op == "Softmax" else "log_softmax"
+    default = -1 if cv.opset >= 13 else 1
+    axis = int(cv.attr("axis", default)) % x.rank
+    if cv.opset >= 13 or axis == x.rank - 1:
+        return cv.emit(op, [x], {"axis": axis})
+    # before opset 13 the input is flattened to 2-D at `axis` and normalized over the rest
+    flat = cv.emit("flatten", [x], {"start": axis, "end": x.rank - 1}, suffix="_flat")
+    y = cv.emit(op, [flat], {"axis": axis}, suffix="_2d")
+    return cv.emit("reshape", [y], {"shape": list(x.shape)})
+
+
+# ============================================================================ shapes
+def _batch_target(x: Value, target: list[int], allowzero: bool) -> list:
+    """ONNX reshape target -> IR target; a copied leading dim (0) stays the symbolic batch."""
+    out: list = []
+    for i, d in enumerate(target):
+        if d == 0 and not allowzero:
+            out.append(BATCH if i == 0 else x.shape[i])
+        else:
+            out.append(d)
+    return out
+
+
+@handles("Reshape")
+def reshape(cv):
+    x = _x(cv)
+    if len(cv.node.inputs) > 1:
+        target = _ints(cv.static(1))
+    else:
+        target = _ints(cv.attr("shape"))
+    return cv.emit("reshape", [x], {"shape": _batch_target(x, target, bool(cv.attr("allowzero", 0)))})
+
+
+@handles("Flatten")
+def flatten(cv):
+    x = _x(cv)
+    axis = int(cv.attr("axis", 1)) % (x.rank + 1) if x.rank else 0
+    if axis == 1 and x.rank > 1:
+        return cv.emit("flatten", [x], {"start": 1, "end": x.rank - 1})
+    inner = int(np.prod(x.shape[axis:])) if axis < x.rank else 1
+    return cv.emit("reshape", [x], {"shape": [-1, inner] if axis > 0 else [1, -1]})
+
+
+@handles("Transpose")
+def transpose(cv):
+    x = _x(cv)
+    perm = cv.attr("perm")
+    perm = _ints(perm) if perm is not None else list(reversed(range(x.rank)))
+    return cv.emit("permute", [x], {"perm": perm})
+
+
+def _axes(cv, index: int = 1) -> list[int] | None:
+    if len(cv.node.inputs) > index and cv.node.inputs[index].name:
+        return _ints(cv.static(index))
+    axes = cv.attr("axes")
+    return _ints(axes) if axes is not None else None
+
+
+@handles("Squeeze")
+def squeeze(cv):
+    x = _x(cv)
+    axes = _axes(cv)
+    axes = [a for a in range(x.rank) if x.shape[a] == 1] if axes is None else [a % x.rank for a in axes]
+    return cv.emit("squeeze", [x], {"axes": axes})
+
+
+@handles("Unsqueeze")
+def unsqueeze(cv):
+    x = _x(cv)
+    axes = _axes(cv)
+    rank = x.rank + len(axes)
+    return cv.emit("unsqueeze", [x], {"axes": sorted(a % rank for a in axes)})
+
+
+@handles("Concat")
+def concat(cv):
+    values = [cv.tensor_input(i) for i in range(len(cv.node.inputs))]
+    values = [v for v in values if v is not None and v.numel > 0] or values[:1]
+    axis = int(cv.attr("axis", 1)) % values[0].rank  # axis was optional (default 1) before opset 4
+    if len(values) == 1:
+        return cv.emit("identity", [values[0]])
+    return cv.emit("concat", values, {"axis": axis})
+
+
+@handles("Split")
+def split(cv):
+    x = _x(cv)
+    axis = int(cv.attr("axis", 0)) % x.rank
+    n = len(cv.node.outputs)
+    sizes = None
+    if len(cv.node.inputs) > 1 and cv.node.inputs[1].name:
+        sizes = _ints(cv.static(1))
+    elif cv.attr("split") is not None:
+        sizes = _ints(cv.attr("split"))
+    if sizes is None:
+        size = x.shape[axis]
+        chunk = -(-size // n)
+        sizes = [chunk] * (n - 1) + [size - chunk * (n - 1)]
+    outs = cv.emit("split", [x], {"axis": axis, "sizes": sizes})
+    return list(outs) if isinstance(outs, tuple) else [outs]
+
+
+@handles("Slice")
+def slice_(cv):
+    x = _x(cv)
+    if cv.opset < 10:
+        starts, ends = _ints(cv.attr("starts")), _ints(cv.attr("ends"))
+        axes = _ints(cv.attr("axes")) if cv.attr("axes") is not None else list(range(len(starts)))
+        steps = [1] * len(starts)
+    else:
+        starts, ends = _ints(cv.static(1)), _ints(cv.static(2))
+        axes = _ints(cv.static(3)) if cv.input(3) is not None else list(range(len(starts)))
+        steps = _ints(cv.static(4)) if cv.input(4) is not None else [1] * len(starts)
+    norm = {"axes": [], "starts": [], "ends": [], "steps": []}
+    for axis, start, end, step in zip(axes, starts, ends, steps):
+        axis %= x.rank
+        size = x.shape[axis]
+        # clamp like ONNX (and Python slicing) does; huge sentinels mean "to the end"
+        start = max(min(start, size), -size - 1) if step > 0 else max(min(start, size - 1), -size - 1)
+        end = max(min(end, size), -size - 1)
+        s, e, st = slice(start, end, step).indices(size)
+        if st < 0:
+            raise Unhandled  # negative steps: keep the ONNX node
+        for key, v in zip(norm, (axis, s, max(e, s), st)):
+            norm[key].append(v)
+    return cv.emit("slice", [x], norm)
+
+
+@handles("Gather")
+def gather(cv):
+    x, indices = _x(cv), cv.input(1)
+    if not isinstance(indices, np.ndarray):
+        raise Unhandled
+    axis = int(cv.attr("axis", 0)) % x.rank
+    size = x.shape[axis]
+    flat = [int(i) % size for i in indices.reshape(-1)]
+    if indices.ndim == 0:
+        return cv.emit("select", [x], {"axis": axis, "index": flat[0]})
+    if indices.ndim == 1:
+        return cv.emit("gather", [x], {"axis": axis, "indices": flat})
+    raise Unhandled
+
+
+@handles("Expand")
+def expand(cv):
+    x = _x(cv)
+    shape = _ints(cv.static(1))
+    rank = max(len(shape), x.rank)
+    full = [1] * (rank - len(shape)) + shape
+    padded = [1] * (rank - x.rank) + list(x.shape)
+    target = [max(a, b) if a == 1 or b == 1 else a for a, b in zip(full, padded)]
+    if rank > x.rank:
+        x = cv.emit("reshape", [x], {"shape": padded}, suffix="_rank")
+    return cv.emit("expand", [x], {"shape": target})
+
+
+@handles("Tile")
+def tile(cv):
+    raise Unhandled
+
+
+@handles("Pad")
+def pad(cv):
+    x = _x(cv)
+    if cv.opset < 11:
+        pads, value = _ints(cv.attr("pads")), float(cv.attr("value", 0.0))
+    else:
+        pads = _ints(cv.static(1))
+        v = cv.static(2)
+        value = float(v) if v is not None and np.size(v) else 0.0
+        if cv.input(3) is not None:
+            raise Unhandled  # axes input (opset 18)
+    mode = cv.attr("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    torch_mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}.get(mode)
+    if torch_mode is None or any(p < 0 for p in pads):
+        raise Unhandled
+    n = x.rank
+    torch_pads: list[int] = []
+    for d in reversed(range(n)):
+        torch_pads += [pads[d], pads[n + d]]
+    while torch_pads[-2:] == [0, 0] and len(torch_pads) > 2:  # F.pad pads the last dims first
+        torch_pads = torch_pads[:-2]
+    if torch_mode != "constant" and len(torch_pads) // 2 > x.rank - 2:
+        raise Unhandled  # torch reflects only spatial dims
+    return cv.emit("pad", [x], {"pads": torch_pads, "mode": torch_mode, "value": value})
+
+
+@handles("ReduceMean", "ReduceSum")
+def reduce(cv):
+    x = _x(cv)
+    op = "mean" if cv.node.op == "ReduceMean" else "sum"
+    axes_from_input = cv.node.op == "ReduceSum" and cv.opset >= 13 or cv.opset >= 18
+    axes = _axes(cv) if axes_from_input else (_ints(cv.attr("axes")) if cv.attr("axes") is not None else None)
+    if axes is None or not axes:
+        if int(cv.attr("noop_with_empty_axes", 0)):
+            return cv.emit("identity", [x])
+        axes = list(range(x.rank))
+    return cv.emit(op, [x], {"axes": sorted(a % x.rank for a in axes), "keepdim": bool(cv.attr("keepdims", 1))})
+
+
+@handles("Cast")
+def cast(cv):
+    from slimgraph.frontends.onnx import _ONNX_TO_DTYPE
+
+    dtype = _ONNX_TO_DTYPE.get(int(cv.attr("to")))
+    if dtype is None:
+        raise Unhandled
+    return cv.emit("cast", [_x(cv)], {"dtype": str(dtype.torch).replace("torch.", "")})
