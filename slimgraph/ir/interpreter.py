@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from typing import overload
 
 import torch
 
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.graph import Graph
 from slimgraph.ir.ops import run_reference
+from slimgraph.ir.value import Value
 
 
-def run(graph: Graph, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Evaluate the graph (inference semantics) and return its outputs."""
+@overload
+def run(graph: Graph, inputs: Sequence[torch.Tensor], capture: None = None) -> list[torch.Tensor]: ...
+@overload
+def run(
+    graph: Graph, inputs: Sequence[torch.Tensor], capture: Collection[Value]
+) -> tuple[list[torch.Tensor], dict[Value, torch.Tensor]]: ...
+def run(graph, inputs, capture=None):
+    """Evaluate the graph (inference semantics) and return its outputs.
+
+    With ``capture`` (values of this graph) it returns ``(outputs, {value: tensor})`` as well,
+    e.g. for passes that need a layer's inputs on calibration data.
+    """
     if len(inputs) != len(graph.inputs):
         raise SlimgraphError(f"graph {graph.name} takes {len(graph.inputs)} inputs, got {len(inputs)}")
     env: dict[int, torch.Tensor] = {}
@@ -21,7 +33,7 @@ def run(graph: Graph, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     for value in graph.constants.values():
         env[id(value)] = value.const_value
     remaining = {id(v): len(v.uses) for v in graph.values()}
-    keep = {id(v) for v in graph.outputs}
+    keep = {id(v) for v in graph.outputs} | {id(v) for v in capture or ()}
     with torch.no_grad():
         for node in graph.nodes:
             args = [None if v is None else env[id(v)] for v in node.inputs]
@@ -39,4 +51,10 @@ def run(graph: Graph, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
                     remaining[id(v)] -= 1
                     if remaining[id(v)] == 0 and id(v) not in keep:
                         env.pop(id(v), None)
-    return [env[id(v)] for v in graph.outputs]
+    outputs = [env[id(v)] for v in graph.outputs]
+    if capture is None:
+        return outputs
+    missing = [v.name for v in capture if id(v) not in env]
+    if missing:
+        raise SlimgraphError(f"cannot capture {', '.join('%' + n for n in missing)}: not values of {graph.name}")
+    return outputs, {v: env[id(v)] for v in capture}
