@@ -418,6 +418,22 @@ def emit_pad(b, node):
     b.add("Pad", inputs, [b.out()], mode=mode)
 
 
+@emitter("roll")
+def emit_roll(b, node):
+    """A cyclic shift is two slices swapped: y = concat(x[size - s:], x[:size - s])."""
+    x = node.inputs[0]
+    name = b.inp(0)
+    for shift, dim in zip(node.attrs["shifts"], node.attrs["dims"]):
+        size = x.shape[dim]
+        cut = size - shift % size
+        if cut == size:
+            continue
+        tail = b.add("Slice", [name, b.ints([cut], "s"), b.ints([size], "e"), b.ints([dim], "a")], 1)[0]
+        head = b.add("Slice", [name, b.ints([0], "s"), b.ints([cut], "e"), b.ints([dim], "a")], 1)[0]
+        name = b.add("Concat", [tail, head], 1, axis=dim)[0]
+    b.add("Identity", [name], [b.out()])
+
+
 @emitter("mean", "sum")
 def emit_reduce(b, node):
     axes, keep = node.attrs["axes"], int(node.attrs.get("keepdim", False))

@@ -129,11 +129,16 @@ def emitter(*ops: str):
     return deco
 
 
-def _owned_params(ctx: _Ctx, node: Node, indices: range) -> bool:
-    """Weights become a submodule's own parameters only if no other node reads them."""
+def _owned_params(ctx: _Ctx, node: Node, indices: range, trainable: range | None = None) -> bool:
+    """Weights become a submodule's own parameters only if no other node reads them, and only
+    if they are trainable (fixed tensors such as Winograd transforms stay buffers).
+    ``trainable`` names the inputs that must be trainable (default: all of ``indices``)."""
     for i in indices:
         v = node.inputs[i] if i < len(node.inputs) else None
         if v is not None and (not v.is_constant or len(v.uses) != 1 or v in ctx.graph.outputs):
+            return False
+        if v is not None and i in (trainable if trainable is not None else indices) \
+                and not v.meta.get("trainable", True):
             return False
     return True
 
@@ -199,7 +204,7 @@ def emit_linear(ctx, node, a):
 @emitter("batch_norm")
 def emit_batch_norm(ctx, node, a):
     x, w, b, m, v = node.inputs
-    if _owned_params(ctx, node, range(1, 5)):
+    if _owned_params(ctx, node, range(1, 5), trainable=range(1, 3)):
         kind = {2: 1, 3: 1, 4: 2, 5: 3}[x.rank]
         eps, momentum = node.attrs["eps"], node.attrs.get("momentum", 0.1)
         options = ("" if eps == 1e-5 else f", eps={eps!r}") + ("" if momentum == 0.1 else f", momentum={momentum!r}")
@@ -345,6 +350,7 @@ EMITTERS["mean"] = lambda ctx, node, a: (
     f"{a[0]}.mean({_lit(node.attrs['axes'])}, keepdim={node.attrs.get('keepdim', False)})")
 EMITTERS["sum"] = lambda ctx, node, a: (
     f"{a[0]}.sum({_lit(node.attrs['axes'])}, keepdim={node.attrs.get('keepdim', False)})")
+EMITTERS["roll"] = lambda ctx, node, a: f"torch.roll({a[0]}, {_lit(node.attrs['shifts'])}, {_lit(node.attrs['dims'])})"
 EMITTERS["cast"] = lambda ctx, node, a: f"{a[0]}.to(torch.{node.attrs['dtype']})"
 EMITTERS["pad"] = lambda ctx, node, a: (
     f"F.pad({a[0]}, {_lit(node.attrs['pads'])}, {node.attrs.get('mode', 'constant')!r}, "

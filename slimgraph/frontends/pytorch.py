@@ -93,10 +93,18 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+# Calls whose result depends only on their arguments' shapes and dtypes, never on values.
+VALUE_FREE = {"new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like", "arange", "zeros",
+              "ones", "full", "scalar_tensor", "tensor"}
+RANDOM = ("rand", "bernoulli", "normal", "uniform", "multinomial", "dropout", "empty")
+
+
 class _Converter:
-    def __init__(self, gm: torch.fx.GraphModule, source: str) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, source: str, graph: Graph | None = None,
+                 prefix: str = "") -> None:
         self.gm = gm
-        self.graph = Graph(type(gm).__name__ if source == "torch.fx" else "exported")
+        self.graph = graph if graph is not None else Graph(type(gm).__name__ if source == "torch.fx" else "exported")
+        self.prefix = prefix  # inlined calls name their nodes after the call they replace
         self.modules = dict(gm.named_modules())
         self.params = {id(p) for p in gm.parameters()}
         self.ir: dict[torch.fx.Node, Any] = {}  # fx node -> Value / python value / BatchDim / tuple
@@ -173,17 +181,96 @@ class _Converter:
                 f"(wrong shape or dtype?): {_first_line(exc)}"
             ) from exc
         self.real[fx_node] = real
-        handler = torch_ops.find_handler(fx_node.op, target)
-        result = None
+        result = self._fold(fx_node, target, ir_args, ir_kwargs, real)
+        handler = torch_ops.find_handler(fx_node.op, target) if result is None else None
         if handler is not None:
             try:
                 result = handler(self, ir_args, ir_kwargs, real)
             except Unhandled:
-                handler = None
-        if handler is None:
+                result = None
+        if result is None and fx_node.op == "call_function" and _is_python_function(target):
+            result = self._inline(fx_node, target, ir_args, ir_kwargs, args, kwargs, real)
+        if result is None:
             result = self.opaque(fx_node, target, ir_args, ir_kwargs, real)
         self._check(fx_node, result, real)
         self.ir[fx_node] = result
+
+    def _fold(self, fx_node: torch.fx.Node, target: Any, ir_args: Any, ir_kwargs: Any, real: Any) -> Any:
+        """A tensor computed from constants alone (index tables, attention masks) becomes a constant.
+
+        At the top level only non-trainable constants fold, so parameters stay trainable in the
+        emitted module; inside an inlined function anything static folds (the alternative is an
+        opaque call). Never folds what depends on the batch size or on randomness.
+        """
+        if not isinstance(real, torch.Tensor) or fx_node.op == "call_module":
+            return None
+        name = getattr(target, "__name__", str(target)).split(".")[0]
+        if any(word in name for word in RANDOM):
+            return None
+        flat: list[Any] = []
+        torch.utils._pytree.tree_map(flat.append, (ir_args, ir_kwargs))
+        if any(isinstance(v, BatchDim) for v in flat):
+            return None
+        values = [v for v in flat if isinstance(v, Value)]
+        dynamic = [v for v in values if not v.is_constant]
+        if dynamic and name not in VALUE_FREE:
+            return None
+        if not values and name not in VALUE_FREE:
+            return None
+        if not self.prefix and any(v.meta.get("trainable") for v in values):
+            return None
+        return self.graph.add_constant(f"{self.name}", real.detach().clone())
+
+    def _inline(self, fx_node: torch.fx.Node, fn: Any, ir_args: Any, ir_kwargs: Any, args: Any, kwargs: Any,
+                real: Any) -> Any:
+        """Trace a function fx left as one call (torch.fx.wrap) with torch.export and convert its body.
+
+        Returns None when it cannot be traced; the call then stays opaque.
+        """
+        values: list[Value] = []
+        tensors: list[torch.Tensor] = []
+
+        def template(ir: Any, concrete_value: Any) -> Any:
+            if isinstance(ir, Value):
+                values.append(ir)
+                tensors.append(concrete_value)
+                return Slot(len(values) - 1)
+            if isinstance(ir, (list, tuple)) and isinstance(concrete_value, (list, tuple)):
+                return type(ir)(template(i, c) for i, c in zip(ir, concrete_value))
+            return concrete_value
+
+        args_t = template(tuple(ir_args), tuple(args))
+        kwargs_t = {k: template(v, kwargs[k]) for k, v in ir_kwargs.items()}
+        try:
+            exported = torch.export.export(_Call(fn, args_t, kwargs_t), tuple(tensors), strict=False).module()
+        except Exception:
+            return None
+        sub = _Converter(exported, "torch.export", graph=self.graph, prefix=fx_node.name)
+        sub.params, sub.const_cache = self.params, self.const_cache
+        outputs = sub.convert_inline(values, tensors)
+        return outputs[0] if isinstance(real, torch.Tensor) else tuple(outputs)
+
+    def convert_inline(self, values: list[Value], tensors: list[torch.Tensor]) -> list[Any]:
+        from slimgraph.frontends import torch_ops
+
+        placeholders = iter(zip(values, tensors))
+        outputs: list[Any] = []
+        for fx_node in self.gm.graph.nodes:
+            self.current = fx_node
+            if fx_node.op == "placeholder":
+                self.ir[fx_node], self.real[fx_node] = next(placeholders)
+            elif fx_node.op == "get_attr":
+                obj = _fetch_attr(self.gm, fx_node.target)
+                self.real[fx_node] = obj
+                self.ir[fx_node] = self.constant(obj, f"{self.prefix}_{fx_node.target}") \
+                    if isinstance(obj, torch.Tensor) else obj
+            elif fx_node.op == "output":
+                result = fx_node.args[0]
+                flat = list(result) if isinstance(result, (tuple, list)) else [result]
+                outputs = [self.ir[n] if isinstance(n, torch.fx.Node) else n for n in flat]
+            else:
+                self._call(fx_node, torch_ops)
+        return outputs
 
     def _check(self, fx_node: torch.fx.Node, result: Any, real: Any) -> None:
         """The IR's inferred type must be what torch computed; a mismatch is a frontend bug."""
@@ -197,7 +284,7 @@ class _Converter:
     # ------------------------------------------------------------------ helpers for handlers
     @property
     def name(self) -> str:
-        return self.current.name
+        return f"{self.prefix}_{self.current.name}" if self.prefix else self.current.name
 
     def module_path(self) -> str | None:
         return self.current.target if self.current.op == "call_module" else None
@@ -268,6 +355,26 @@ class _Converter:
         if isinstance(real, torch.Tensor):
             return outs
         return tuple(outs) if isinstance(outs, tuple) else (outs,)
+
+
+class _Call(torch.nn.Module):
+    """A function call with its tensor arguments as the module's inputs (for torch.export)."""
+
+    def __init__(self, fn: Any, args: tuple, kwargs: dict) -> None:
+        super().__init__()
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        from slimgraph.ir.opaque import fill
+
+        return self.fn(*fill(self.args, list(tensors)), **fill(self.kwargs, list(tensors)))
+
+
+def _is_python_function(fn: Any) -> bool:
+    import types
+
+    module = getattr(fn, "__module__", "") or ""
+    return isinstance(fn, types.FunctionType) and module != "torch" and not module.startswith("torch.")
 
 
 def _is_tensor_seq(x: Any) -> bool:

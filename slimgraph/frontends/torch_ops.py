@@ -795,3 +795,18 @@ def _aten_slice(cv, args, kwargs, real):
 
 _alias(_aten_select, "select.int")
 _alias(_aten_slice, "slice.Tensor")
+
+
+@function(torch.roll)
+@method("roll")
+def roll_fn(cv, args, kwargs, real):
+    x = tensor_arg(args[0])
+    shifts, dims = arg(args, kwargs, 1, "shifts"), arg(args, kwargs, 2, "dims")
+    if dims is None or dims == []:
+        raise Unhandled  # a roll of the flattened tensor
+    shifts, dims = ints(shifts, 1), ints(dims, 1)
+    return cv.emit("roll", [x], {"shifts": shifts, "dims": [d % x.rank for d in dims]})
+
+
+_alias(roll_fn, "roll")
+_alias(pad_fn, "pad", "constant_pad_nd")

@@ -238,3 +238,17 @@ register_op(
     description="take a constant list of indices along axis (index_select)",
     coupling=gather_coupling,
 )
+
+
+def roll_coupling(node) -> list[Coupling]:
+    rolled = {d % node.inputs[0].rank for d in node.attrs["dims"]}
+    return [frozen(inp(0, a), out(0, a)) if a in rolled else same(inp(0, a), out(0, a))
+            for a in range(node.inputs[0].rank)]
+
+
+register_op(
+    "roll",
+    lambda xs, a: torch.roll(xs[0], a["shifts"], a["dims"]),
+    description="cyclic shift along dims (shifted-window attention)",
+    coupling=roll_coupling,
+)
