@@ -46,11 +46,13 @@ def test_conv_coupling_distinguishes_dense_depthwise_and_grouped():
     attrs = {"stride": [1, 1], "pads": [0, 0, 0, 0], "dilation": [1, 1]}
     dense = g.create_node("conv", [x, g.add_constant("w", torch.randn(4, 8, 1, 1))], {**attrs, "groups": 1})
     dw = g.create_node("conv", [x, g.add_constant("dw", torch.randn(8, 1, 3, 3))], {**attrs, "groups": 8})
-    grp = g.create_node("conv", [x, g.add_constant("gw", torch.randn(4, 2, 3, 3))], {**attrs, "groups": 4})
+    grp = g.create_node("conv", [x, g.add_constant("gw", torch.randn(8, 2, 3, 3))], {**attrs, "groups": 4})
+    wide = g.create_node("conv", [x, g.add_constant("mw", torch.randn(16, 2, 3, 3))], {**attrs, "groups": 4})
     kinds = lambda n: sorted(c.kind for c in get_op("conv").coupling(n))  # noqa: E731
     assert kinds(dense) == ["same", "same", "same"]
     assert kinds(dw) == ["same", "same"]
     assert "group" in kinds(grp)
+    assert "frozen" in kinds(wide)  # in != out channels: no safe per-channel mapping
 
 
 def test_every_op_has_a_reference_and_description():

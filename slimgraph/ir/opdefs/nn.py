@@ -61,7 +61,11 @@ def conv_coupling(node) -> list[Coupling]:
         return [batch, same(inp(0, 1), inp(1, 1)), same(out(0, 1), inp(1, 0), *bias)]
     if groups == cin == cout:  # depthwise: one filter per channel, all dims move together
         return [batch, same(inp(0, 1), out(0, 1), inp(1, 0), *bias)]
-    return [batch, Coupling("group", (inp(0, 1), out(0, 1), inp(1, 0), *bias), (groups,))]
+    if cin == cout:
+        # grouped, as wide in as out: channel c of the input, output, filters and bias move
+        # together, and params[1] (the weight's within-group axis) holds position c % (cin / groups)
+        return [batch, Coupling("group", (inp(0, 1), out(0, 1), inp(1, 0), *bias), (groups, inp(1, 1)))]
+    return [batch, frozen(inp(0, 1), out(0, 1), inp(1, 0), inp(1, 1), *bias)]
 
 
 def conv_infer(node) -> list:
@@ -186,7 +190,9 @@ register_op(
     lambda xs, a: F.group_norm(xs[0], a["num_groups"], xs[1], xs[2] if len(xs) > 2 else None, a["eps"]),
     description="group norm over channel groups",
     num_inputs=(1, 3),
-    coupling=lambda node: [Coupling("group", (inp(0, 1), out(0, 1)), (node.attrs["num_groups"],))],
+    # group statistics change when a channel leaves: frozen, like layer norm's normalized dims
+    coupling=lambda node: [frozen(inp(0, 1), out(0, 1), *[inp(i, 0) for i in (1, 2)
+                                                        if i < len(node.inputs) and node.inputs[i] is not None])],
 )
 
 register_op(

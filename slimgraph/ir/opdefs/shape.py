@@ -188,11 +188,18 @@ register_op(
     coupling=lambda node: expand_coupling(node) + [frozen(inp(1, 0))],
 )
 
+def pad_coupling(node) -> list[Coupling]:
+    """Padded axes change size; untouched axes (usually the channels) pass straight through."""
+    rank, pads = node.inputs[0].rank, node.attrs["pads"]
+    padded = {rank - 1 - i // 2 for i, p in enumerate(pads) if p}
+    return [frozen(inp(0, a), out(0, a)) if a in padded else same(inp(0, a), out(0, a)) for a in range(rank)]
+
+
 register_op(
     "pad",
     lambda xs, a: F.pad(xs[0], a["pads"], a.get("mode", "constant"), a.get("value", 0.0)),
     description="pad (torch F.pad order: last dim first)",
-    coupling=lambda node: [frozen(inp(0, a), out(0, a)) for a in range(node.inputs[0].rank)],
+    coupling=pad_coupling,
 )
 
 

@@ -1,0 +1,345 @@
+"""Structured channel pruning with dependency propagation.
+
+``prune{ratio=0.5, criterion=l1, scope=uniform, round_to=1, ignore=[...], min_channels=1}``
+
+1. The channel analysis (``channels.py``) puts every channel of every tensor into a class of
+   channels that must go together, and freezes what cannot be removed safely.
+2. A *group* is a set of layers (conv/linear outputs) whose channels share classes: a residual
+   stream, a dense block's concatenations, a grouped conv and its neighbours.
+3. Importance per class: the criterion over every weight slice in the class, averaged.
+4. Selection: the lowest ``ratio`` of each group's prunable classes (``uniform``) or of all
+   classes with importance normalized per group (``global``); every layer keeps at least
+   ``min_channels`` and, with ``round_to``, a multiple of it.
+5. The plan removes indices from constants by value name; applying it slices the constants,
+   rewrites the attributes that spell sizes (reshape targets, split sizes, depthwise groups)
+   and re-infers every shape. ``zero_plan`` is the exactness oracle: zeroing the same slices in
+   the original gives the pruned model's outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from slimgraph.errors import PassError, SlimgraphError
+from slimgraph.ir import Graph, Node
+from slimgraph.ir.ops import infer_types
+from slimgraph.passes.base import Pass, PassContext, PassResult, register_pass
+from slimgraph.passes.channels import ChannelGroups, Space, analyze
+
+Criterion = Literal["l1", "l2", "std", "mean", "bn_gamma", "random"]
+
+
+@dataclass
+class PrunePlan:
+    """What to remove: per value name, per axis group, the removed flat indices."""
+
+    removed: dict[str, dict[tuple[int, ...], list[int]]] = field(default_factory=dict)
+    groups: list[dict[str, Any]] = field(default_factory=list)  # report for the trace
+
+    @property
+    def empty(self) -> bool:
+        return not any(any(v for v in axes.values()) for axes in self.removed.values())
+
+
+# ============================================================================ importance
+def _weight_scores(tensor: torch.Tensor, axis: int, criterion: Criterion) -> torch.Tensor:
+    """Per-index score of a weight along ``axis``, reduced over every other axis."""
+    w = tensor.detach().float()
+    dims = tuple(d for d in range(w.dim()) if d != axis)
+    if criterion == "l1":
+        return w.abs().sum(dims)
+    if criterion == "l2":
+        return torch.linalg.vector_norm(w, 2, dims)
+    if criterion == "std":
+        return w.std(dims, unbiased=False)
+    return w.mean(dims).abs()  # "mean"
+
+
+def class_importance(cg: ChannelGroups, criterion: Criterion, seed: int = 0) -> dict[int, float]:
+    """Importance of every class: the criterion averaged over the class's weight slices."""
+    totals: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    bn_gammas = {id(n.inputs[1]) for n in cg.graph.nodes if n.op == "batch_norm" and n.inputs[1] is not None}
+    for space in cg.spaces.values():
+        value = space.value
+        if not value.is_constant or len(space.axes) != 1 or not value.const_value.is_floating_point():
+            continue
+        if criterion == "bn_gamma":
+            if id(value) not in bn_gammas:
+                continue
+            scores = value.const_value.detach().double().abs()
+        elif criterion == "random":
+            continue
+        else:
+            if value.rank < 2:
+                continue  # biases and norm parameters: a different scale, and no filter shape
+            scores = _weight_scores(value.const_value, space.axes[0], criterion)
+        roots = cg.roots()[space.base:space.base + space.size].tolist()
+        for root, score in zip(roots, scores.tolist()):
+            totals[root] = totals.get(root, 0.0) + score
+            counts[root] = counts.get(root, 0) + 1
+    if criterion == "random":
+        gen = torch.Generator().manual_seed(seed)
+        roots = sorted({cg.root(a) for space in cg.spaces.values() for a in space.atoms()})
+        return dict(zip(roots, torch.rand(len(roots), generator=gen, dtype=torch.float64).tolist()))
+    return {root: totals[root] / counts[root] for root in totals}
+
+
+# ============================================================================ groups and selection
+@dataclass
+class _Group:
+    layers: list[tuple[Node, Space]]
+    classes: list[int]  # prunable class roots
+
+
+def pruning_groups(cg: ChannelGroups) -> list[_Group]:
+    """Layers whose output channels share classes form one group."""
+    parent = list(range(len(cg.seeds)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[int, int] = {}
+    for k, (_, space) in enumerate(cg.seeds):
+        for atom in space.atoms():
+            if cg.frozen(atom):
+                continue
+            root = cg.root(atom)
+            if root in owner:
+                parent[find(k)] = find(owner[root])
+            else:
+                owner[root] = k
+    groups: dict[int, _Group] = {}
+    for k, (node, space) in enumerate(cg.seeds):
+        classes = [r for r, o in owner.items() if o == k]
+        group = groups.setdefault(find(k), _Group([], []))
+        group.layers.append((node, space))
+        group.classes.extend(classes)
+    return [g for g in groups.values() if g.classes]
+
+
+def select(cg: ChannelGroups, groups: list[_Group], importance: dict[int, float], ratio: float,
+           scope: str, round_to: int, min_channels: int) -> tuple[set[int], list[dict[str, Any]]]:
+    """The classes to remove, and a report per group."""
+    # every layer keeps min_channels of its classes: count, per layer, the classes it holds
+    roots = cg.roots()
+    layer_classes = [[set(roots[space.base:space.base + space.size].tolist()) for _, space in g.layers]
+                     for g in groups]
+    ranked: list[tuple[float, int, int]] = []  # (score, group index, class)
+    targets: list[int] = []
+    for gi, g in enumerate(groups):
+        scored = [c for c in g.classes if c in importance]
+        n = len(scored)
+        keep = n - math.floor(ratio * n)
+        keep = min(n, math.ceil(keep / round_to) * round_to)
+        targets.append(n - keep)
+        mean = sum(importance[c] for c in scored) / n if n else 1.0
+        for c in scored:
+            score = importance[c] if scope == "uniform" else importance[c] / (mean or 1.0)
+            ranked.append((score, gi, c))
+    ranked.sort()
+    removed: set[int] = set()
+    per_group = [0] * len(groups)
+    if scope == "global":
+        total = math.floor(ratio * len(ranked))
+        targets = [len(g.classes) for g in groups]  # bounded by the global count instead
+    else:
+        total = len(ranked)
+    clamped = [0] * len(groups)
+    remaining = [[len(cs) for cs in lc] for lc in layer_classes]
+    for _, gi, c in ranked:
+        if len(removed) >= total:
+            break
+        if per_group[gi] >= targets[gi]:
+            continue
+        holders = [k for k, cs in enumerate(layer_classes[gi]) if c in cs]
+        if any(remaining[gi][k] - 1 < min_channels for k in holders):
+            clamped[gi] += 1
+            continue
+        for k in holders:
+            remaining[gi][k] -= 1
+        removed.add(c)
+        per_group[gi] += 1
+    reports = []
+    for gi, g in enumerate(groups):
+        gone = {c for c in g.classes if c in removed}
+        reports.append({
+            "layers": [n.name for n, _ in g.layers],
+            "channels": len(g.classes),
+            "removed": len(gone),
+            "clamped": clamped[gi],
+            "removed_per_layer": {n.name: [i for i, r in enumerate(roots[s.base:s.base + s.size]) if r in gone]
+                                  for n, s in g.layers},
+        })
+    return removed, reports
+
+
+def make_plan(graph: Graph, removed_classes: set[int], cg: ChannelGroups, reports: list[dict]) -> PrunePlan:
+    plan = PrunePlan(groups=reports)
+    roots = cg.roots()
+    removed_mask = np.zeros(len(roots), dtype=bool)
+    removed_mask[list(removed_classes)] = True
+    for space in cg.spaces.values():
+        gone = np.flatnonzero(removed_mask[roots[space.base:space.base + space.size]]).tolist()
+        if gone:
+            plan.removed.setdefault(space.value.name, {})[space.axes] = gone
+    return plan
+
+
+# ============================================================================ applying a plan
+def _kept(size: int, gone: list[int]) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[gone] = False
+    return mask.nonzero().flatten()
+
+
+def _new_shape(value_shape: tuple[int, ...], axes_removed: dict[tuple[int, ...], list[int]]) -> list[int]:
+    shape = list(value_shape)
+    touched: set[int] = set()
+    for axes, gone in axes_removed.items():
+        if touched & set(axes):
+            raise SlimgraphError(f"two channel spaces overlap on axes {axes}")
+        touched |= set(axes)
+        size = math.prod(value_shape[a] for a in axes)
+        kept = size - len(gone)
+        outer = size // value_shape[axes[-1]]
+        if kept % outer:
+            raise SlimgraphError(f"channels over axes {axes} do not stay rectangular")
+        shape[axes[-1]] = kept // outer  # rows are tied: only the innermost axis shrinks
+    return shape
+
+
+def apply_plan(graph: Graph, plan: PrunePlan) -> None:
+    """Slice constants, update size attributes and re-infer every shape."""
+    by_name = {v.name: v for v in graph.values()}
+    planned: dict[int, list[int]] = {}
+    for name, axes_removed in plan.removed.items():
+        value = by_name.get(name)
+        if value is None:
+            raise SlimgraphError(f"prune plan names %{name}, which is not in the graph")
+        planned[id(value)] = _new_shape(value.shape, axes_removed)
+        if value.is_constant:
+            tensor = value.const_value
+            for axes, gone in axes_removed.items():
+                tensor = tensor.index_select(axes[0], _kept(tensor.shape[axes[0]], gone))
+            value.const_value = tensor.contiguous()
+            value.shape = tuple(tensor.shape)
+    for node in graph.nodes:
+        _update_attrs(node, planned)
+        types = infer_types(node)
+        for value, (shape, dtype) in zip(node.outputs, types):
+            expected = planned.get(id(value), list(value.shape))
+            if list(shape) != list(expected):
+                raise SlimgraphError(f"pruning node {node.name} ({node.op}): inferred {shape}, planned "
+                                     f"{tuple(expected)} (a coupling declaration is wrong)")
+            value.shape, value.dtype = tuple(shape), dtype
+    graph.touch()
+
+
+def _update_attrs(node: Node, planned: dict[int, list[int]]) -> None:
+    """Attributes that spell channel counts follow the new shapes."""
+    out = node.outputs[0] if node.outputs else None
+    if node.op == "conv":
+        x, w = node.inputs[0], node.inputs[1]
+        groups = node.attrs["groups"]
+        new_cin = x.shape[1]
+        if groups > 1 and w.shape[1] == 1 and new_cin != groups:  # depthwise: one group per channel
+            node.attrs["groups"] = new_cin
+    elif node.op in ("reshape", "expand", "expand_batch") and out is not None and id(out) in planned:
+        target = list(node.attrs["shape"])
+        for axis, (old, new) in enumerate(zip(out.shape, planned[id(out)])):
+            if old != new and target[axis] not in (-1, "N"):
+                target[axis] = new
+        node.attrs["shape"] = target
+    elif node.op == "split":
+        axis = node.attrs["axis"]
+        node.attrs["sizes"] = [planned.get(id(v), list(v.shape))[axis] for v in node.outputs]
+    elif node.op == "layer_norm":
+        k = len(node.attrs["normalized_shape"])
+        node.attrs["normalized_shape"] = list(node.inputs[0].shape[-k:])
+
+
+def zero_plan(graph: Graph, plan: PrunePlan) -> None:
+    """The oracle: zero, in place, every constant slice the plan would remove."""
+    by_name = {v.name: v for v in graph.constants.values()}
+    for name, axes_removed in plan.removed.items():
+        value = by_name.get(name)
+        if value is None:
+            continue
+        tensor = value.const_value.clone()
+        for axes, gone in axes_removed.items():
+            index = [slice(None)] * tensor.dim()
+            index[axes[0]] = torch.tensor(gone)
+            tensor[tuple(index)] = 0
+        value.const_value = tensor
+
+
+def plan_pruning(graph: Graph, ratio: float, criterion: Criterion = "l1", scope: str = "uniform",
+                 round_to: int = 1, ignore: list[str] | None = None, min_channels: int = 1,
+                 seed: int = 0, cg: ChannelGroups | None = None, only_groups: set[int] | None = None
+                 ) -> PrunePlan:
+    """Analyze, score and select; ``only_groups`` restricts pruning to those group indices."""
+    cg = cg or analyze(graph)
+    for name in ignore or []:
+        node = graph.find_node(name)
+        if node is None:
+            raise PassError(f"pass 'prune' option 'ignore': no node named {name!r}")
+        for value in node.outputs:
+            for space in cg.spaces_of(value):
+                for atom in space.atoms():
+                    cg.uf.freeze(atom, f"node {name} is ignored")
+    groups = pruning_groups(cg)
+    if only_groups is not None:
+        groups = [g for k, g in enumerate(groups) if k in only_groups]
+    importance = class_importance(cg, criterion, seed)
+    removed, reports = select(cg, groups, importance, ratio, scope, round_to, min_channels)
+    return make_plan(graph, removed, cg, reports)
+
+
+# ============================================================================ the pass
+@register_pass
+@dataclass
+class Prune(Pass):
+    name = "prune"
+    description = "structured channel pruning; channels that must go together are found by the coupling analysis"
+    exact = False
+    ratio: float = 0.5
+    criterion: Criterion = "l1"
+    scope: Literal["uniform", "global"] = "uniform"
+    round_to: int = 1
+    ignore: list[str] | None = None
+    min_channels: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ratio < 1:
+            raise PassError(f"pass 'prune' option 'ratio': {self.ratio} is outside [0, 1)")
+        if self.round_to < 1:
+            raise PassError(f"pass 'prune' option 'round_to': {self.round_to} must be at least 1")
+        if self.min_channels < 1:
+            raise PassError(f"pass 'prune' option 'min_channels': {self.min_channels} must be at least 1")
+        if self.criterion not in ("l1", "l2", "std", "mean", "bn_gamma", "random"):
+            raise PassError(f"pass 'prune' option 'criterion': {self.criterion!r} is not a criterion")
+        if self.scope not in ("uniform", "global"):
+            raise PassError(f"pass 'prune' option 'scope': {self.scope!r} is not uniform or global")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        plan = plan_pruning(graph, self.ratio, self.criterion, self.scope, self.round_to, self.ignore,
+                            self.min_channels, self.seed)
+        if plan.empty:
+            return PassResult(False, {"groups": len(plan.groups), "removed": 0})
+        apply_plan(graph, plan)
+        return PassResult(True, {
+            "groups": len(plan.groups),
+            "removed": sum(g["removed"] for g in plan.groups),
+            "clamped": sum(g["clamped"] for g in plan.groups),
+            "per_group": plan.groups,
+        })
