@@ -6,21 +6,27 @@ here, in float64. Everything else is spelled in IR ops that every backend alread
 
     reshape  [N·C, 1, H, W]                                  every channel an image of its own
     conv     α² kernels Bᵀ⊗Bᵀ (α×α), stride m, pads          tiling + Bᵀ d B   [N·C, α², th, tw]
-    reshape  [N, C, α², P] -> permute -> reshape [α², C, N·P]                 (P = th·tw tiles)
-    matmul   U [α², K, C] @ V                                  the α² products, as K×C GEMMs
-    reshape  [α², K·N·P] -> matmul Aᵀ⊗Aᵀ [m², α²] @ .            output transform Aᵀ M A
-    reshape  [m, m, K, N, th, tw] -> permute -> reshape         depth-to-space [N, K, th·m, tw·m]
+    reshape  [N, C, α², P] -> permute [α², N, C, P]                           (P = th·tw tiles)
+    matmul   U [α², 1, K, C] @ V                               the α² products, as K×C GEMMs
+    reshape  [α², N·K·P] -> matmul Aᵀ⊗Aᵀ [m², α²] @ .            output transform Aᵀ M A
+    depth-to-space [m, m, N·K·th·tw] -> [N, K, th·m, tw·m] as two 3-D transposes (below)
     slice    crop to the conv's output size (only if tiles overhang); add the bias
 
-This departs from the ONNX form in ANCHORS.md in two places, both measured in torch: channels
-folded into the batch and one single-channel conv, instead of a grouped conv (groups=C), runs the
-input transform 1.5-3x faster; the output transform is a matmul, not a grouped 1x1 conv, which
-saves one reshape/permute pair. The bias is added last, on the cropped output. The transform
-matrices come from a Cook-Toom construction in exact rational arithmetic (``cook_toom``), so
-any interpolation points work.
+This departs from the ONNX form in ANCHORS.md in three places, all measured (bench/winograd.py):
+channels folded into the batch and one single-channel conv, instead of a grouped conv
+(groups=C), runs the input transform 1.5-3x faster in torch; the output transform is a matmul,
+not a grouped 1x1 conv, which saves one reshape/permute pair; and depth-to-space is two
+transposes that each move one axis ([i, j, X] -> [i, X, j], then [i, Y, tw·m] -> [Y, i, tw·m]),
+because onnxruntime's Transpose runs a general 6-D permutation several times slower than these
+(at C=K=64 on 56x56 it took a quarter of the layer's time; torch gains little). N stays
+outside K in the GEMM output (U broadcasts over N) so the two transposes are right at any batch.
+The bias is added last, on the cropped output. The transform matrices come from a Cook-Toom
+construction in exact rational arithmetic (``cook_toom``), so any interpolation points work.
 
 ``tile=auto`` rewrites a layer only where the measured cost table (winograd_cost.json, written
-by bench/winograd.py) says a tile beats the direct conv; see ``choose_tile`` for the rule.
+by bench/winograd.py) says a tile beats the direct conv on the target backend: ``target`` picks
+the table's measurements, onnxruntime (CPU, one thread) by default, or torch. See
+``choose_tile`` for the rule.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ POINTS: dict[int, tuple[Fraction, ...]] = {
     4: (Fraction(0), Fraction(1), Fraction(-1), Fraction(1, 2), Fraction(-2)),
 }
 COST_TABLE = Path(__file__).with_name("winograd_cost.json")
+TARGETS = ("onnxruntime", "torch")  # backends the cost table measures; the first is the default
 _FLOAT_TYPES = (DType.float32, DType.float64)
 
 
@@ -170,9 +177,9 @@ def rewrite_conv(graph: Graph, node: Node, m: int, points: Sequence[Fraction | i
     at, g, bt = transform_tensors(m, points)
     tag = f"winograd_f{m}" + ("" if points is None else "_" + "_".join(str(Fraction(q)) for q in points))
 
-    # filter transform, once, in float64: U[ξα+ν, k, c] = (G g Gᵀ)[ξ, ν]
+    # filter transform, once, in float64: U[ξα+ν, 0, k, c] = (G g Gᵀ)[ξ, ν]
     taps = w.const_value.double().permute(2, 3, 0, 1).reshape(3, -1)  # [a, b, K·C]: U comes out contiguous
-    u = (g @ (g @ taps).reshape(alpha, 3, -1)).reshape(a2, k, c)
+    u = (g @ (g @ taps).reshape(alpha, 3, -1)).reshape(a2, 1, k, c)
     u_val = graph.add_constant(f"{node.name}_winograd_u", u.to(dtype), trainable=w.meta.get("trainable", False))
     # input transform as α² kernels of α×α: (Bᵀ d B)[ξ, ν] = Σ Bᵀ[ξ, a] Bᵀ[ν, b] d[a, b]
     bt_kernels = torch.einsum("xa,yb->xyab", bt, bt).reshape(a2, 1, alpha, alpha)
@@ -190,14 +197,16 @@ def rewrite_conv(graph: Graph, node: Node, m: int, points: Sequence[Fraction | i
     v = add("conv", [v, bt_val, None],
             {"stride": [m, m], "pads": pads, "dilation": [1, 1], "groups": 1}, "tiles")
     v = add("reshape", [v], {"shape": [-1, c, a2, p]}, "split")
-    v = add("permute", [v], {"perm": [2, 1, 0, 3]}, "to_gemm")
-    v = add("reshape", [v], {"shape": [a2, c, -1]}, "gemm_in")
-    y = add("matmul", [u_val, v], {}, "gemm")
+    v = add("permute", [v], {"perm": [2, 0, 1, 3]}, "to_gemm")  # [α², N, C, P]
+    y = add("matmul", [u_val, v], {}, "gemm")  # [α², N, K, P]
     y = add("reshape", [y], {"shape": [a2, -1]}, "flat")
-    y = add("matmul", [at_val, y], {}, "output")
-    y = add("reshape", [y], {"shape": [m, m, k, -1, th, tw]}, "unflat")
-    y = add("permute", [y], {"perm": [3, 2, 4, 0, 5, 1]}, "to_image")
-    y = add("reshape", [y], {"shape": ["N", k, th * m, tw * m]}, "image")
+    y = add("matmul", [at_val, y], {}, "output")  # [m·m, N·K·th·tw], rows (i, j)
+    # depth-to-space: [i, j, (N K th tw)] -> [i, (N K th tw), j] -> [i, (N K th), (tw j)] -> [(N K th), i, (tw j)]
+    y = add("reshape", [y], {"shape": [m, m, -1]}, "unflat")
+    y = add("permute", [y], {"perm": [0, 2, 1]}, "cols")
+    y = add("reshape", [y], {"shape": [m, -1, tw * m]}, "rows_in")
+    y = add("permute", [y], {"perm": [1, 0, 2]}, "rows")
+    y = add("reshape", [y], {"shape": [-1, k, th * m, tw * m]}, "image")
     if (th * m, tw * m) != (ho, wo):
         y = add("slice", [y], {"axes": [2, 3], "starts": [0, 0], "ends": [ho, wo], "steps": [1, 1]}, "crop")
     if b is not None:
@@ -223,15 +232,20 @@ def load_cost_table(path: str = str(COST_TABLE)) -> dict[str, Any]:
         raise PassError(f"winograd: cannot read the cost table {path}: {exc}") from exc
 
 
-def choose_tile(c: int, k: int, h: int, w: int, table: dict[str, Any] | None = None) -> tuple[int | None, str]:
+def choose_tile(c: int, k: int, h: int, w: int, table: dict[str, Any] | None = None,
+                target: str = TARGETS[0]) -> tuple[int | None, str]:
     """(tile or None for direct, why) for a 3x3 conv with C inputs, K outputs on an HxW map.
 
-    Rule: take the measured point nearest in log2 space over (C, K, H, W) and use its winner;
-    if several are equally near and their winners differ, keep the direct conv (a wrong
-    Winograd costs more than a missed one). Shapes outside the table take the nearest edge.
+    Rule, on the ``target`` backend's measurements: take the measured point nearest in log2
+    space over (C, K, H, W) and use its winner (a tile wins a shape only if it beat the direct
+    conv by the table's margin there); if several are equally near and their winners differ,
+    keep the direct conv (a wrong Winograd costs more than a missed one). Shapes outside the
+    table take the nearest edge.
     """
     table = table if table is not None else load_cost_table()
-    entries = table["entries"]
+    if target not in table["backends"]:
+        raise PassError(f"winograd: the cost table has no measurements for target {target!r}")
+    entries = table["backends"][target]["entries"]
     query = [math.log2(max(v, 1)) for v in (c, k, h, w)]
 
     def distance(e: dict[str, Any]) -> float:
@@ -241,9 +255,9 @@ def choose_tile(c: int, k: int, h: int, w: int, table: dict[str, Any] | None = N
     nearest = [e for e in entries if distance(e) <= best + 1e-9]
     winners = {e["best"] for e in nearest}
     e = nearest[0]
-    where = f"nearest measured C={e['C']} K={e['K']} {e['H']}x{e['W']}"
+    where = f"{target}, nearest measured C={e['C']} K={e['K']} {e['H']}x{e['W']}"
     if len(winners) > 1:
-        return None, f"cost model: tie between measured shapes ({', '.join(sorted(winners))}), direct"
+        return None, f"cost model: tie between measured shapes on {target} ({', '.join(sorted(winners))}), direct"
     winner = winners.pop()
     if winner == "direct":
         return None, f"cost model: direct is fastest ({where})"
@@ -259,10 +273,13 @@ class Winograd(Pass):
     exact = False  # exact in exact arithmetic; in fp32 the trace reports the error
 
     tile: Literal[2, 4, "auto"] = "auto"
+    target: Literal["onnxruntime", "torch"] = "onnxruntime"  # whose measurements `auto` follows
 
     def __post_init__(self) -> None:
         if self.tile not in (2, 4, "auto"):
             raise PassError(f"pass 'winograd' option 'tile': {self.tile!r} is not one of 2, 4, auto")
+        if self.target not in TARGETS:
+            raise PassError(f"pass 'winograd' option 'target': {self.target!r} is not one of {', '.join(TARGETS)}")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         layers: dict[str, str] = {}
@@ -274,7 +291,7 @@ class Winograd(Pass):
             if reason is None:
                 if self.tile == "auto":
                     x, w = node.inputs[0], node.inputs[1]
-                    tile, reason = choose_tile(x.shape[1], w.shape[0], x.shape[2], x.shape[3])
+                    tile, reason = choose_tile(x.shape[1], w.shape[0], x.shape[2], x.shape[3], target=self.target)
                 else:
                     tile = self.tile
                 if tile is not None:

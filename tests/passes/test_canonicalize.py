@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import slimgraph
+from slimgraph.backends.onnx import run_onnxruntime
 from slimgraph.errors import PassError
 from slimgraph.ir import OPAQUE, DType, Graph, OpaqueImpl, print_graph, run
 from slimgraph.ir.opaque import Slot
@@ -39,6 +40,7 @@ from tests.zoo.test_roundtrip import CNNS, HEAVY, build  # noqa: E402
 
 # The three models and two cheap ones run by default; the rest is behind the marker.
 DEFAULT_ZOO = {"resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "regnet_x_400mf"}
+THROUGH_ONNX = {"resnet18", "resnet50", "mobilenet_v2"}  # the three, also checked in onnxruntime
 
 
 def count_bn_calls(model: nn.Module, x: torch.Tensor) -> int:
@@ -69,6 +71,11 @@ def test_fold_bn_leaves_no_batch_norm_in_torchvision_cnns(name):
     before, after = result.trace[0].stats_before, result.trace[0].stats_after
     assert after["params"] < before["params"] or n_bn == 0
     assert all(v.uses for v in result.graph.constants.values())
+    if name in THROUGH_ONNX:
+        proto = result.to_onnx()
+        assert n_bn > 0 and not [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
+        with torch.no_grad():
+            assert rel_error(run_onnxruntime(proto, [x])[0], model(x)) < 1e-5
 
 
 # ---------------------------------------------------------------------------- fold-bn on small models

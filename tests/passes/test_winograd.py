@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import slimgraph
+from slimgraph.backends.onnx import run_onnxruntime
 from slimgraph.errors import PassError, UnsupportedError
 from slimgraph.ir import DType, Graph, print_graph, run
 from slimgraph.passes import PassContext, make_pass, parse_pipeline
 from slimgraph.passes.winograd import (
     POINTS,
+    TARGETS,
     Winograd,
     choose_tile,
     cook_toom,
@@ -56,6 +58,16 @@ def winograd(g: Graph, m: int, points=None) -> Graph:
     g = g.clone()
     rewrite_conv(g, g.find_node("conv"), m, points)
     return g
+
+
+def onnx_ops(proto) -> list[str]:
+    return [n.op_type for n in proto.graph.node]
+
+
+def onnx_convs(proto) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(kernel_shape, strides) of every Conv node."""
+    attrs = [{a.name: tuple(a.ints) for a in n.attribute} for n in proto.graph.node if n.op_type == "Conv"]
+    return [(a["kernel_shape"], a["strides"]) for a in attrs]
 
 
 # ---------------------------------------------------------------------------- transforms
@@ -142,6 +154,20 @@ def test_f4_default_points_beat_0_1_2():
     assert default < 0.8 * plain
 
 
+@pytest.mark.parametrize("m", [2, 4])
+def test_layer_in_onnxruntime_at_batch_2(m):
+    """The ONNX form at N > 1 (N stays outside K through the GEMM and the two transposes)."""
+    g = conv_graph(2, 16, 24, 13, 10, pads=(1, 0, 2, 1))
+    x = torch.randn(2, 16, 13, 10, generator=torch.Generator().manual_seed(1))
+    proto = slimgraph.to_onnx(winograd(g, m))
+    ref = float64_reference(g, x)
+    assert rel_error(run_onnxruntime(proto, [x])[0].double(), ref) < 1e-5
+    assert onnx_ops(proto).count("MatMul") == 2 and onnx_convs(proto) == [((m + 2, m + 2), (m, m))]
+    # onnxruntime runs a general 6-D Transpose several times slower than one that moves one axis
+    perms = [list(a.ints) for n in proto.graph.node if n.op_type == "Transpose" for a in n.attribute]
+    assert perms and all(len(p) <= 4 for p in perms)
+
+
 def test_runs_at_any_batch_and_in_float64():
     g = conv_graph(1, 16, 8, 11, 10, bias=True)
     rewritten = winograd(g, 4)
@@ -171,6 +197,15 @@ def test_whole_model_tile4(name, expected):
     assert rel_error(run(result.graph, [x])[0], reference) < 1e-4
     with torch.no_grad():
         assert rel_error(result.to_torch()(x), reference) < 1e-4
+    # onnxruntime runs the Winograd layers themselves: per layer a 6x6 stride-4 tiling Conv and
+    # two MatMuls (the α² GEMMs with the transformed weights U, the output transform Aᵀ⊗Aᵀ)
+    proto = result.to_onnx()
+    convs = onnx_convs(proto)
+    assert convs.count(((6, 6), (4, 4))) == expected and ((3, 3), (1, 1)) not in convs
+    matmuls = [n.input[0] for n in proto.graph.node if n.op_type == "MatMul"]
+    assert sum(name.endswith("winograd_u") for name in matmuls) == expected
+    assert matmuls.count("winograd_f4_output") == expected
+    assert rel_error(run_onnxruntime(proto, [x])[0], reference) < 1e-4
 
 
 def test_rewrite_shares_transforms_and_drops_old_weights():
@@ -235,18 +270,27 @@ def test_bad_tile_option(make):
         make()
 
 
+def test_bad_target_option():
+    with pytest.raises(PassError, match="'target'"):
+        parse_pipeline("winograd{target=tensorrt}")
+
+
 def test_pipeline_options():
     assert parse_pipeline("winograd{tile=4}")[0].tile == 4
     assert parse_pipeline("winograd")[0].tile == "auto"
+    assert parse_pipeline("winograd")[0].target == "onnxruntime"
+    assert parse_pipeline("winograd{target=torch}")[0].target == "torch"
     assert not Winograd.exact
 
 
 # ---------------------------------------------------------------------------- cost model
-TABLE = {"entries": [
+ORT = [
     {"C": 64, "K": 64, "H": 56, "W": 56, "direct_ms": 2.0, "f2_ms": 2.2, "f4_ms": 1.6, "best": "f4"},
     {"C": 64, "K": 64, "H": 7, "W": 7, "direct_ms": 0.1, "f2_ms": 0.2, "f4_ms": 0.3, "best": "direct"},
     {"C": 128, "K": 128, "H": 56, "W": 56, "direct_ms": 8.0, "f2_ms": 7.0, "f4_ms": 9.0, "best": "f2"},
-]}
+]
+TORCH = [{**ORT[0], "f4_ms": 2.1, "best": "direct"}, *ORT[1:]]
+TABLE = {"backends": {"onnxruntime": {"margin": 1.1, "entries": ORT}, "torch": {"margin": 1.1, "entries": TORCH}}}
 
 
 def test_choose_tile_rule():
@@ -258,20 +302,33 @@ def test_choose_tile_rule():
     assert tile is None and "tie" in why
 
 
+def test_choose_tile_follows_the_target_backend():
+    assert TARGETS[0] == "onnxruntime"  # the default
+    assert choose_tile(64, 64, 56, 56, TABLE, "torch")[0] is None
+    assert choose_tile(128, 128, 56, 56, TABLE, "torch")[0] == 2
+    with pytest.raises(PassError, match="'tensorrt'"):
+        choose_tile(64, 64, 56, 56, TABLE, "tensorrt")
+
+
 def test_shipped_cost_table_is_consistent():
     table = load_cost_table()
-    assert "torch" in table["about"] and table["rule"]
-    shapes = {(e["C"], e["H"]) for e in table["entries"]}
-    assert {32, 512} <= {c for c, _ in shapes} and {7, 112} <= {h for _, h in shapes}
-    for e in table["entries"]:
-        fastest = min(("direct", "f2", "f4"), key=lambda v: e[f"{v}_ms"])
-        if e["best"] == "direct":
-            assert fastest == "direct" or e["direct_ms"] < table["margin"] * e[f"{fastest}_ms"]
-        else:
-            assert e["best"] == fastest and e["direct_ms"] >= table["margin"] * e[f"{fastest}_ms"]
+    assert table["rule"] and table["default"] == TARGETS[0] and set(table["backends"]) == set(TARGETS)
+    for target, measured in table["backends"].items():
+        assert measured["about"].startswith(target)
+        shapes = {(e["C"], e["H"]) for e in measured["entries"]}
+        assert {32, 512} <= {c for c, _ in shapes} and {7, 112} <= {h for _, h in shapes}
+        margin = measured["margin"]
+        assert margin >= 1.0
+        for e in measured["entries"]:
+            fastest = min(("direct", "f2", "f4"), key=lambda v: e[f"{v}_ms"])
+            if e["best"] == "direct":
+                assert fastest == "direct" or e["direct_ms"] < margin * e[f"{fastest}_ms"]
+            else:
+                assert e["best"] == fastest and e["direct_ms"] >= margin * e[f"{fastest}_ms"]
 
 
-def test_auto_follows_the_cost_model():
+@pytest.mark.parametrize("target", TARGETS)
+def test_auto_follows_the_cost_model(target):
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
     graph = slimgraph.import_model(model, (torch.randn(1, 3, 224, 224),))
@@ -280,12 +337,13 @@ def test_auto_follows_the_cost_model():
     for name, node in convs.items():
         x, w = node.inputs[0], node.inputs[1]
         if w.shape[2:] == (3, 3) and node.attrs["stride"] == [1, 1]:
-            expected[name] = choose_tile(x.shape[1], w.shape[0], x.shape[2], x.shape[3])[0]
-    result = Winograd().run(graph, PassContext())
+            expected[name] = choose_tile(x.shape[1], w.shape[0], x.shape[2], x.shape[3], target=target)[0]
+    result = Winograd(target=target).run(graph, PassContext())
     layers = result.stats["layers"]
     assert set(layers) == set(convs)
     for name, tile in expected.items():
         assert layers[name].startswith(f"F({tile}x{tile}" if tile else "skipped: cost model"), layers[name]
+        assert target in layers[name]  # the reason names whose measurements decided
     assert result.stats["rewritten"] == sum(t is not None for t in expected.values())
     assert result.changed == (result.stats["rewritten"] > 0)
 
