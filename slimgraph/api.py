@@ -101,12 +101,14 @@ def optimize(
     fixed_point: bool = False,
     instruments: Sequence[Instrument] = (),
     rtol: float = 1e-4,
+    calibration_data: Any = None,
 ) -> OptimizeResult:
     """Import ``model`` (never modified), run ``passes`` and return the graph and its trace.
 
     With ``verify`` (the default) the graph is verified after every pass and each pass is run
     numerically against its input on sample inputs: exact passes must stay within ``rtol``,
-    lossy ones report ``max_abs_error`` in the trace.
+    lossy ones report ``max_abs_error`` in the trace. ``calibration_data`` is an iterable of
+    input tuples (or single tensors) for passes that observe activations, e.g. ``quantize``.
     """
     pipeline = to_passes(passes)  # bad names and options fail before any work
     graph = import_model(model, example_inputs)
@@ -123,6 +125,6 @@ def optimize(
     if verify:
         chosen.append(NumericalCheck(inputs, rtol=rtol))
     chosen += list(instruments)
-    ctx = PassContext(example_inputs=inputs)
+    ctx = PassContext(example_inputs=inputs, calibration_data=calibration_data)
     trace = PassManager(pipeline, chosen, verify=verify, fixed_point=fixed_point).run(graph, ctx)
     return OptimizeResult(graph, trace, inputs)

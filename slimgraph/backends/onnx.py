@@ -519,6 +519,48 @@ def _check_same_definition(node: Node, proto: onnx.NodeProto, source_opsets: dic
             f"and means something else at opset {opset} ({proto.op_type}-{now}); emit at opset {source} or map it")
 
 
+# ============================================================================ quantization
+def _axis_attr(node: Node) -> dict[str, int]:
+    axis = node.attrs.get("axis")
+    return {} if axis is None else {"axis": axis}  # ONNX's own default axis is 1: say it only per-axis
+
+
+@emitter("quantize_linear", "dequantize_linear")
+def emit_quantize_dequantize(b, node):
+    op = "QuantizeLinear" if node.op == "quantize_linear" else "DequantizeLinear"
+    b.add(op, [b.inp(i) for i, v in enumerate(node.inputs) if v is not None], [b.out()], **_axis_attr(node))
+
+
+@emitter("fake_quant")
+def emit_fake_quant(b, node):
+    """A QuantizeLinear -> DequantizeLinear pair sharing scale and zero point (what QDQ runtimes fuse)."""
+    params = [b.inp(1), b.inp(2)]
+    q = b.add("QuantizeLinear", [b.inp(0), *params], 1, **_axis_attr(node))[0]
+    b.add("DequantizeLinear", [q, *params], [b.out()], **_axis_attr(node))
+
+
+def onnxruntime_kernels(model: onnx.ModelProto | str | os.PathLike, level: str = "extended") -> dict[str, int]:
+    """How many nodes of each op type onnxruntime's CPU provider runs after graph optimization
+    (``level`` basic, extended or all), read from the optimized model it saves: in a well-placed
+    QDQ model the convs show up as QLinearConv, the adds as QLinearAdd, the linear layers as QGemm."""
+    import onnxruntime as ort
+
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = levels[level]
+        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+    counts: dict[str, int] = {}
+    for node in optimized.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
 # ============================================================================ model
 def _value_info(name: str, value: Value, symbolic_batch: str | None = None) -> onnx.ValueInfoProto:
     shape: list[Any] = list(value.shape)

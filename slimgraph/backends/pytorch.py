@@ -35,6 +35,7 @@ class _Ctx:
     names: dict[int, str] = field(default_factory=dict)  # id(Value) -> python expression
     init: list[str] = field(default_factory=list)
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+    sources: dict[str, Value] = field(default_factory=dict)  # state key -> the constant it holds
     externals: dict[str, Any] = field(default_factory=dict)
     imports: dict[str, str] = field(default_factory=dict)  # alias -> import path
     attrs: set[str] = field(default_factory=set)
@@ -65,6 +66,7 @@ class _Ctx:
                 else:
                     self.init.append(f"self.register_buffer({name!r}, {empty})")
                 self.state[name] = tensor
+                self.sources[name] = v
                 expr = f"self.{name}"
             self.names[id(v)] = expr
             return expr
@@ -149,6 +151,7 @@ def _module(ctx: _Ctx, node: Node, ctor: str, params: dict[str, Value | None]) -
     for pname, v in params.items():
         if v is not None:
             ctx.state[f"{attr}.{pname}"] = v.const_value
+            ctx.sources[f"{attr}.{pname}"] = v
     return attr
 
 
@@ -446,6 +449,79 @@ def _resolves(path: str, fn: Any) -> bool:
     return False
 
 
+# ============================================================================ quantization
+# Quantized tensors are written as the arithmetic ONNX defines (round half to even, saturate),
+# and fake_quant as torch's fake_quantize ops, whose gradient is the straight-through estimate
+# that quantization-aware training needs.
+def _qrange(zero_point: Value | None) -> tuple[int, int]:
+    from slimgraph.ir.opdefs.quant import QRANGE
+
+    return QRANGE[zero_point.dtype.torch if zero_point is not None else torch.uint8]
+
+
+def _scalar_literal(v: Value | None) -> str | None:
+    """A constant 0-d scale or zero point as a Python number, else None."""
+    if v is None or not v.is_constant or v.const_value.dim() != 0:
+        return None
+    import numpy as np
+
+    t = v.const_value
+    if t.dtype == torch.float32 and bool(torch.isfinite(t)):  # the shortest text that reads back the same
+        return str(np.float32(float(t)))
+    return repr(float(t)) if t.is_floating_point() else repr(int(t))
+
+
+def _is_zero(v: Value | None) -> bool:
+    return v is None or (v.is_constant and not bool(v.const_value.any()))
+
+
+def _qparam(node: Node, a: _Args, index: int) -> str:
+    """A scale or zero point operand, reshaped to broadcast along the node's axis."""
+    literal = _scalar_literal(node.inputs[index])
+    if literal is not None:
+        return literal
+    axis, rank = node.attrs.get("axis"), node.inputs[0].rank
+    if axis is None or rank == 1:
+        return a[index]
+    shape = ["1"] * rank
+    shape[axis] = "-1"
+    return f"{a[index]}.reshape({', '.join(shape)})"
+
+
+@emitter("quantize_linear")
+def emit_quantize_linear(ctx, node, a):
+    zero_point = node.inputs[2] if len(node.inputs) > 2 else None
+    lo, hi = _qrange(zero_point)
+    q = f"torch.round({a[0]} / {_qparam(node, a, 1)})"
+    if not _is_zero(zero_point):
+        q += f" + {_qparam(node, a, 2)}"
+    dtype = zero_point.dtype.torch if zero_point is not None else torch.uint8
+    return f"torch.clamp({q}, {lo}, {hi}).to({dtype})"
+
+
+@emitter("dequantize_linear")
+def emit_dequantize_linear(ctx, node, a):
+    zero_point = node.inputs[2] if len(node.inputs) > 2 else None
+    x = f"{a[0]}.float()"
+    if not _is_zero(zero_point):
+        x = f"({x} - {_qparam(node, a, 2)})"
+    return f"{x} * {_qparam(node, a, 1)}"
+
+
+@emitter("fake_quant")
+def emit_fake_quant(ctx, node, a):
+    _, scale, zero_point = node.inputs
+    lo, hi = _qrange(zero_point)
+    axis = node.attrs.get("axis")
+    if axis is not None:  # torch wants int32 zero points here
+        return f"torch.fake_quantize_per_channel_affine({a[0]}, {a[1]}, {a[2]}.int(), {axis}, {lo}, {hi})"
+    s, z = _scalar_literal(scale), _scalar_literal(zero_point)
+    if s is None or z is None:  # the tensor overload: scale and zero point that may change (QAT)
+        s = a[1] if s is None else f"torch.tensor({s})"
+        z = f"{a[2]}.int()" if z is None else f"torch.tensor({z}, dtype=torch.int32)"
+    return f"torch.fake_quantize_per_tensor_affine({a[0]}, {s}, {z}, {lo}, {hi})"
+
+
 # ============================================================================ source
 _HELPERS = {
     "stochastic_depth": '''
@@ -460,9 +536,8 @@ def stochastic_depth(x, p, mode, training):
 }
 
 
-def generate(graph: Graph, class_name: str = "Model") -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
-    """Source of model.py, its state dict, and the external objects (opaque modules) it needs."""
-    ctx = _Ctx(graph)
+def _emit_body(ctx: _Ctx, graph: Graph) -> tuple[list[str], list[str], str]:
+    """forward's parameters, statements and return expression; fills ctx (modules, state)."""
     used_names: set[str] = set()
 
     def local(v: Value) -> str:
@@ -474,6 +549,15 @@ def generate(graph: Graph, class_name: str = "Model") -> tuple[str, dict[str, to
         return name
 
     params = [local(v) for v in graph.inputs]
+    # like torch.fx's codegen, drop each intermediate after its last use ("x = None" on the same
+    # line), so forward holds only live tensors: on densenet121 this is the difference between
+    # 1.5x slower than the original module and as fast
+    last_use: dict[int, Node] = {}
+    for node in graph.nodes:
+        for v in node.inputs:
+            if v is not None and not v.is_constant:
+                last_use[id(v)] = node
+    keep = {id(v) for v in graph.outputs}
     body: list[str] = []
     for node in graph.nodes:
         emit = EMITTERS.get(node.op)
@@ -482,9 +566,21 @@ def generate(graph: Graph, class_name: str = "Model") -> tuple[str, dict[str, to
         expr = emit(ctx, node, _Args(ctx, node))
         outs = [local(v) for v in node.outputs]
         target = outs[0] if len(outs) == 1 else ", ".join(outs) + ("," if len(outs) == 1 else "")
-        body.append(f"{target} = {expr}")
+        dead = []
+        for v in node.inputs:
+            if v is not None and last_use.get(id(v)) is node and id(v) not in keep and ctx.names[id(v)] not in dead:
+                dead.append(ctx.names[id(v)])
+        dead += [ctx.names[id(v)] for v in node.outputs if not v.uses and id(v) not in keep]
+        body.append(f"{target} = {expr}" + (f";  {' = '.join(dead)} = None" if dead else ""))
     results = [ctx.ref(v) for v in graph.outputs]
     ret = results[0] if len(results) == 1 else "(" + ", ".join(results) + ")"
+    return params, body, ret
+
+
+def generate(graph: Graph, class_name: str = "Model") -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+    """Source of model.py, its state dict, and the external objects (opaque modules) it needs."""
+    ctx = _Ctx(graph)
+    params, body, ret = _emit_body(ctx, graph)
 
     lines = [
         f'"""{class_name}: generated by slimgraph. Needs only torch; load(folder) restores the weights."""',
@@ -539,6 +635,26 @@ def to_torch(graph: Graph) -> torch.nn.Module:
     model.load_state_dict({k: v.clone() for k, v in state.items()})
     model.code = source
     return model.eval()
+
+
+def load_weights(graph: Graph, module: torch.nn.Module) -> int:
+    """Copy a module made by ``to_torch(graph)`` back into the graph's constants, after training
+    (fine-tuning between pruning steps, quantization-aware training). Returns how many tensors
+    were updated. The graph must be the one the module was made from (same structure)."""
+    ctx = _Ctx(graph)
+    _emit_body(ctx, graph)
+    state = module.state_dict()
+    updated = 0
+    for key, value in ctx.sources.items():
+        if key not in state:
+            raise SlimgraphError(f"the module has no {key!r}: was it made from this graph?")
+        tensor = state[key].detach()
+        if tuple(tensor.shape) != value.shape:
+            raise SlimgraphError(f"{key}: the module holds {tuple(tensor.shape)}, the graph {value.shape}")
+        value.const_value = tensor.to("cpu", copy=True).contiguous()
+        updated += 1
+    graph.touch()
+    return updated
 
 
 def save_torch(graph: Graph, folder: str | os.PathLike) -> Path:

@@ -511,3 +511,55 @@ def cast(cv):
     if dtype is None:
         raise Unhandled
     return cv.emit("cast", [_x(cv)], {"dtype": str(dtype.torch).replace("torch.", "")})
+
+
+# ============================================================================ quantization
+# A DequantizeLinear of a constant stays a node: folding it at import would turn int8 weights
+# back into float ones and lose what a QDQ model is for.
+NEVER_FOLD.add("DequantizeLinear")
+_QUANT_DTYPES = (np.uint8, np.int8)
+_OUTPUT_DTYPES = {0: np.uint8, 2: np.uint8, 3: np.int8}  # QuantizeLinear's output_dtype: unset, UINT8, INT8
+
+
+def _quant_params(cv, x: Value, dequantize: bool) -> tuple[list[Value | None], dict]:
+    """Scale and zero point (static) as IR constants, with the axis attribute when per-axis."""
+    scale, zero_point = cv.input(1), cv.input(2)
+    if not isinstance(scale, np.ndarray) or not (zero_point is None or isinstance(zero_point, np.ndarray)):
+        raise Unhandled  # parameters computed at run time
+    if int(cv.attr("block_size", 0) or 0) or scale.dtype != np.float32 or scale.ndim > 1:
+        raise Unhandled  # blocked quantization, or half-precision scales: keep the ONNX node
+    if zero_point is None and not dequantize:  # the IR's quantize_linear takes its type from the zero point
+        dtype = _OUTPUT_DTYPES.get(int(cv.attr("output_dtype", 0) or 0))
+        if dtype is None:
+            raise Unhandled
+        zero_point = np.zeros(scale.shape, dtype=dtype)
+    if zero_point is not None and (zero_point.dtype not in _QUANT_DTYPES or zero_point.shape != scale.shape):
+        raise Unhandled  # int16, int4 and float8 types have no IR form yet
+    attrs: dict = {}
+    if scale.size == 1:
+        scale, zero_point = scale.reshape(()), None if zero_point is None else zero_point.reshape(())
+    else:
+        attrs["axis"] = int(cv.attr("axis", 1)) % x.rank
+    # added directly (not through cv.value): 0-d arrays must stay 0-d
+    params: list[Value | None] = [cv.graph.add_constant(f"{cv.name}_scale", torch.from_numpy(scale.copy()))]
+    if zero_point is not None:
+        params.append(cv.graph.add_constant(f"{cv.name}_zero_point", torch.from_numpy(zero_point.copy())))
+    return params, attrs
+
+
+@handles("QuantizeLinear")
+def quantize_linear(cv):
+    x = _x(cv)
+    if not x.dtype.is_float:
+        raise Unhandled
+    params, attrs = _quant_params(cv, x, dequantize=False)
+    return cv.emit("quantize_linear", [x, *params], attrs)
+
+
+@handles("DequantizeLinear")
+def dequantize_linear(cv):
+    x = _x(cv)
+    if x.dtype.torch not in (torch.uint8, torch.int8, torch.int32):
+        raise Unhandled
+    params, attrs = _quant_params(cv, x, dequantize=True)
+    return cv.emit("dequantize_linear", [x, *params], attrs)

@@ -250,9 +250,15 @@ def _check_growth(pass_name: str, value: object) -> None:
                         "(output bytes / constant input bytes)")
 
 
+# A dequantized int8 weight is the point of int8: folding it back to float would undo fold-int8.
+KEEP_UNFOLDED = {"dequantize_linear"}
+
+
 def _foldable(node: Node, graph: Graph) -> bool:
     """Canonical, free of mode/random effects, all inputs constant, outputs not graph outputs."""
     if not is_canonical(node.op) or get_op(node.op).stateful:
+        return False
+    if node.op in KEEP_UNFOLDED:
         return False
     present = [v for v in node.inputs if v is not None]
     if not present or not all(v.is_constant for v in present):

@@ -1,0 +1,112 @@
+"""Quantization ops, with ONNX QuantizeLinear / DequantizeLinear semantics.
+
+A quantized tensor is a plain int8/uint8 (or int32, for biases) value; its ``scale`` (float)
+and ``zero_point`` travel as separate inputs, per tensor (0-d) or per axis (1-D along the
+``axis`` attribute, absent for per-tensor). The integer type is the zero point's dtype.
+
+  quantize_linear(x, scale, zero_point)    q = saturate(round_half_even(x / scale) + zero_point)
+  dequantize_linear(q, scale[, zero_point]) x = (q - zero_point) * scale
+  fake_quant(x, scale, zero_point)          dequantize_linear(quantize_linear(x)) in one float op,
+                                            the form quantization-aware training differentiates
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimgraph.ir.coupling import Coupling, inp, out, same
+from slimgraph.ir.dtypes import DType
+from slimgraph.ir.ops import register_op
+
+# the saturation range of each integer type a quantized tensor may have
+QRANGE: dict[torch.dtype, tuple[int, int]] = {
+    torch.uint8: (0, 255),
+    torch.int8: (-128, 127),
+    torch.int32: (-(2**31), 2**31 - 1),
+}
+
+
+def along(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """A per-axis parameter reshaped to broadcast against ``x`` (a per-tensor one as it is)."""
+    if axis is None or param.dim() == 0:
+        return param
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return param.reshape(shape)
+
+
+def quantize_ref(xs, a) -> torch.Tensor:
+    x, scale, zero_point = xs[0], xs[1], xs[2] if len(xs) > 2 else None
+    dtype = zero_point.dtype if zero_point is not None else torch.uint8
+    lo, hi = QRANGE[dtype]
+    axis = a.get("axis")
+    q = torch.round(x.float() / along(scale, x, axis))  # torch.round rounds half to even, as ONNX does
+    if zero_point is not None:
+        q = q + along(zero_point, x, axis).float()
+    return q.clamp(lo, hi).to(dtype)
+
+
+def dequantize_ref(xs, a) -> torch.Tensor:
+    q, scale, zero_point = xs[0], xs[1], xs[2] if len(xs) > 2 else None
+    axis = a.get("axis")
+    x = q.float()
+    if zero_point is not None:
+        x = x - along(zero_point, q, axis).float()
+    return x * along(scale, q, axis)
+
+
+def fake_quant_ref(xs, a) -> torch.Tensor:
+    x = xs[0]
+    return dequantize_ref([quantize_ref(xs, a), *xs[1:]], a).to(x.dtype)
+
+
+def _check_params(node) -> None:
+    """Scale and zero point are 0-d (per tensor) or 1-D with one entry per ``axis`` channel."""
+    x, params = node.inputs[0], [v for v in node.inputs[1:] if v is not None]
+    axis = node.attrs.get("axis")
+    if axis is not None and not 0 <= axis < x.rank:
+        raise ValueError(f"axis {axis} is out of range for rank {x.rank}")
+    want = () if axis is None else (x.shape[axis],)
+    for v in params:
+        if tuple(v.shape) != want:
+            raise ValueError(f"%{v.name} has shape {v.shape}; {'per-tensor' if axis is None else 'per-axis'} "
+                             f"parameters need shape {want}")
+    if not node.inputs[1].dtype.is_float:
+        raise ValueError(f"scale %{node.inputs[1].name} is {node.inputs[1].dtype.short}, not a float")
+
+
+def quantize_infer(node) -> list:
+    _check_params(node)
+    zp = node.inputs[2] if len(node.inputs) > 2 else None
+    dtype = zp.dtype if zp is not None else DType.uint8
+    if dtype.torch not in (torch.uint8, torch.int8):
+        raise ValueError(f"zero point dtype {dtype.short}: quantize_linear makes int8 or uint8")
+    return [(tuple(node.inputs[0].shape), dtype)]
+
+
+def dequantize_infer(node) -> list:
+    _check_params(node)
+    if node.inputs[0].dtype.torch not in QRANGE:
+        raise ValueError(f"input dtype {node.inputs[0].dtype.short} is not int8, uint8 or int32")
+    return [(tuple(node.inputs[0].shape), DType.float32)]
+
+
+def fake_quant_infer(node) -> list:
+    quantize_infer(node)
+    return [(tuple(node.inputs[0].shape), node.inputs[0].dtype)]
+
+
+def quant_coupling(node) -> list[Coupling]:
+    """Element-wise in x; per-axis parameters follow their axis (pruning must slice them too)."""
+    axis = node.attrs.get("axis")
+    params = [inp(i, 0) for i, v in enumerate(node.inputs) if i > 0 and v is not None]
+    return [same(inp(0, a), out(0, a), *(params if a == axis else [])) for a in range(node.inputs[0].rank)]
+
+
+register_op("quantize_linear", quantize_ref, num_inputs=(2, 3), coupling=quant_coupling, infer=quantize_infer,
+            description="float -> int8/uint8: saturate(round(x / scale) + zero_point); attr axis for per-channel")
+register_op("dequantize_linear", dequantize_ref, num_inputs=(2, 3), coupling=quant_coupling,
+            infer=dequantize_infer,
+            description="int8/uint8/int32 -> float: (q - zero_point) * scale; attr axis for per-channel")
+register_op("fake_quant", fake_quant_ref, num_inputs=(3, 3), coupling=quant_coupling, infer=fake_quant_infer,
+            description="dequantize_linear(quantize_linear(x)): quantization simulated in float (QAT)")
