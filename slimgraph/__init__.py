@@ -1,8 +1,13 @@
 """slimgraph: one IR where every rewrite composes, each pass verified and shown as a diff."""
 
 from slimgraph.api import OptimizeResult, import_model, optimize, to_onnx, to_torch
+from slimgraph.backends.pytorch import load_weights
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import Graph
+from slimgraph.iterative import bn_l1_penalty, iterative_prune
 
-__all__ = ["Graph", "OptimizeResult", "SlimgraphError", "import_model", "optimize", "to_onnx", "to_torch"]
+__all__ = [
+    "Graph", "OptimizeResult", "SlimgraphError", "bn_l1_penalty", "import_model", "iterative_prune",
+    "load_weights", "optimize", "to_onnx", "to_torch",
+]
 __version__ = "0.1.0"
