@@ -345,7 +345,7 @@ def write_report(results: list[dict], args: argparse.Namespace, load: tuple[floa
         "",
         "## Analysis + pruning time (seconds, medians)",
         "",
-        "slimgraph = import (torch.export + IR) + analysis + plan/apply; Torch-Pruning = graph building "
+        "slimgraph = import (torch.fx + IR) + analysis + plan/apply; Torch-Pruning = graph building "
         "(one traced forward, inside `MetaPruner(...)`) + `step()`. Last column: slimgraph total / "
         "Torch-Pruning total (< 1: slimgraph faster).",
         "",
