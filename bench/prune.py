@@ -70,15 +70,10 @@ NOTES = [
     "slimgraph prunes it, but each stage's stream (58/116/232 channels, through chunk + channel shuffle "
     "in every block) comes out of the analysis as a single channel class, so only the branch-internal "
     "channels are removed (MACs 0.51).",
-    "- The `torch emit` column is slimgraph's torch emitter without any pruning. Where it is above 1 "
-    "(most on densenet121, then mobilenet_v2), the cause is that the generated `forward` keeps every "
-    "intermediate tensor bound to a local until it returns, so each call allocates (and page-faults) "
-    "fresh memory. Adding `del` after each value's last use (checked by hand, outputs identical) brought "
-    "unpruned mobilenet_v2 from 2.3x the original's latency to parity in an isolated check, and "
-    "slimgraph's pruned densenet121 from 1.10x to 0.98x of Torch-Pruning's. That cost is inside the "
-    "`torch sg` figures and is the most load-sensitive number here (torch sg / tp on densenet121 ranged "
-    "from 0.97 to 1.69 over four runs while writing this bench); onnxruntime, which plans its own "
-    "memory, does not show it.",
+    "- The `torch emit` column is slimgraph's torch emitter without any pruning, against the original "
+    "module: about 1.0 since the generated `forward` drops each intermediate after its last use (as "
+    "torch.fx's code does); before that fix it kept every intermediate alive and ran 1.5x slower on "
+    "densenet121, which showed in the `torch sg` figures.",
     "- The machine is shared (see the load average): single figures, especially onnxruntime on "
     "densenet121, move by 10-30 % from run to run; the ratios are the quantities to read.",
 ]
