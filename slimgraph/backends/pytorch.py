@@ -614,7 +614,8 @@ def generate(graph: Graph, class_name: str = "Model") -> tuple[str, dict[str, to
         "    if os.path.exists(extra):",
         "        externals = torch.load(extra, weights_only=False)",
         f"    model = {class_name}(externals)",
-        '    model.load_state_dict(torch.load(os.path.join(folder, "weights.pt"), weights_only=True))',
+        '    state = torch.load(os.path.join(folder, "weights.pt"), weights_only=True)',
+        "    model.load_state_dict(state, assign=True)  # keep each weight's own dtype (fp16, int8, ...)",
         "    return model.eval()",
         "",
     ]
@@ -632,7 +633,8 @@ def to_torch(graph: Graph) -> torch.nn.Module:
     namespace: dict[str, Any] = {"__name__": f"slimgraph_generated_{clean_name(graph.name)}"}
     exec(compile(source, filename, "exec"), namespace)  # our own generated code, never user text
     model = namespace["Model"](externals)
-    model.load_state_dict({k: v.clone() for k, v in state.items()})
+    # assign: modules are built in float32; weights keep their own dtype (fp16, bf16, int8)
+    model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
     model.code = source
     return model.eval()
 

@@ -1,0 +1,243 @@
+"""fp16 / bf16 mixed precision: numerics in onnxruntime and PyTorch, cast placement, options."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from onnx import TensorProto
+
+import slimgraph
+from slimgraph.backends.onnx import run_onnxruntime
+from slimgraph.errors import PassError
+from slimgraph.ir import OPAQUE
+from slimgraph.ir.dtypes import DType
+from slimgraph.ir.interpreter import run as interpret
+from slimgraph.passes import PassContext, get_pass, parse_pipeline
+
+
+def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    for module in model.modules():  # zero-initialized heads (ViT) would make the check vacuous
+        if isinstance(module, torch.nn.Linear) and not module.weight.any():
+            torch.nn.init.normal_(module.weight, std=0.02)
+    return model, torch.randn(1, 3, 224, 224)
+
+
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def check_casts(graph) -> list:
+    """Every cast reads a value that is not itself a cast's output (no chains) and no two casts
+    convert the same value to the same dtype (each cast placed once); returns the casts."""
+    casts = [n for n in graph.nodes if n.op == "cast"]
+    keys = [(id(n.inputs[0]), n.attrs["dtype"]) for n in casts]
+    assert len(keys) == len(set(keys)), "a value is cast to the same dtype twice"
+    for n in casts:
+        producer = n.inputs[0].producer
+        assert producer is None or producer.op != "cast", f"{n.name}: cast of a cast"
+    return casts
+
+
+def onnx_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every named tensor in the model (after ONNX shape inference)."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {t.name: t.data_type for t in inferred.graph.initializer}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        types[vi.name] = vi.type.tensor_type.elem_type
+    return types
+
+
+class Small(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.ln = torch.nn.LayerNorm(16)
+        self.fc2 = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.fc1(x)  # feeds three fp32 consumers: one cast must serve them all
+        return self.fc2(F.softmax(h, -1) + F.log_softmax(h, -1) + self.ln(h))
+
+
+def small_graph():
+    torch.manual_seed(0)
+    model, x = Small().eval(), torch.randn(2, 8)
+    return model, x, slimgraph.import_model(model, (x,))
+
+
+# ---------------------------------------------------------------------------- the must-show
+def test_resnet18_fp16_onnxruntime():
+    model, x = build("resnet18")
+    with torch.no_grad():
+        ref = model(x)
+    result = slimgraph.optimize(model, "fold-bn,fp16", example_inputs=x)
+    result.graph.verify()
+    proto = result.to_onnx()
+    err = rel_error(run_onnxruntime(proto, [x])[0], ref)
+    assert err <= 1e-2, err
+    init = {t.name: t.data_type for t in proto.graph.initializer}
+    convs = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    assert len(convs) == 21
+    assert all(init[n.input[1]] == TensorProto.FLOAT16 for n in convs)
+    # input stays float32 with one cast in, the output is cast back once: nothing else for a CNN
+    assert proto.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert proto.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert sum(n.op_type == "Cast" for n in proto.graph.node) == 2
+    assert len(check_casts(result.graph)) == 2
+
+
+@pytest.mark.heavy
+def test_vit_b_16_fp16_onnxruntime():
+    model, x = build("vit_b_16")
+    with torch.no_grad():
+        ref = model(x)
+    result = slimgraph.optimize(model, "fp16", example_inputs=x)
+    result.graph.verify()
+    proto = result.to_onnx()
+    err = rel_error(run_onnxruntime(proto, [x])[0], ref)
+    assert err <= 1e-2, err
+    types = onnx_types(proto)
+    fp16_inits = [t for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT16]
+    assert sum(onnx.numpy_helper.to_array(t).size for t in fp16_inits) > 50_000_000  # the MLP weights
+    sensitive = [n for n in proto.graph.node if n.op_type in ("Softmax", "LayerNormalization")]
+    assert sum(n.op_type == "Softmax" for n in sensitive) == 12
+    assert sum(n.op_type == "LayerNormalization" for n in sensitive) == 25
+    for n in sensitive:
+        assert types[n.input[0]] == TensorProto.FLOAT, f"{n.op_type} {n.name} runs in {types[n.input[0]]}"
+        assert types[n.output[0]] == TensorProto.FLOAT
+    # per block: x -> fp32 for ln_1, attention out -> fp16, x -> fp32 for ln_2, ln_2 out -> fp16;
+    # plus the final layer norm's two, the input's and the output's
+    casts = check_casts(result.graph)
+    assert len(casts) == 12 * 4 + 2 + 2
+    assert sum(n.op_type == "Cast" for n in proto.graph.node) == len(casts)
+
+
+def test_resnet18_bf16_pytorch_backend():
+    model, x = build("resnet18")
+    with torch.no_grad():
+        ref = model(x)
+    result = slimgraph.optimize(model, "fold-bn,bf16", example_inputs=x)
+    result.graph.verify()
+    assert {c.dtype for c in result.graph.constants.values() if c.rank == 4} == {DType.bfloat16}
+    with torch.no_grad():
+        interp = interpret(result.graph, [x])[0]
+        emitted = result.to_torch()(x)
+    assert emitted.dtype == torch.float32
+    assert rel_error(interp, ref) <= 2e-2
+    assert rel_error(emitted, ref) <= 2e-2
+    assert rel_error(emitted, interp) <= 1e-3
+
+
+def test_to_torch_keeps_low_precision_weights():
+    model, x, graph = small_graph()
+    get_pass("bf16")().run(graph, PassContext())
+    with torch.no_grad():
+        out = slimgraph.to_torch(graph)(x)
+    assert rel_error(out, model(x)) <= 2e-2
+
+
+def test_bf16_small_model_interpreter():
+    model, x, graph = small_graph()
+    get_pass("bf16")().run(graph, PassContext())
+    graph.verify()
+    with torch.no_grad():
+        assert rel_error(interpret(graph, [x])[0], model(x)) <= 2e-2
+
+
+# ---------------------------------------------------------------------------- cast placement
+def test_casts_placed_once_small_model():
+    model, x, graph = small_graph()
+    result = get_pass("fp16")().run(graph, PassContext())
+    graph.verify()
+    assert result.changed
+    casts = check_casts(graph)
+    # x -> f16; fc1 out -> f32 once for softmax, log_softmax and layer norm; their three
+    # outputs -> f16 for the adds; the output -> f32
+    assert len(casts) == 6, [n.name for n in casts]
+    h_casts = [n for n in casts if n.inputs[0].producer is not None and n.inputs[0].producer.op == "linear"
+               and n.attrs["dtype"] == "float32" and n.outputs[0] is not graph.outputs[0]]
+    assert len(h_casts) == 1 and len(h_casts[0].output.uses) == 3
+    for n in graph.nodes:
+        if n.op in ("softmax", "log_softmax", "layer_norm"):
+            assert all(v.dtype == DType.float32 for v in n.inputs if v is not None)
+        if n.op == "linear":
+            assert all(v.dtype == DType.float16 for v in n.inputs if v is not None)
+    assert graph.inputs[0].dtype == DType.float32 and graph.outputs[0].dtype == DType.float32
+    with torch.no_grad():
+        assert rel_error(interpret(graph, [x])[0], model(x)) <= 1e-2
+
+
+def test_keep_options():
+    _, _, graph = small_graph()
+    get_pass("fp16")(keep_first_last=True).run(graph, PassContext())
+    graph.verify()
+    linears = [n for n in graph.nodes if n.op == "linear"]
+    assert all(v.dtype == DType.float32 for n in linears for v in n.inputs if v is not None)
+    assert not any(c.dtype == DType.float16 for c in graph.constants.values())
+
+    _, _, graph = small_graph()
+    fc2 = [n for n in graph.nodes if n.op == "linear"][-1].name
+    (p,) = parse_pipeline(f"fp16{{keep=[{fc2}]}}")
+    p.run(graph, PassContext())
+    graph.verify()
+    first, last = [n for n in graph.nodes if n.op == "linear"]
+    assert first.inputs[1].dtype == DType.float16 and last.inputs[1].dtype == DType.float32
+
+    _, _, graph = small_graph()
+    get_pass("fp16")(keep=["linear", "add"]).run(graph, PassContext())
+    assert not any(n.op == "cast" for n in graph.nodes)  # nothing is left to lower
+
+
+def test_bad_options():
+    with pytest.raises(PassError, match="keep_first_last"):
+        parse_pipeline("fp16{keep_first_last=maybe}")
+    with pytest.raises(PassError, match="'keep'"):
+        get_pass("bf16")(keep=[3])
+    _, _, graph = small_graph()
+    with pytest.raises(PassError, match="no_such_layer"):
+        get_pass("fp16")(keep=["no_such_layer"]).run(graph, PassContext())
+    assert not any(n.op == "cast" for n in graph.nodes)  # rejected before anything changed
+
+
+def test_already_low_precision_is_unchanged():
+    _, _, graph = small_graph()
+    assert get_pass("fp16")().run(graph, PassContext()).changed
+    before = str(graph)
+    again = get_pass("fp16")().run(graph, PassContext())
+    assert not again.changed and str(graph) == before
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).half().eval()
+    graph = slimgraph.import_model(model, (torch.randn(2, 8).half(),))
+    before = str(graph)
+    assert not get_pass("fp16")().run(graph, PassContext()).changed
+    assert str(graph) == before
+
+
+def test_integers_and_opaque_untouched():
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x, idx):
+            return self.fc(x) + torch.special.i0(x), idx * 2
+
+    model, x, idx = M().eval(), torch.randn(2, 8), torch.arange(4)
+    graph = slimgraph.import_model(model, (x, idx))
+    get_pass("fp16")().run(graph, PassContext())
+    graph.verify()
+    assert graph.inputs[1].dtype == DType.int64 and graph.outputs[1].dtype == DType.int64
+    for n in graph.nodes:
+        if n.op == OPAQUE:
+            assert all(v.dtype == DType.float32 for v in n.inputs + n.outputs)
+    with torch.no_grad():
+        y, j = interpret(graph, [x, idx])
+        ref_y, ref_j = model(x, idx)
+    assert torch.equal(j, ref_j)
+    assert rel_error(y, ref_y) <= 1e-2
