@@ -27,13 +27,26 @@ from slimgraph.ir.opaque import Slot
 
 @dataclass(frozen=True)
 class BatchDim:
-    """An int that is the batch size of ``source`` (dim 0): emitted symbolically as "N"."""
+    """An int that is ``factor`` times the batch size of ``source`` (its dim 0).
+
+    A reshape target keeps it symbolic: "N" in front when the factor is 1, else -1 (e.g. the
+    batch times the number of windows in shifted-window attention).
+    """
 
     value: int
     source: Value
+    factor: int = 1
 
     def __index__(self) -> int:
         return self.value
+
+    def scaled(self, multiplier: int) -> BatchDim:
+        return BatchDim(self.value * multiplier, self.source, self.factor * multiplier)
+
+    def divided(self, divisor: int) -> BatchDim | int:
+        if self.factor % divisor:
+            return self.value // divisor  # no longer a whole multiple of the batch: concrete
+        return BatchDim(self.value // divisor, self.source, self.factor // divisor)
 
 
 def concrete(x: Any) -> Any:
@@ -241,9 +254,8 @@ class _Converter:
 
         args_t = template(tuple(ir_args), tuple(args))
         kwargs_t = {k: template(v, kwargs[k]) for k, v in ir_kwargs.items()}
-        try:
-            exported = torch.export.export(_Call(fn, args_t, kwargs_t), tuple(tensors), strict=False).module()
-        except Exception:
+        exported = _export_call(fn, args_t, kwargs_t, values, tensors)
+        if exported is None:
             return None
         sub = _Converter(exported, "torch.export", graph=self.graph, prefix=fx_node.name)
         sub.params, sub.const_cache = self.params, self.const_cache
@@ -368,6 +380,24 @@ class _Call(torch.nn.Module):
         from slimgraph.ir.opaque import fill
 
         return self.fn(*fill(self.args, list(tensors)), **fill(self.kwargs, list(tensors)))
+
+
+def _export_call(fn: Any, args: tuple, kwargs: dict, values: list[Value], tensors: list[torch.Tensor]
+                 ) -> torch.fx.GraphModule | None:
+    """torch.export of one call with the batch dim of its activations dynamic, so the traced body
+    keeps the batch symbolic (traced at batch + 1: export specializes sizes 0 and 1)."""
+    from torch.export import Dim
+
+    dynamic = [not v.is_constant and v.rank > 0 for v in values]
+    examples = tuple(torch.cat([t, t[:1]]) if d else t for t, d in zip(tensors, dynamic))
+    specs = tuple({0: Dim.AUTO} if d else None for d in dynamic)
+    module = _Call(fn, args, kwargs)
+    for attempt in ((examples, (specs,)), (tuple(tensors), None)):  # fall back to static shapes
+        try:
+            return torch.export.export(module, attempt[0], dynamic_shapes=attempt[1], strict=False).module()
+        except Exception:
+            continue
+    return None
 
 
 def _is_python_function(fn: Any) -> bool:

@@ -339,16 +339,30 @@ METHODS["__rmul__"] = _binary("mul", reverse=True)
 
 
 def _host_or(handler: Handler) -> Handler:
-    """Operators that also do int arithmetic on shapes: host values pass through."""
+    """Operators that also do int arithmetic on shapes: host values pass through, and a batch
+    size times or divided by a constant stays a (scaled) batch size."""
 
     def wrapped(cv, args, kwargs, real):
         if not isinstance(real, torch.Tensor):
-            return real
+            return _batch_arithmetic(cv.current.target, args, real)
         if kwargs.get("rounding_mode") is not None:
             raise Unhandled
         return handler(cv, args, kwargs, real)
 
     return wrapped
+
+
+def _batch_arithmetic(op: Any, args: tuple, real: Any) -> Any:
+    if len(args) != 2 or not isinstance(real, int):
+        return real
+    a, b = args
+    if op is operator.mul and isinstance(a, BatchDim) and isinstance(b, int):
+        return a.scaled(b)
+    if op is operator.mul and isinstance(b, BatchDim) and isinstance(a, int):
+        return b.scaled(a)
+    if op is operator.floordiv and isinstance(a, BatchDim) and isinstance(b, int) and b > 0:
+        return a.divided(b)
+    return real
 
 
 for _t in list(FUNCTIONS):
@@ -548,12 +562,18 @@ def reshape_target(x: Value, shape: Any) -> list:
     """Target dims for reshape: the batch stays symbolic when it is dim 0 of both."""
     if len(shape) == 1 and isinstance(shape[0], (list, tuple, torch.Size)):
         shape = shape[0]
-    out = []
+    def keeps_batch(i: int, d: Any) -> bool:  # "N": the input's own leading dim
+        return i == 0 and d.factor == 1 and x.shape[0] == d.value and not x.is_constant
+
+    out: list = []
+    symbolic = [i for i, d in enumerate(shape) if isinstance(d, BatchDim) and not keeps_batch(i, d)]
     for i, d in enumerate(shape):
         if isinstance(d, Value):
             raise Unhandled
-        if isinstance(d, BatchDim) and i == 0 and x.shape[0] == d.value and not x.is_constant:
+        if isinstance(d, BatchDim) and keeps_batch(i, d):
             out.append(BATCH)
+        elif isinstance(d, BatchDim) and symbolic == [i] and -1 not in shape and not x.is_constant:
+            out.append(-1)  # a multiple of the batch: the one dim reshape infers
         else:
             out.append(int(concrete(d)))
     return out
@@ -788,8 +808,13 @@ def _aten_select(cv, args, kwargs, real):
 def _aten_slice(cv, args, kwargs, real):
     x = tensor_arg(args[0])
     dim = arg(args, kwargs, 1, "dim", 0) % x.rank
-    s, e, st = slice(arg(args, kwargs, 2, "start"), arg(args, kwargs, 3, "end"),
-                     arg(args, kwargs, 4, "step", 1)).indices(x.shape[dim])
+    end = arg(args, kwargs, 3, "end")
+    if isinstance(end, BatchDim) and end.value >= x.shape[dim]:
+        end = None  # up to a batch size that is the whole dim: to the end, at any batch
+    start, step = concrete(arg(args, kwargs, 2, "start")), concrete(arg(args, kwargs, 4, "step", 1))
+    if (start or 0) == 0 and step == 1 and (end is None or concrete(end) >= x.shape[dim]):
+        return cv.emit("identity", [x])  # the whole dim (at any batch size): nothing to slice
+    s, e, st = slice(start, concrete(end), step).indices(x.shape[dim])
     return cv.emit("slice", [x], {"axes": [dim], "starts": [s], "ends": [e], "steps": [st]})
 
 
@@ -810,3 +835,13 @@ def roll_fn(cv, args, kwargs, real):
 
 _alias(roll_fn, "roll")
 _alias(pad_fn, "pad", "constant_pad_nd")
+
+
+def _aten_sym_size(cv, args, kwargs, real):
+    x, dim = args[0], args[1]
+    if isinstance(x, Value) and dim % x.rank == 0 and not x.is_constant:
+        return BatchDim(int(real), x)
+    return int(real)
+
+
+_alias(_aten_sym_size, "sym_size.int")
