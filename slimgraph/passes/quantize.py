@@ -197,6 +197,19 @@ class Quantize(Pass):
     calibration (minmax|percentile|entropy|mse), percentile, bins (histogram methods),
     skip (node names, fnmatch patterns, or op types kept in float), progress (a bar per batch).
     Needs ``optimize(..., calibration_data=...)``.
+
+    Quantization-aware training, between ``quantize`` and ``fold-int8``::
+
+        fq = optimize(model, "fold-bn,quantize", example_inputs=x, calibration_data=batches)
+        module = fq.to_torch().train()      # fake-quant ops pass straight-through gradients
+        ...train module...
+        load_weights(fq.graph, module)      # the trained weights back into the graph
+        int8 = optimize(fq.graph, "fold-int8")
+
+    Scales are neither learned nor observer-updated: they stay frozen at their calibrated values
+    (activation scales are written into the module as literals, weight scales as buffers, which
+    ``load_weights`` copies back unchanged), so the weights train against the very grid
+    ``fold-int8`` rounds them to, and the folded model computes what the trained module did.
     """
 
     name = "quantize"
