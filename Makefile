@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/slimgraph optimize torchvision:resnet18 --passes dce,remove-identity -o out/resnet18 --force
+	$(BIN)/slimgraph optimize torchvision:resnet18 --passes "fold-bn,prune{ratio=0.5},winograd,canonicalize" -o out/resnet18 --force
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check slimgraph tests bench
