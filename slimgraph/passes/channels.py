@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -303,16 +302,3 @@ class _Builder:
 
 def analyze(graph: Graph) -> ChannelGroups:
     return _Builder(graph).run()
-
-
-def class_members(groups: ChannelGroups) -> dict[int, list[tuple[Space, int]]]:
-    """class root -> every (space, index) in it."""
-    members: dict[int, list[tuple[Space, int]]] = {}
-    for space in groups.spaces.values():
-        for i in range(space.size):
-            members.setdefault(groups.root(space.base + i), []).append((space, i))
-    return members
-
-
-def iter_atoms(space: Space) -> Iterable[int]:
-    return space.atoms()

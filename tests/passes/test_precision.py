@@ -6,7 +6,6 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from onnx import TensorProto
 
 import slimgraph
@@ -16,15 +15,7 @@ from slimgraph.ir import OPAQUE
 from slimgraph.ir.dtypes import DType
 from slimgraph.ir.interpreter import run as interpret
 from slimgraph.passes import PassContext, get_pass, parse_pipeline
-
-
-def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
-    for module in model.modules():  # zero-initialized heads (ViT) would make the check vacuous
-        if isinstance(module, torch.nn.Linear) and not module.weight.any():
-            torch.nn.init.normal_(module.weight, std=0.02)
-    return model, torch.randn(1, 3, 224, 224)
+from tests.zoo.test_roundtrip import build
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:

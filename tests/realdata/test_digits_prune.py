@@ -10,14 +10,6 @@ from tests.realdata.digits import DigitsResNet, accuracy, digits_data, train
 pytest.importorskip("sklearn")
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny batches: more threads only add overhead on 2 shared cores
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_slimming_prune_finetune_keeps_accuracy(one_thread):
     torch.manual_seed(0)
     xtr, ytr, xte, yte = digits_data()

@@ -13,14 +13,6 @@ pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny batches: more threads only add overhead on 2 shared cores
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def trained(one_thread):
     torch.manual_seed(0)
     xtr, ytr, xte, yte = digits_data()
