@@ -1,9 +1,11 @@
-"""int8 in onnxruntime: fp32 vs onnxruntime's own quantizer vs slimgraph's fold-bn,quantize,fold-int8.
+"""int8 in onnxruntime: fp32 vs onnxruntime's own quantizer vs slimgraph's fold-bn,quantize,fold-int8,
+written as QDQ (the default) and as QOperator (``to_onnx(..., quant_format="qoperator")``).
 
 Writes bench/results/quantize.md: latency (onnxruntime CPU, one thread, interleaved repetitions,
 medians), file size, how many convs run as integer kernels, and the logits' cosine against fp32.
 Models: torchvision resnet18 and mobilenet_v2, random init with perturbed BatchNorm statistics,
-calibrated on the same 32 random 224x224 inputs; cosine on 8 other random inputs.
+calibrated on the same 32 random 224x224 inputs; cosine on 8 other random inputs (``--size``,
+``--calibration`` and ``--held-out`` change those, e.g. for a quick check of the script).
 """
 
 from __future__ import annotations
@@ -69,15 +71,19 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def bench_model(name: str, folder: Path, repeats: int, calls: int) -> dict:
+VARIANTS = ("fp32", "ort", "slimgraph", "qoperator")
+
+
+def bench_model(name: str, folder: Path, repeats: int, calls: int, size: int = 224, n_calibration: int = 32,
+                n_held_out: int = 8) -> dict:
     torch.manual_seed(0)
     model = perturb_bn(getattr(torchvision.models, name)().eval())
     gen = torch.Generator().manual_seed(0)
-    calibration = [(torch.randn(1, 3, 224, 224, generator=gen),) for _ in range(32)]
+    calibration = [(torch.randn(1, 3, size, size, generator=gen),) for _ in range(n_calibration)]
     gen = torch.Generator().manual_seed(1)
-    held_out = [torch.randn(1, 3, 224, 224, generator=gen) for _ in range(8)]
+    held_out = [torch.randn(1, 3, size, size, generator=gen) for _ in range(n_held_out)]
 
-    paths = {v: folder / f"{name}_{v}.onnx" for v in ("fp32", "ort", "slimgraph")}
+    paths = {v: folder / f"{name}_{v}.onnx" for v in VARIANTS}
     slimgraph.optimize(model, "fold-bn", example_inputs=calibration[0]).to_onnx(paths["fp32"], overwrite=True)
     start = time.perf_counter()
     ort_quantize_static(paths["fp32"], paths["ort"], calibration)
@@ -87,6 +93,7 @@ def bench_model(name: str, folder: Path, repeats: int, calls: int) -> dict:
                                 calibration_data=calibration)
     result.to_onnx(paths["slimgraph"], overwrite=True)
     ours_seconds = time.perf_counter() - start
+    result.to_onnx(paths["qoperator"], overwrite=True, quant_format="qoperator")
 
     sessions = {v: session(p) for v, p in paths.items()}
     feed = {v: {s.get_inputs()[0].name: held_out[0].numpy()} for v, s in sessions.items()}
@@ -117,12 +124,16 @@ def main() -> None:
     parser.add_argument("models", nargs="*", default=["resnet18", "mobilenet_v2"])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--size", type=int, default=224, help="input height and width")
+    parser.add_argument("--calibration", type=int, default=32, help="calibration inputs")
+    parser.add_argument("--held-out", type=int, default=8, help="inputs the cosine is measured on")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "quantize.md"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        results = {m: bench_model(m, Path(tmp), args.repeats, args.calls) for m in args.models}
+        results = {m: bench_model(m, Path(tmp), args.repeats, args.calls, args.size, args.calibration,
+                                  args.held_out) for m in args.models}
     load_after = os.getloadavg()[0]
     lines = [
         "# int8 in onnxruntime: fp32 vs onnxruntime's quantizer vs slimgraph",
@@ -134,23 +145,27 @@ def main() -> None:
         "",
         "- **fp32**: slimgraph `fold-bn` emitted to ONNX (the reference for sizes and cosine).",
         "- **ort**: `quant_pre_process` + `quantize_static` (QDQ, per-channel, QInt8 weights, QUInt8 "
-        "activations, MinMax) on the same 32 calibration inputs.",
-        "- **slimgraph**: `fold-bn,quantize,fold-int8` (minmax calibration, the default), same inputs.",
+        f"activations, MinMax) on the same {args.calibration} calibration inputs ({args.size}x{args.size}).",
+        "- **slimgraph**: `fold-bn,quantize,fold-int8` (minmax calibration, the default), same inputs, "
+        "written as QDQ (the default `quant_format`).",
+        "- **qoperator**: the same int8 graph written with `quant_format=\"qoperator\"`: QLinearConv, "
+        "QGemm, QLinearAdd, ... in the file; `vs QDQ` compares its latency with **slimgraph**'s.",
         "",
         "Models are random-init torchvision constructors with perturbed BatchNorm statistics; cosine is the "
-        "mean over 8 held-out random inputs of the logits' cosine similarity to fp32. `int convs` counts "
-        "QLinearConv among all convs in onnxruntime's optimized graph (level extended).",
+        f"mean over {args.held_out} held-out random inputs of the logits' cosine similarity to fp32. "
+        "`int convs` counts QLinearConv among all convs in onnxruntime's optimized graph (level extended).",
         "",
-        "| model | variant | latency ms | vs fp32 | vs ort | file MB | vs fp32 | int convs | cosine |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | variant | latency ms | vs fp32 | vs ort | vs QDQ | file MB | vs fp32 | int convs | cosine |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m, rows in results.items():
-        for v in ("fp32", "ort", "slimgraph"):
+        for v in VARIANTS:
             r = rows[v]
-            fp32, baseline = rows["fp32"], rows["ort"]
+            fp32, baseline, qdq = rows["fp32"], rows["ort"], rows["slimgraph"]
             lines.append(
                 f"| {m} | {v} | {r['ms']:.2f} | {fp32['ms'] / r['ms']:.2f}x faster | {r['ms'] / baseline['ms']:.3f}x | "
-                f"{r['size'] / 1e6:.1f} | {r['size'] / fp32['size']:.3f}x | {r['convs']} | {r['cos']:.6f} |")
+                f"{r['ms'] / qdq['ms']:.3f}x | {r['size'] / 1e6:.2f} | {r['size'] / fp32['size']:.3f}x | "
+                f"{r['convs']} | {r['cos']:.6f} |")
     lines += ["", "Time to quantize (calibration included), seconds:", ""]
     for m, rows in results.items():
         q = rows["quantize_seconds"]

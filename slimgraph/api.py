@@ -69,10 +69,12 @@ class OptimizeResult:
             raise SlimgraphError(f"{folder}: {', '.join(existing)} already exist (pass overwrite=True)")
         return save_torch(self.graph, folder)
 
-    def to_onnx(self, path: str | os.PathLike | None = None, opset: int = 17, overwrite: bool = False):
+    def to_onnx(self, path: str | os.PathLike | None = None, opset: int = 17, overwrite: bool = False,
+                quant_format: str = "qdq"):
         """The graph as a checked ONNX ModelProto, written to ``path`` if given (never overwriting
-        an existing file unless asked)."""
-        return to_onnx(self.graph, path, opset=opset, overwrite=overwrite)
+        an existing file unless asked). An int8 graph is written as QDQ (``quant_format="qdq"``)
+        or with its integer kernels written out (``"qoperator"``: QLinearConv, QGemm, ...)."""
+        return to_onnx(self.graph, path, opset=opset, overwrite=overwrite, quant_format=quant_format)
 
     def summary(self) -> str:
         return self.trace.summary()
@@ -85,11 +87,13 @@ def to_torch(graph: Graph) -> torch.nn.Module:
     return emit(graph)
 
 
-def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int = 17, overwrite: bool = False):
-    """Emit ``graph`` as an ONNX ModelProto (checked with onnx.checker, full check), optionally saved."""
+def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int = 17, overwrite: bool = False,
+            quant_format: str = "qdq"):
+    """Emit ``graph`` as an ONNX ModelProto (checked with onnx.checker, full check), optionally saved;
+    ``quant_format`` ("qdq" or "qoperator") is the form of an int8 graph."""
     from slimgraph.backends.onnx import to_onnx as emit
 
-    return emit(graph, path, opset=opset, overwrite=overwrite)
+    return emit(graph, path, opset=opset, overwrite=overwrite, quant_format=quant_format)
 
 
 def optimize(

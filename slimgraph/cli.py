@@ -2,6 +2,7 @@
 
     slimgraph optimize torchvision:resnet18 --passes dce -o out/
     slimgraph optimize model.onnx --passes dce -o out.onnx
+    slimgraph optimize torchvision:resnet18 --passes fold-bn,quantize,fold-int8 --calibration-data cal.pt -o int8.onnx
     slimgraph inspect torchvision:mobilenet_v2
     slimgraph passes
 """
@@ -88,16 +89,112 @@ def _cmd_inspect(args) -> None:
     print(", ".join(f"{k}={v}" for k, v in stats.items()))
 
 
+CALIBRATION_HELP = (
+    "calibration inputs for quantize: a .pt file (torch.save of a tensor [N, ...], samples along dim 0, "
+    "or of a list of batches, each a tensor or a tuple with one tensor per model input), a .npy file "
+    "[N, ...], or an .npz with one [N, ...] array per model input (by input name, else in order); "
+    "samples are fed in batches of the model input's batch size")
+
+
+def load_calibration_data(path: str, graph) -> list[tuple]:
+    """The batches in a --calibration-data file, checked against the graph's inputs (shape, dtype,
+    NaN/Inf): a one-line SlimgraphError for anything wrong."""
+    import numpy as np
+    import torch
+
+    from slimgraph.passes.calibration import check_batches
+
+    who = f"--calibration-data {path}"
+    file = Path(path)
+    if not file.is_file():
+        raise SlimgraphError(f"{who}: no such file")
+    suffix = file.suffix.lower()
+    if suffix not in (".pt", ".pth", ".npy", ".npz"):
+        raise SlimgraphError(f"{who}: expected a .pt, .npy or .npz file")
+    try:
+        if suffix == ".npy":
+            data = torch.from_numpy(np.load(file, allow_pickle=False))
+        elif suffix == ".npz":
+            with np.load(file, allow_pickle=False) as arrays:
+                data = {k: torch.from_numpy(arrays[k]) for k in arrays.files}
+        else:
+            data = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise SlimgraphError(f"{who}: cannot read it ({type(exc).__name__}: {reason})") from None
+    if isinstance(data, torch.Tensor):
+        data = [data] if len(graph.inputs) == 1 else data
+        if isinstance(data, torch.Tensor):
+            raise SlimgraphError(f"{who}: one tensor feeds one input; the model takes {len(graph.inputs)} "
+                                 "(save a list of input tuples, or an .npz with one array per input)")
+        batches = _split_samples(data, graph, who)
+    elif isinstance(data, dict):
+        names = [v.name for v in graph.inputs]
+        if all(n in data for n in names):
+            per_input = [data[n] for n in names]
+        elif len(data) == len(names):
+            per_input = list(data.values())
+        else:
+            raise SlimgraphError(f"{who}: holds arrays {', '.join(data)}; the model's inputs are "
+                                 f"{', '.join(names)} (one [N, ...] array per input)")
+        batches = _split_samples(per_input, graph, who)
+    elif isinstance(data, (list, tuple)):
+        batches = [(item,) if isinstance(item, torch.Tensor) else item for item in data]
+    else:
+        raise SlimgraphError(f"{who}: holds a {type(data).__name__}, not tensors")
+    cast = []
+    for batch in batches:  # numpy data is often float64: feed it as the model's float type
+        if isinstance(batch, (tuple, list)) and len(batch) == len(graph.inputs):
+            batch = tuple(t.to(v.dtype.torch) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                          and v.dtype.is_float else t for t, v in zip(batch, graph.inputs))
+        cast.append(batch)
+    return check_batches(graph, cast, who)
+
+
+def _split_samples(per_input: list, graph, who: str) -> list[tuple]:
+    """One [N, ...] tensor per input -> batches of the model input's batch size."""
+    import torch
+
+    if not all(isinstance(t, torch.Tensor) for t in per_input):
+        raise SlimgraphError(f"{who}: expected tensors, got {', '.join(type(t).__name__ for t in per_input)}")
+    for i, (t, v) in enumerate(zip(per_input, graph.inputs)):
+        if t.dim() != len(v.shape) or tuple(t.shape[1:]) != tuple(v.shape[1:]):
+            want = ", ".join(["N", *(str(d) for d in v.shape[1:])])
+            raise SlimgraphError(f"{who}: input {i} (%{v.name}) has shape {tuple(t.shape)}; the model needs "
+                                 f"[{want}] (samples along dim 0; --input-shape sets a torch model's input)")
+    n = per_input[0].shape[0]
+    if any(t.shape[0] != n for t in per_input):
+        raise SlimgraphError(f"{who}: the inputs hold different numbers of samples "
+                             f"({', '.join(str(t.shape[0]) for t in per_input)})")
+    size = graph.inputs[0].shape[0] if isinstance(graph.inputs[0].shape[0], int) else 1
+    if n == 0 or n % size:
+        raise SlimgraphError(f"{who}: {n} samples do not make batches of {size} (the model input's batch size)")
+    return [tuple(t[i:i + size] for t in per_input) for i in range(0, n, size)]
+
+
 def _cmd_optimize(args) -> None:
-    from slimgraph import optimize
+    from slimgraph import import_model, optimize
+    from slimgraph.passes import to_passes
     from slimgraph.passes.instruments import PrintAfterChange
 
+    pipeline = to_passes(args.passes)  # a bad pipeline fails before the model loads
+    onnx_out = bool(args.output) and args.output.endswith(".onnx")
+    if args.quant_format != "qdq" and not onnx_out:
+        raise SlimgraphError(f"--quant-format {args.quant_format}: only for ONNX output (-o out.onnx)")
+    if any(p.name == "quantize" for p in pipeline) and not args.calibration_data:
+        raise SlimgraphError("pass 'quantize' needs calibration inputs: --calibration-data PATH "
+                             "(.pt, .npy or .npz; see --help)")
     model, inputs = load_model(args.model, args.input_shape)
+    calibration = None
+    if args.calibration_data:
+        model = import_model(model, inputs)  # the graph's inputs say what the data must look like
+        calibration = load_calibration_data(args.calibration_data, model)
     instruments = [PrintAfterChange()] if args.print_after_change else []
-    result = optimize(model, args.passes, example_inputs=inputs, instruments=instruments)
+    result = optimize(model, pipeline, example_inputs=inputs, instruments=instruments,
+                      calibration_data=calibration)
     print(result.trace.summary())
-    if args.output and args.output.endswith(".onnx"):
-        result.to_onnx(args.output, opset=args.opset, overwrite=args.force)
+    if onnx_out:
+        result.to_onnx(args.output, opset=args.opset, overwrite=args.force, quant_format=args.quant_format)
         print(f"wrote {args.output}")
     elif args.output:
         folder = result.save_torch(Path(args.output), overwrite=args.force)
@@ -115,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing model.py")
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
     p.add_argument("--print-after-change", action="store_true", help="print each changing pass's diff")
+    p.add_argument("--calibration-data", metavar="PATH", help=CALIBRATION_HELP)
+    p.add_argument("--quant-format", choices=("qdq", "qoperator"), default="qdq",
+                   help="how an int8 model is written to ONNX: qdq (QuantizeLinear/DequantizeLinear around "
+                        "float ops, the default) or qoperator (QLinearConv, QGemm, ... written out)")
     p.set_defaults(func=_cmd_optimize)
     p = sub.add_parser("inspect", help="print a model's IR and stats")
     p.add_argument("model")

@@ -38,3 +38,74 @@ def test_optimize_onnx_to_onnx(tmp_path, capsys):
     assert out.exists() and "wrote" in capsys.readouterr().out
     assert main(["optimize", str(src), "-o", str(out)]) == 1  # never overwrites without --force
     assert "already exists" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- calibration data
+QUANTIZE = ["tests.conftest:TinyNet", "--input-shape", "1,3,16,16",
+            "--passes", "fold-bn,quantize{progress=false},fold-int8"]
+
+
+def test_calibration_data_from_pt_npy_and_npz_files_quantizes(tmp_path, capsys):
+    import numpy as np
+    import onnx
+    import torch
+
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    writers = {
+        "samples.pt": lambda p: torch.save(x, p),  # [N, ...], split into batches of the input's batch size
+        "batches.pt": lambda p: torch.save([(x[i:i + 1],) for i in range(4)], p),
+        "tensors.pt": lambda p: torch.save([x[:2], x[2:]], p),
+        "samples.npy": lambda p: np.save(p, x.double().numpy()),  # float64: fed as float32
+        "samples.npz": lambda p: np.savez(p, x=x.numpy()),
+    }
+    models = {}
+    for name, write in writers.items():
+        write(tmp_path / name)
+        out = tmp_path / f"{name}.onnx"
+        assert main(["optimize", *QUANTIZE, "--calibration-data", str(tmp_path / name), "-o", str(out)]) == 0, \
+            capsys.readouterr().err
+        models[name] = onnx.load(str(out))
+    first = models["samples.pt"]
+    assert any(n.op_type == "QuantizeLinear" for n in first.graph.node)
+    def input_params(model):  # the input's quantizer: its range is the samples' (the factory's weights vary)
+        return [onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name in ("x_scale", "x_zero_point")]
+
+    for name, model in models.items():  # the same four samples, whatever the file
+        assert len(input_params(model)) == 2 and all(
+            np.array_equal(a, b) for a, b in zip(input_params(model), input_params(first))), name
+    qop = tmp_path / "qop.onnx"
+    assert main(["optimize", *QUANTIZE, "--calibration-data", str(tmp_path / "samples.pt"), "-o", str(qop),
+                 "--quant-format", "qoperator"]) == 0
+    assert sum(n.op_type == "QLinearConv" for n in onnx.load(str(qop)).graph.node) == 2
+
+
+def test_bad_calibration_data_is_a_one_line_error(tmp_path, capsys):
+    import re
+
+    import torch
+
+    nan = torch.randn(4, 3, 16, 16)
+    nan[2, 0, 0, 0] = float("nan")
+    torch.save(nan, tmp_path / "nan.pt")
+    torch.save(torch.randn(4, 3, 8, 8), tmp_path / "small.pt")
+    torch.save(torch.randn(3, 16, 16), tmp_path / "unbatched.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a tensor")
+    (tmp_path / "data.csv").write_text("1,2,3")
+    cal = ["--calibration-data"]
+    cases = [
+        (cal + [str(tmp_path / "missing.pt")], "missing.pt: no such file"),
+        (cal + [str(tmp_path / "small.pt")],
+         r"input 0 \(%x\) has shape \(4, 3, 8, 8\); the model needs \[N, 3, 16, 16\]"),
+        (cal + [str(tmp_path / "unbatched.pt")], r"has shape \(3, 16, 16\); the model needs \[N, 3, 16, 16\]"),
+        (cal + [str(tmp_path / "nan.pt")], r"calibration batch 2, input 0 \(%x\) contains NaN"),
+        (cal + [str(tmp_path / "junk.pt")], "junk.pt: cannot read it"),
+        (cal + [str(tmp_path / "data.csv")], r"expected a \.pt, \.npy or \.npz file"),
+        ([], "pass 'quantize' needs calibration inputs: --calibration-data PATH"),
+        (cal + [str(tmp_path / "small.pt"), "--quant-format", "qoperator", "-o", str(tmp_path / "folder")],
+         "--quant-format qoperator: only for ONNX output"),
+    ]
+    for extra, message in cases:
+        assert main(["optimize", *QUANTIZE, *extra]) == 1, extra
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
+        assert re.search(message, err), err

@@ -168,6 +168,8 @@ def emit_linear(b, node):
         return
     if w.is_constant:
         wt = b.initializer(w.const_value.t().contiguous(), "weight_t")
+    elif _transposable_int8_weight(w.producer):
+        wt = _dequantize_transposed(b, w.producer)
     else:
         wt = b.add("Transpose", [b.inp(1)], 1, perm=[1, 0])[0]
     if bias is None:
@@ -448,37 +450,21 @@ def emit_cast(b, node):
     b.add("Cast", [b.inp(0)], [b.out()], to=_ONNX_DTYPE[node.outputs[0].dtype])
 
 
-@emitter("multihead_attention")
+@emitter("attention")
 def emit_attention(b, node):
-    """Self/cross attention as MatMul/Softmax, keeping batch and sequence dims dynamic."""
-    q, k, v, w_in, b_in, w_out, b_out = node.inputs
-    heads, batch_first = node.attrs["num_heads"], node.attrs["batch_first"]
-    if not w_in.is_constant or not w_out.is_constant:
-        raise UnsupportedError(f"node {node.name}: attention with computed weights has no ONNX form here")
-    embed = q.shape[-1]
-    head_dim = embed // heads
-    names = [b.inp(0), b.inp(1), b.inp(2)]
-    if not batch_first:  # [L, B, E] -> [B, L, E]
-        names = [b.add("Transpose", [n], 1, perm=[1, 0, 2])[0] for n in names]
-    projected = []
-    for i, (name, perm) in enumerate(zip(names, ([0, 2, 1, 3], [0, 2, 3, 1], [0, 2, 1, 3]))):
-        w = b.initializer(w_in.const_value[i * embed:(i + 1) * embed].t().contiguous(), f"w_{'qkv'[i]}")
-        y = b.add("MatMul", [name, w], 1)[0]
-        if b_in is not None:
-            y = b.add("Add", [y, b.initializer(b_in.const_value[i * embed:(i + 1) * embed], f"b_{'qkv'[i]}")], 1)[0]
-        y = b.add("Reshape", [y, b.ints([0, 0, heads, head_dim], "heads")], 1)[0]
-        projected.append(b.add("Transpose", [y], 1, perm=perm)[0])
-    qh, kh, vh = projected
-    scale = b.scalar_like(1.0 / math.sqrt(head_dim), q, "scale")
-    scores = b.add("Mul", [b.add("MatMul", [qh, kh], 1)[0], scale], 1)[0]
+    """Heads split from the last dim, then MatMul/Softmax/MatMul; batch and sequence stay dynamic."""
+    heads, rank = node.attrs["num_heads"], node.inputs[0].rank
+    lead = list(range(rank - 2))
+    split = b.ints([0] * (rank - 1) + [heads, -1], "heads")  # [..., L, E] -> [..., L, heads, E / heads]
+    q, k, v = (b.add("Reshape", [b.inp(i), split], 1)[0] for i in range(3))
+    to_heads = lead + [rank - 1, rank - 2, rank]  # [..., L, heads, dim] <-> [..., heads, L, dim]
+    qh, vh = (b.add("Transpose", [t], 1, perm=to_heads)[0] for t in (q, v))
+    kt = b.add("Transpose", [k], 1, perm=lead + [rank - 1, rank, rank - 2])[0]  # [..., heads, dim, S]
+    scale = b.scalar_like(node.attrs["scale"], node.inputs[0], "scale")
+    scores = b.add("Mul", [b.add("MatMul", [qh, kt], 1)[0], scale], 1)[0]
     context = b.add("MatMul", [b.add("Softmax", [scores], 1, axis=-1)[0], vh], 1)[0]
-    merged = b.add("Reshape", [b.add("Transpose", [context], 1, perm=[0, 2, 1, 3])[0],
-                               b.ints([0, 0, embed], "merge")], 1)[0]
-    y = b.add("MatMul", [merged, b.initializer(w_out.const_value.t().contiguous(), "w_out")], 1)[0]
-    if b_out is not None:
-        y = b.add("Add", [y, b.name(b_out)], 1)[0]
-    b.add("Transpose" if not batch_first else "Identity", [y], [b.out()],
-          **({"perm": [1, 0, 2]} if not batch_first else {}))
+    merged = b.add("Transpose", [context], 1, perm=to_heads)[0]
+    b.add("Reshape", [merged, b.ints([0] * (rank - 1) + [-1], "merge")], [b.out()])
 
 
 @emitter(OPAQUE)
@@ -525,8 +511,31 @@ def _axis_attr(node: Node) -> dict[str, int]:
     return {} if axis is None else {"axis": axis}  # ONNX's own default axis is 1: say it only per-axis
 
 
+def _transposable_int8_weight(dq: Node | None) -> bool:
+    """A linear weight [out, in] dequantized from constants, per tensor or per output channel."""
+    return dq is not None and dq.op == "dequantize_linear" and dq.attrs.get("axis") in (None, 0) \
+        and dq.inputs[0].rank == 2 and all(v is None or v.is_constant for v in dq.inputs)
+
+
+def _dequantize_transposed(b: _Builder, dq: Node) -> str:
+    """The weight of a linear on [B, L, E] (emitted as MatMul) as DQ(int8 [in, out]), its scales
+    along axis 1: the DQ -> MatMul unit onnxruntime fuses into QLinearMatMul / MatMulIntegerToFloat."""
+    q = b.initializer(dq.inputs[0].const_value.t().contiguous(), "weight_t_q")
+    params = [b.name(v) for v in dq.inputs[1:] if v is not None]
+    return b.add("DequantizeLinear", [q, *params], 1, **({} if dq.attrs.get("axis") is None else {"axis": 1}))[0]
+
+
+def _only_transposed(graph: Graph, dq: Node) -> bool:
+    """Every reader of this weight DQ is a linear that emits its own transposed DQ (so it has no ONNX node)."""
+    v = dq.outputs[0]
+    return _transposable_int8_weight(dq) and bool(v.uses) and all(o is not v for o in graph.outputs) \
+        and all(u.node.op == "linear" and u.index == 1 and u.node.inputs[0].rank != 2 for u in v.uses)
+
+
 @emitter("quantize_linear", "dequantize_linear")
 def emit_quantize_dequantize(b, node):
+    if node.op == "dequantize_linear" and _only_transposed(b.graph, node):
+        return
     op = "QuantizeLinear" if node.op == "quantize_linear" else "DequantizeLinear"
     b.add(op, [b.inp(i) for i, v in enumerate(node.inputs) if v is not None], [b.out()], **_axis_attr(node))
 
@@ -604,10 +613,38 @@ def check_model(model: onnx.ModelProto) -> None:
         raise SlimgraphError(f"the emitted ONNX model fails onnx.checker: {exc}") from None
 
 
+QUANT_FORMATS = ("qdq", "qoperator")
+
+
+def _check_quant_format(graph: Graph, quant_format: str) -> None:
+    if quant_format not in QUANT_FORMATS:
+        raise SlimgraphError(f"quant_format {quant_format!r} is not one of {', '.join(QUANT_FORMATS)}")
+    if quant_format == "qdq":
+        return
+    fake = next((n for n in graph.nodes if n.op == "fake_quant"), None)
+    if fake is not None:
+        raise SlimgraphError(f"quant_format 'qoperator': node {fake.name} is a fake_quant; run fold-int8 first "
+                             "(QOperator kernels take int8 weights)")
+    if not any(n.op == "dequantize_linear" for n in graph.nodes):
+        raise SlimgraphError("quant_format 'qoperator': the graph is not quantized (no dequantize_linear node); "
+                             "run quantize and fold-int8 first, or emit it with quant_format='qdq'")
+
+
 def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int = DEFAULT_OPSET,
-            overwrite: bool = False) -> onnx.ModelProto:
-    """Build and check the ModelProto; with a path, write it (never over an existing file unless asked)."""
+            overwrite: bool = False, quant_format: str = "qdq") -> onnx.ModelProto:
+    """Build and check the ModelProto; with a path, write it (never over an existing file unless asked).
+
+    ``quant_format`` says how a folded int8 graph is written: ``qdq`` (QuantizeLinear /
+    DequantizeLinear around float ops, which onnxruntime fuses into integer kernels) or
+    ``qoperator`` (those kernels written out: QLinearConv, QLinearMatMul and onnxruntime's
+    com.microsoft QLinearAdd, QGemm, ...; see onnx_qoperator.py). ``qoperator`` on a graph
+    without int8 tensors is an error."""
+    _check_quant_format(graph, quant_format)
     model = build_model(graph, opset)
+    if quant_format == "qoperator":
+        from slimgraph.backends.onnx_qoperator import to_qoperator
+
+        model = to_qoperator(model)[0]
     check_model(model)
     if path is not None:
         path = Path(path)

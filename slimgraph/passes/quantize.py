@@ -92,9 +92,7 @@ class _Placer:
             return [v for v in operands if _is_activation(v)]
         if not _is_activation(x) or not _is_float_constant(w):
             return None  # computed weights (no per-channel int8 form): keep the layer float
-        if node.op == "linear" and x.rank != 2:
-            return None  # emitted as MatMul with a transposed weight; its QDQ form is not written yet
-        self.p.weights.append((node, 1, 0))
+        self.p.weights.append((node, 1, 0))  # a linear on [B, L, E] too: the ONNX backend transposes the int8 weight
         return [x]
 
     def anchor(self, v: Value) -> tuple[Value, tuple[float | None, float | None]]:
@@ -203,13 +201,16 @@ class Quantize(Pass):
         fq = optimize(model, "fold-bn,quantize", example_inputs=x, calibration_data=batches)
         module = fq.to_torch().train()      # fake-quant ops pass straight-through gradients
         ...train module...
-        load_weights(fq.graph, module)      # the trained weights back into the graph
+        load_weights(fq.graph, module)      # the trained weights and scales back into the graph
         int8 = optimize(fq.graph, "fold-int8")
 
-    Scales are neither learned nor observer-updated: they stay frozen at their calibrated values
-    (activation scales are written into the module as literals, weight scales as buffers, which
-    ``load_weights`` copies back unchanged), so the weights train against the very grid
-    ``fold-int8`` rounds them to, and the folded model computes what the trained module did.
+    Scales start at their calibrated values and are learned (LSQ, Esser et al. 2020): every scale
+    is a trainable constant, an nn.Parameter of the emitted module, whose gradient comes through
+    the straight-through estimate (scaled by 1 / sqrt(elements per scale * qmax)); freeze them
+    with ``requires_grad_(False)``. Zero points stay fixed (so a ReLU's stays at 0 and
+    onnxruntime still folds the ReLU into the quantizer). ``load_weights`` brings the trained
+    scales back, and ``fold-int8`` rounds the weights to the trained grid, so the folded model
+    computes what the trained module did (but for the bias, rounded to its int32 step).
     """
 
     name = "quantize"
@@ -272,8 +273,8 @@ class Quantize(Pass):
             root = placement.tied.get(id(v), v)
             if id(root) not in constants:
                 scale, zero_point = params[id(root)]
-                constants[id(root)] = (
-                    graph.add_constant(f"{root.name}_scale", torch.tensor(scale, dtype=torch.float32)),
+                constants[id(root)] = (  # scales are trainable: the emitted module learns them (QAT)
+                    graph.add_constant(f"{root.name}_scale", torch.tensor(scale, dtype=torch.float32), trainable=True),
                     graph.add_constant(f"{root.name}_zero_point", torch.tensor(zero_point, dtype=dtype)))
             _insert_fake_quant(graph, v, *constants[id(root)])
         quantized_weights: dict[int, Value] = {}
@@ -281,7 +282,7 @@ class Quantize(Pass):
             w = node.inputs[index]
             if id(w) not in quantized_weights:
                 scale = weight_params(w.const_value, axis)
-                s = graph.add_constant(f"{w.name}_scale", scale)
+                s = graph.add_constant(f"{w.name}_scale", scale, trainable=True)
                 z = graph.add_constant(f"{w.name}_zero_point", torch.zeros(scale.shape, dtype=torch.int8))
                 attrs = {} if axis is None else {"axis": axis}
                 fq = graph.create_node("fake_quant", [w, s, z], attrs, name=f"{w.name}_fq", before=node,
@@ -346,7 +347,9 @@ class FoldInt8(Pass):
     explicit quantize_linear -> dequantize_linear on activations, no redundant requantization.
 
     Biases are quantized only for onnxruntime (``quantize{target=ort}``, or graphs imported
-    already quantized): TensorRT keeps them float.
+    already quantized): TensorRT keeps them float. A linear on [B, L, E] (transformers) gets its
+    int32 bias too: onnxruntime turns its MatMul + Add into QGemm where shapes are static, and
+    into MatMulIntegerToFloat + Add where they are not.
     """
 
     name = "fold-int8"

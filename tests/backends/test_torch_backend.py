@@ -100,3 +100,61 @@ def test_names_are_data_never_code(tmp_path):
     assert "__import__(" not in module.code.replace(repr(evil), "")  # only inside a string literal
     module.train()(torch.randn(1, 4))
     assert not sentinel.exists()
+
+
+def test_saved_fake_quant_model_learns_its_scales_without_slimgraph(tiny, tmp_path):
+    """QAT outside slimgraph: model.py of a fake-quant graph runs and trains with torch alone,
+    its scales among the parameters; load_weights then takes the trained state back."""
+    model, (x,) = tiny
+    data = [(torch.randn(x.shape),) for _ in range(4)]
+    fq = slimgraph.optimize(model, "fold-bn,quantize{progress=false}", example_inputs=x, calibration_data=data)
+    fq.save_torch(tmp_path / "out")
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import importlib.abc, importlib.util, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "slimgraph":
+                    raise ImportError("slimgraph is blocked in this process")
+        sys.meta_path.insert(0, Block())
+        import torch
+        spec = importlib.util.spec_from_file_location("model", {str(tmp_path / "out" / "model.py")!r})
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        net = mod.load({str(tmp_path / "out")!r})
+        x = torch.load({str(tmp_path / "x.pt")!r})
+        with torch.no_grad():
+            torch.save(net(x), {str(tmp_path / "eval.pt")!r})
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        net.train()(x).square().mean().backward()
+        opt.step()
+        torch.save(net.state_dict(), {str(tmp_path / "trained.pt")!r})
+        print(sorted(n for n, _ in net.named_parameters() if n.endswith("_scale")))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "'relu_scale'" in out.stdout and "'conv2_weight_scale'" in out.stdout
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "eval.pt"), slimgraph.to_torch(fq.graph)(x))
+    module = slimgraph.to_torch(fq.graph)
+    module.load_state_dict(torch.load(tmp_path / "trained.pt"))
+    before = float(fq.graph.constants["relu_scale"].const_value)
+    slimgraph.load_weights(fq.graph, module)
+    assert float(fq.graph.constants["relu_scale"].const_value) == float(module.relu_scale.detach()) != before
+
+
+def test_opaque_module_with_parameters_loads_its_weights():
+    class WithBilinear(torch.nn.Module):  # nn.Bilinear has no canonical op: it stays an opaque module
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bil = torch.nn.Linear(4, 4), torch.nn.Bilinear(4, 4, 3)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return self.bil(y, y)
+
+    torch.manual_seed(0)
+    model, x = WithBilinear().eval(), torch.randn(2, 4)
+    module = slimgraph.to_torch(slimgraph.import_model(model, (x,)))
+    assert "bil.weight" in module.state_dict()
+    assert torch.equal(module(x), model(x))

@@ -66,8 +66,24 @@ def test_fake_quant_matches_quantize_then_dequantize_and_emits_qdq():
     assert [n.op_type for n in proto.graph.node] == ["QuantizeLinear", "DequantizeLinear"]
     assert torch.allclose(run_onnxruntime(proto, [x])[0], run(fq, [x])[0])
     module = slimgraph.to_torch(fq)
-    assert "torch.fake_quantize_per_tensor_affine(x, 0.03" in module.code
-    assert torch.allclose(module(x), run(fq, [x])[0], atol=1e-6)
+    assert "fake_quant(x, 0.03, 128, 0, 255)" in module.code
+    assert torch.equal(module(x), run(fq, [x])[0])  # the very same arithmetic, bit for bit
+
+
+def test_emitted_fake_quant_rounds_ties_and_near_ties_as_onnx_quantize_linear_does():
+    """x / scale, then round half to even: 2.5 -> 2, 3.5 -> 4, -2.5 -> -2. Near ties too: x =
+    (n + 0.5) * 0.3 in float32 lands just off the tie, where x * (1 / scale) (what
+    torch.fake_quantize_* computes) now and then rounds the other way."""
+    ties = torch.tensor([[0.5, 1.5, 2.5, 3.5, -0.5, -2.5, -3.5, 200.5]])
+    g = qdq_graph(tuple(ties.shape), 1.0, torch.tensor(0, dtype=torch.int8), op="fake_quant")
+    assert slimgraph.to_torch(g)(ties).tolist() == [[0.0, 2.0, 2.0, 4.0, 0.0, -2.0, -4.0, 127.0]]
+
+    near = ((torch.arange(-128, 127, dtype=torch.float32) + 0.5) * torch.tensor(0.3)).reshape(1, -1)
+    g = qdq_graph(tuple(near.shape), 0.3, torch.tensor(128, dtype=torch.uint8), op="fake_quant")
+    onnx_y = run_onnxruntime(slimgraph.to_onnx(g), [near])[0]  # QuantizeLinear -> DequantizeLinear
+    assert torch.equal(slimgraph.to_torch(g)(near), onnx_y) and torch.equal(run(g, [near])[0], onnx_y)
+    inverse = torch.fake_quantize_per_tensor_affine(near, 0.3, 128, 0, 255)
+    assert int((inverse != onnx_y).sum()) > 10  # the cases the emitted module must not follow
 
 
 def test_dequantize_int32_without_zero_point():
@@ -104,9 +120,9 @@ def test_emitted_fake_quant_trains_with_straight_through_gradients():
     xq = g.create_node("fake_quant", [x, xs, xz])
     g.set_outputs([g.create_node("linear", [xq.output, wq.output]).output])
     module = slimgraph.to_torch(g).train()
-    assert "torch.fake_quantize_per_channel_affine(self.w" in module.code
+    assert "fake_quant(self.w, self.w_scale, 0, -128, 127, axis=0)" in module.code
     params = dict(module.named_parameters())
-    assert list(params) == ["w"]
+    assert list(params) == ["w"]  # scales not marked trainable stay fixed (quantize marks its own)
     inp = torch.tensor([[0.3, -0.2, 5.0, 0.1]], requires_grad=True)  # 5.0 saturates (max 1.27)
     module(inp).sum().backward()
     assert torch.allclose(params["w"].grad, torch.round(inp.detach() / 0.01).clamp(-128, 127) * 0.01)

@@ -16,9 +16,10 @@ from torch import nn
 import slimgraph
 from slimgraph.backends.onnx import onnxruntime_kernels, run_onnxruntime
 from slimgraph.errors import PassError, SlimgraphError
-from slimgraph.ir import DType, print_graph, run
+from slimgraph.ir import DType, Graph, print_graph, run
 from slimgraph.passes import PassContext, make_pass
 from slimgraph.passes.quantize import place
+from tests.backends.test_torch_int8 import EXACT_INT32
 from tests.conftest import perturb_bn
 
 PIPELINE = "fold-bn,quantize{progress=false},fold-int8"
@@ -230,7 +231,8 @@ def test_fake_quant_module_trains_with_straight_through_gradients(tiny):
     model, (x,) = tiny
     result = quantized(model, tuple(x.shape), 4, "fold-bn,quantize{progress=false}")
     module = result.to_torch().train()
-    assert "torch.fake_quantize_per_channel_affine" in module.code
+    assert "import slimgraph" not in module.code and ", -128, 127, axis=0)" in module.code
+    assert any(name.endswith("_scale") for name, _ in module.named_parameters())  # scales learn too
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
     before = module(x).detach()
     loss = module(x).square().mean()
@@ -239,6 +241,65 @@ def test_fake_quant_module_trains_with_straight_through_gradients(tiny):
     assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads)
     opt.step()
     assert not torch.allclose(module(x).detach(), before)
+
+
+def test_scales_learn_with_lsq_gradients():
+    """LSQ (Esser et al. 2020): through the straight-through estimate, d out / d scale is
+    round(x / s) - x / s inside the range and qmin - z or qmax - z where it saturates, times
+    1 / sqrt(elements per scale * qmax)."""
+    g = Graph("lsq")
+    x = g.add_input("x", (2, 4), DType.float32)
+    xs = g.add_constant("x_scale", torch.tensor(0.1), trainable=True)
+    xz = g.add_constant("x_zero_point", torch.tensor(10, dtype=torch.uint8))
+    w = g.add_constant("w", torch.tensor([[0.5, -1.0, 0.26, 2.0], [0.1, 0.2, -0.3, 0.04]]), trainable=True)
+    ws = g.add_constant("w_scale", torch.tensor([2.0 / 127, 0.3 / 127]), trainable=True)
+    wz = g.add_constant("w_zero_point", torch.zeros(2, dtype=torch.int8))
+    xq = g.create_node("fake_quant", [x, xs, xz]).output
+    wq = g.create_node("fake_quant", [w, ws, wz], {"axis": 0}).output
+    g.set_outputs([xq, wq])
+    module = slimgraph.to_torch(g).train()
+    assert "fake_quant(x, self.x_scale, 10, 0, 255)" in module.code
+    assert "fake_quant(self.w, self.w_scale, 0, -128, 127, axis=0)" in module.code
+    assert sorted(n for n, _ in module.named_parameters()) == ["w", "w_scale", "x_scale"]
+    inp = torch.tensor([[0.26, -0.74, 0.05, 30.0], [-5.0, 1.0, 0.149, 2.0]])  # 30.0 and -5.0 saturate
+    out_x, out_w = module(inp)
+    (out_x.sum() + out_w.sum()).backward()
+
+    v = inp / 0.1
+    step = torch.where(v + 10 > 255, 255.0 - 10, torch.where(v + 10 < 0, 0.0 - 10, torch.round(v) - v))
+    assert torch.allclose(module.x_scale.grad, step.sum() / (8 * 255) ** 0.5, atol=1e-6)
+    v = module.w.detach() / module.w_scale.detach()[:, None]
+    per_channel = (torch.round(v) - v).sum(1) / (4 * 127) ** 0.5
+    assert torch.allclose(module.w_scale.grad, per_channel, atol=1e-6)  # 127 - 127.00001: float cancellation
+    with torch.no_grad():  # and eval is the graph's arithmetic, bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(module.eval()(inp), run(g, [inp])))
+
+
+def test_load_weights_brings_trained_scales_back_for_fold_int8(tiny):
+    model, (x,) = tiny
+    fq = quantized(model, tuple(x.shape), 4, "fold-bn,quantize{progress=false}")
+    module = fq.to_torch()
+    with torch.no_grad():
+        assert torch.equal(module(x), run(fq.graph, [x])[0])
+        module.relu_scale.mul_(1.5)
+        module.conv2_weight_scale.mul_(0.75)
+        trained = module(x)
+    assert slimgraph.load_weights(fq.graph, module) > 0
+    assert torch.equal(run(fq.graph, [x])[0], trained) and torch.equal(fq.to_torch()(x), trained)
+    int8 = slimgraph.optimize(fq.graph.clone(), "fold-int8", example_inputs=x)
+    relu_q = next(n for n in int8.graph.nodes if n.op == "quantize_linear" and n.inputs[0].name == "relu")
+    assert float(relu_q.inputs[1].const_value) == float(module.relu_scale.detach())  # the trained grid
+    assert cosine(run_onnxruntime(int8.to_onnx(), [x])[0], trained) > 0.9999
+
+    before = {name: v.const_value for name, v in fq.graph.constants.items()}
+    for param, index, bad, node in [("add_scale", (), 0.0, "add_fq"), ("add_scale", (), float("nan"), "add_fq"),
+                                    ("conv2_weight_scale", (3,), -0.01, "conv2_weight_fq")]:
+        again = fq.to_torch()
+        with torch.no_grad():
+            getattr(again, param)[index] = bad
+        with pytest.raises(SlimgraphError, match=rf"node {node} \(fake_quant\): its scale {param} trained to"):
+            slimgraph.load_weights(fq.graph, again)
+        assert all(v.const_value is before[name] for name, v in fq.graph.constants.items())  # nothing copied
 
 
 # ---------------------------------------------------------------------------- calibration
@@ -412,11 +473,101 @@ def test_int8_model_matches_onnxruntime_quantizer(name, tmp_path):
     theirs_cos = [cosine(a, b) for a, b in zip(theirs_out, checked["reference"])]
     assert sum(ours_cos) >= sum(theirs_cos), (ours_cos, theirs_cos)
 
-    # The logits stay float (QGemm writes float); one step is uint8's over their range. Float
-    # fake-quant and integer kernels round ties differently now and then (~1e-5 of the elements
-    # per layer), and a random-init resnet18 amplifies each such flip through 20 layers: its
-    # largest disagreement measured 1.06 steps (mean 0.21), mobilenet_v2's 0.55.
+    # The logits stay float (QGemm writes float): one step is that of uint8 over their range (what
+    # minmax would give them). onnxruntime runs each conv unit as QLinearConv: an exact int32
+    # accumulator plus the int32 bias, requantized in float32 as round_half_even(float32(acc) *
+    # float32(float32(x_scale * w_scale) / y_scale)) + zero point. A float conv of dequantized
+    # values divided by y_scale (the QDQ graph as ONNX defines it) rounds ~2e-6 of the conv outputs
+    # to the neighbouring integer, and a random-init resnet18 amplifies each flip through its 20
+    # convs: 1.03 steps at the logits (mean 0.20), mobilenet_v2 0.47. The PyTorch backend therefore
+    # emits each such unit as qconv, the integer kernel's arithmetic; input quantization, max pool,
+    # QLinearAdd, QLinearGlobalAveragePool and QGemm agree exactly as they are. What is left is
+    # QGemm's float output: at most 4.1e-5 steps on resnet18 (mean 6e-6), 5.0e-5 on mobilenet_v2.
+    # (Where onnxruntime's own int32 accumulator saturates, x86 without VNNI, only the issue's bound.)
     step = float(checked["reference"].max() - checked["reference"].min()) / 255
     diff = (checked["torch"] - checked["onnx"]).abs() / step
-    assert float(diff.mean()) < 0.25
-    assert float(diff.max()) <= (1.0 if name == "mobilenet_v2" else 1.25)
+    assert float(diff.mean()) < (1e-3 if EXACT_INT32 else 0.25)
+    assert float(diff.max()) <= (0.01 if EXACT_INT32 else 1.0)
+
+
+# ---------------------------------------------------------------------------- linears on [B, L, E]
+INTEGER_MATMULS = ("QGemm", "QLinearMatMul", "MatMulIntegerToFloat")
+FLOAT_MATMULS = {"MatMul", "Gemm", "FusedMatMul", "FusedGemm"}
+
+
+class Tokens(nn.Module):
+    """Linears on [batch, tokens, features], as in every transformer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def transposed_weight_dqs(proto) -> list[tuple[list[int], list[int]]]:
+    """(int8 weight dims, scale dims) of every per-axis DQ along axis 1 of a 2-D int8 initializer."""
+    from onnx import TensorProto
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    found = []
+    for n in proto.graph.node:
+        w = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if w is not None and w.data_type == TensorProto.INT8 and len(w.dims) == 2:
+            assert [a.i for a in n.attribute if a.name == "axis"] == [1], n.name
+            found.append((list(w.dims), list(inits[n.input[1]].dims)))
+    return found
+
+
+def fake_quant_then_int8(model: nn.Module, shape: tuple[int, ...]):
+    data = calibration(shape, 4)
+    fq = slimgraph.optimize(model, "fold-bn,quantize{progress=false}", example_inputs=data[0], calibration_data=data)
+    return fq, slimgraph.optimize(fq.graph, "fold-int8", example_inputs=data[0])
+
+
+def test_a_linear_on_tokens_runs_as_an_integer_matmul_with_per_column_scales():
+    torch.manual_seed(0)
+    fq, folded = fake_quant_then_int8(Tokens().eval(), (2, 5, 16))
+    linears = [n for n in fq.graph.nodes if n.op == "linear"]
+    assert all(n.inputs[1].producer.op == "fake_quant" and n.inputs[1].producer.attrs == {"axis": 0} for n in linears)
+    assert folded.trace[-1].pass_stats["biases"] == 2  # int32, as for 2-D linears
+    proto = folded.to_onnx()
+    # the int8 weight is stored transposed ([in, out], what MatMul reads) with its scales along axis 1
+    assert transposed_weight_dqs(proto) == [([16, 32], [32]), ([32, 8], [8])]
+    assert not any(n.op_type == "Transpose" for n in proto.graph.node)
+    kernels = onnxruntime_kernels(proto)
+    assert sum(kernels.get(op, 0) for op in INTEGER_MATMULS) == 2 and not FLOAT_MATMULS & set(kernels), kernels
+    folded.graph.inputs[0].meta["batch_symbol"] = "B"  # a dynamic batch: onnxruntime makes no QGemm then
+    dynamic = onnxruntime_kernels(folded.to_onnx())
+    assert dynamic.get("MatMulIntegerToFloat") == 2 and not FLOAT_MATMULS & set(dynamic), dynamic
+    module = folded.to_torch()
+    for x, in calibration((2, 5, 16), 3, seed=1):
+        expected = run(fq.graph, [x])[0]  # the fake-quant interpreter
+        got = run_onnxruntime(proto, [x])[0]
+        # float output: one uint8 step over its range (an int32 bias rounding can flip fc1's quantized output)
+        assert float((got - expected).abs().max()) <= float(expected.max() - expected.min()) / 255
+        assert torch.allclose(got, run(folded.graph, [x])[0], atol=1e-5)
+        with torch.no_grad():
+            assert torch.allclose(module(x), run(folded.graph, [x])[0], atol=1e-5)
+
+
+def test_a_transformer_block_quantizes_every_projection():
+    from tests.backends.test_onnx_qoperator import Block
+
+    torch.manual_seed(0)
+    fq, folded = fake_quant_then_int8(Block().eval(), (2, 5, 16))
+    assert fq.trace[-1].pass_stats["float_layers"] == 0 and fq.trace[-1].pass_stats["weights"] == 6
+    proto = folded.to_onnx()
+    assert sorted(transposed_weight_dqs(proto)) == sorted([([16, 16], [16])] * 4 + [([16, 64], [64]), ([64, 16], [16])])
+    kernels = onnxruntime_kernels(proto)
+    # six projections and the two attention products
+    assert sum(kernels.get(op, 0) for op in INTEGER_MATMULS) == 8 and not FLOAT_MATMULS & set(kernels), kernels
+    out = folded.graph.outputs[0].producer
+    step = float(out.inputs[1].const_value)
+    module = folded.to_torch()
+    for x, in calibration((2, 5, 16), 3, seed=1):
+        got = run_onnxruntime(proto, [x])[0]
+        assert float((got - run(fq.graph, [x])[0]).abs().max()) <= step * 1.001
+        with torch.no_grad():
+            assert torch.allclose(module(x), run(folded.graph, [x])[0], atol=1e-5)

@@ -46,22 +46,32 @@ def test_calibration_and_qat(trained):
     ptq_torch, ptq_ort = both_backends(int8.graph, xte, yte)
     drop = base - min(ptq_torch, ptq_ort)
 
-    # QAT: fine-tune the fake-quant module (straight-through gradients), bring the weights back
+    # QAT: fine-tune the fake-quant module (straight-through gradients), weights and scales (LSQ),
+    # then bring both back into the graph
     module = fq.to_torch().train()
+    scales = {name for name, _ in module.named_parameters() if name.endswith("_scale")}
+    assert len(scales) >= 10  # every activation and weight quantizer's scale is a parameter
     loss = torch.nn.functional.cross_entropy(module(xtr[:16]), ytr[:16])
     loss.backward()
     grads = [p.grad for p in module.parameters()]
-    assert grads and all(g is not None and bool(g.any()) for g in grads)  # every weight learns through fake-quant
+    assert grads and all(g is not None and bool(g.any()) for g in grads)  # weights and scales learn
     module.zero_grad()
     before = fq.to_torch()(xte[:4]).detach()
+    calibrated = {v.name: v.const_value for v in fq.graph.constants.values() if v.name in scales}
+    assert len(calibrated) == len(scales)
     train(module, xtr, ytr, epochs=2, lr=0.001, seed=2)
     qat_fq = accuracy(module, xte, yte)
     assert slimgraph.load_weights(fq.graph, module) > 0
     assert not torch.allclose(fq.to_torch()(xte[:4]), before)  # the graph now holds the trained weights
+    change = [float(((fq.graph.constants[k].const_value - s) / s).abs().max()) for k, s in calibrated.items()]
+    # and the trained scales: every one moved; minmax-calibrated activation scales little (~1e-5 in two
+    # epochs at this rate: no clipping to pull them), per-channel weight scales by percents
+    assert min(change) > 0 and max(change) > 0.01, change
     qat = slimgraph.optimize(fq.graph, "fold-int8")
     qat_torch, qat_ort = both_backends(qat.graph, xte, yte)
     print(f"\ndigits int8: fp32 {base:.2f}% | calibration only: torch {ptq_torch:.2f}%, onnxruntime {ptq_ort:.2f}%"
-          f" | QAT: fake-quant module {qat_fq:.2f}%, int8 torch {qat_torch:.2f}%, onnxruntime {qat_ort:.2f}%")
+          f" | QAT (learned scales, largest change {max(change):.1%}): fake-quant module {qat_fq:.2f}%, "
+          f"int8 torch {qat_torch:.2f}%, onnxruntime {qat_ort:.2f}%")
     assert ptq_torch >= base - 1.0 and ptq_ort >= base - 1.0
     qat_drop = base - min(qat_torch, qat_ort)
     # QAT recovers at least half of a drop over 1 point; where calibration lost less, QAT loses at most 1 point
