@@ -7,12 +7,16 @@ call is mapped to a canonical op by the handler tables in ``torch_ops``. Anythin
 handler becomes an opaque node that calls the original code.
 
 The user's model is never touched: we trace a deep copy in eval mode (import captures
-inference semantics; the PyTorch backend restores trainable modules).
+inference semantics; the PyTorch backend restores trainable modules). The copy's parameters
+are private, so the graph adopts them as constants without cloning them a second time.
 """
 
 from __future__ import annotations
 
 import copy
+import copyreg
+import types
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,16 +70,118 @@ def import_torch(model: torch.nn.Module, example_inputs: Any) -> Graph:
     if not isinstance(model, torch.nn.Module):
         raise ModelImportError(f"expected a torch.nn.Module, got {type(model).__name__}")
     inputs = _check_example_inputs(example_inputs)
-    model = copy.deepcopy(model).eval()  # ours to trace and run; the user's stays bit-identical
+    graph = _import(model, inputs, adopt_parameters=True)
+    if graph is None:  # the model's forward wrote to a parameter the graph adopted: import again, cloning
+        graph = _import(model, inputs, adopt_parameters=False)
+    return graph
+
+
+def _import(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], adopt_parameters: bool) -> Graph | None:
+    model, private = _private_copy(model)  # ours to trace and run; the user's stays bit-identical
+    model.eval()
     try:
-        traced = torch.fx.symbolic_trace(model)
-        source = "torch.fx"
+        # torch.fx.symbolic_trace without wrapping the result in a GraphModule: its generated
+        # code is never run here, and the submodules it would hold are the copy's own
+        fx_graph = torch.fx.Tracer().trace(model)
+        root, source = model, "torch.fx"
     except Exception as fx_error:  # data-dependent Python control flow, unsupported builtins...
-        traced = _export(model, inputs, fx_error)
-        source = "torch.export"
-    graph = _Converter(traced, source).convert(inputs)
+        root = _export(model, inputs, fx_error)
+        fx_graph, source = root.graph, "torch.export"
+    converter = _Converter(root, source, fx_graph=fx_graph)
+    if adopt_parameters:
+        converter.private = private
+    graph = converter.convert(inputs)
+    if not converter.finish():
+        return None
     graph.meta["source"] = source
     return graph
+
+
+# Values copy.deepcopy returns as they are (besides tuples of them).
+_ATOMIC = frozenset({type(None), int, float, bool, complex, str, bytes, type, range, types.FunctionType,
+                     types.BuiltinFunctionType, torch.dtype, torch.device, torch.layout, torch.memory_format})
+
+
+def _plain_module_class(cls: type) -> bool:
+    """Whether copy.deepcopy copies instances of ``cls`` through nn.Module's default state (the
+    instance dict, less ``_compiled_call_impl``), which ``_private_copy`` reproduces directly."""
+    return (getattr(cls, "__deepcopy__", None) is None and cls not in copyreg.dispatch_table
+            and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
+            and cls.__getstate__ is torch.nn.Module.__getstate__
+            and not hasattr(cls, "__getnewargs_ex__") and not hasattr(cls, "__getnewargs__")
+            and all("__slots__" not in vars(k) for k in cls.__mro__))
+
+
+def _private_copy(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[int, torch.nn.Parameter]]:
+    """``copy.deepcopy(model)``, and the copy's own parameters (id -> parameter).
+
+    The same copy, made faster: a module of a plain class (see ``_plain_module_class``) is rebuilt
+    from its state with immutable attributes kept and empty containers (hook dicts) made anew,
+    which is what deepcopy makes of them; everything else (parameters, buffers, other
+    attributes, modules of other classes) goes through copy.deepcopy with one shared memo, so
+    shared and tied objects stay shared in the copy.
+    """
+    memo: dict[int, Any] = {}
+    plain: dict[type, bool] = {}
+
+    def copy_module(module: torch.nn.Module) -> torch.nn.Module:
+        done = memo.get(id(module))
+        if done is not None:
+            return done
+        cls = type(module)
+        if cls not in plain:
+            plain[cls] = _plain_module_class(cls)
+        if not plain[cls]:
+            return copy.deepcopy(module, memo)
+        new = cls.__new__(cls)
+        memo[id(module)] = new
+        state = {}
+        for key, value in module.__dict__.items():
+            kind = type(value)
+            if key == "_compiled_call_impl":
+                continue  # not part of nn.Module's state
+            if kind in _ATOMIC or (kind is tuple and all(type(v) in _ATOMIC for v in value)):
+                state[key] = value
+            elif id(value) in memo:  # an object met before (deepcopy keeps it shared)
+                state[key] = memo[id(value)]
+            elif key in ("_modules", "_buffers") and kind is dict:
+                state[key] = memo[id(value)] = {}
+                for k, v in value.items():
+                    state[key][k] = None if v is None else copy_module(v) if key == "_modules" else \
+                        _copy_buffer(v, memo)
+            elif kind in (dict, OrderedDict, set, list) and not value:
+                state[key] = memo[id(value)] = kind()
+            else:
+                state[key] = copy.deepcopy(value, memo)
+        new.__setstate__(state)
+        return new
+
+    private = copy_module(model)
+    owned = {id(v): v for k, v in memo.items()
+             if isinstance(v, torch.Tensor) and isinstance(v, torch.nn.Parameter) and k != id(v)}
+    return private, owned
+
+
+def _copy_buffer(t: Any, memo: dict[int, Any]) -> Any:
+    """copy.deepcopy(t, memo). A plain dense CPU tensor that spans its whole storage (nearly every
+    buffer) is cloned directly: the same result as Tensor.__deepcopy__'s storage copy, without its
+    Python overhead, and the storage is entered in the memo as deepcopy does, so a later view of it
+    still shares the copied storage."""
+    done = memo.get(id(t))
+    if done is not None:
+        return done
+    if type(t) is not torch.Tensor or not t.is_leaf or t.requires_grad or t.layout is not torch.strided \
+            or t.device.type != "cpu" or t.is_quantized or t.is_conj() or t.is_neg() or t.storage_offset() \
+            or not t.is_contiguous():
+        return copy.deepcopy(t, memo)
+    storage, storages = t.untyped_storage(), memo.setdefault("torch", {})
+    if storage.nbytes() != t.numel() * t.element_size() or storage._cdata in storages:
+        return copy.deepcopy(t, memo)  # a view, or a storage already copied: shared as deepcopy shares it
+    new = t.detach().clone()
+    memo[id(t)] = new
+    storages[storage._cdata] = new.untyped_storage()
+    memo.setdefault(id(memo), []).append(t)  # deepcopy's keep-alive: ids in the memo stay unique
+    return new
 
 
 def _check_example_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -113,23 +219,29 @@ RANDOM = ("rand", "bernoulli", "normal", "uniform", "multinomial", "dropout", "e
 
 
 class _Converter:
-    def __init__(self, gm: torch.fx.GraphModule, source: str, graph: Graph | None = None,
-                 prefix: str = "") -> None:
-        self.gm = gm
+    def __init__(self, gm: torch.nn.Module, source: str, graph: Graph | None = None,
+                 prefix: str = "", fx_graph: torch.fx.Graph | None = None) -> None:
+        self.gm = gm  # the module the fx graph's targets name (a GraphModule, or the traced root)
+        self.fx_graph = fx_graph if fx_graph is not None else gm.graph
         self.graph = graph if graph is not None else Graph(type(gm).__name__ if source == "torch.fx" else "exported")
         self.prefix = prefix  # inlined calls name their nodes after the call they replace
         self.modules = dict(gm.named_modules())
-        self.params = {id(p) for p in gm.parameters()}
+        self.params = {id(p) for m in self.modules.values() for p in m._parameters.values() if p is not None}
         self.ir: dict[torch.fx.Node, Any] = {}  # fx node -> Value / python value / BatchDim / tuple
         self.real: dict[torch.fx.Node, Any] = {}  # fx node -> concrete result
         self.const_cache: dict[int, Value] = {}
         self.current: torch.fx.Node | None = None
+        # parameters of our private copy, adopted as constants without a clone (id -> parameter);
+        # the adopted ones with their version counter, and the modules opaque nodes call
+        self.private: dict[int, torch.nn.Parameter] = {}
+        self.adopted: dict[int, tuple[torch.Tensor, int, Value]] = {}
+        self.opaque_modules: list[torch.nn.Module] = []
 
     # ------------------------------------------------------------------ driver
     def convert(self, inputs: tuple[torch.Tensor, ...]) -> Graph:
         from slimgraph.frontends import torch_ops
 
-        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        placeholders = [n for n in self.fx_graph.nodes if n.op == "placeholder"]
         required = [n for n in placeholders if not n.args]
         if not (len(required) <= len(inputs) <= len(placeholders)):
             raise ModelImportError(
@@ -137,7 +249,7 @@ class _Converter:
                 f"example_inputs has {len(inputs)}"
             )
         it = iter(inputs)
-        for fx_node in self.gm.graph.nodes:
+        for fx_node in self.fx_graph.nodes:
             self.current = fx_node
             if fx_node.op == "placeholder":
                 tensor = next(it, None)
@@ -221,7 +333,7 @@ class _Converter:
         if any(word in name for word in RANDOM):
             return None
         flat: list[Any] = []
-        torch.utils._pytree.tree_map(flat.append, (ir_args, ir_kwargs))
+        _leaves((ir_args, ir_kwargs), flat)
         if any(isinstance(v, BatchDim) for v in flat):
             return None
         values = [v for v in flat if isinstance(v, Value)]
@@ -259,6 +371,7 @@ class _Converter:
             return None
         sub = _Converter(exported, "torch.export", graph=self.graph, prefix=fx_node.name)
         sub.params, sub.const_cache = self.params, self.const_cache
+        sub.private, sub.adopted, sub.opaque_modules = self.private, self.adopted, self.opaque_modules
         outputs = sub.convert_inline(values, tensors)
         return outputs[0] if isinstance(real, torch.Tensor) else tuple(outputs)
 
@@ -267,7 +380,7 @@ class _Converter:
 
         placeholders = iter(zip(values, tensors))
         outputs: list[Any] = []
-        for fx_node in self.gm.graph.nodes:
+        for fx_node in self.fx_graph.nodes:
             self.current = fx_node
             if fx_node.op == "placeholder":
                 self.ir[fx_node], self.real[fx_node] = next(placeholders)
@@ -309,12 +422,36 @@ class _Converter:
         return node.outputs[0] if len(node.outputs) == 1 else node.outputs
 
     def constant(self, tensor: torch.Tensor, name: str) -> Value:
-        """A graph constant for a parameter/buffer (deduplicated, so tied weights stay tied)."""
+        """A graph constant for a parameter/buffer (deduplicated, so tied weights stay tied).
+
+        A parameter of our private copy is adopted as it is; anything else (buffers, which a
+        forward may update in place, tensors the copy does not own) is cloned.
+        """
         key = id(tensor)
         if key not in self.const_cache:
             trainable = key in self.params
-            self.const_cache[key] = self.graph.add_constant(name, tensor.detach().clone(), trainable=trainable)
+            adopt = self.private.get(key) is tensor and not tensor.is_inference()  # inference: no version
+            value = self.graph.add_constant(name, tensor.detach() if adopt else tensor.detach().clone(),
+                                            trainable=trainable)
+            if adopt:
+                self.adopted[key] = (tensor, tensor._version, value)
+            self.const_cache[key] = value
         return self.const_cache[key]
+
+    def finish(self) -> bool:
+        """After conversion: False if the forward wrote in place to an adopted parameter (import
+        again, cloning); a parameter an opaque node's module also holds is cloned after all, so
+        the graph's constants never share memory with a module it calls."""
+        if any(tensor._version != version for tensor, version, _ in self.adopted.values()):
+            return False
+        if self.opaque_modules and self.adopted:
+            held = {id(t) for m in self.opaque_modules for sub in m.modules()
+                    for t in (*sub._parameters.values(), *sub._buffers.values(), *vars(sub).values())
+                    if isinstance(t, torch.Tensor)}
+            for key in held & self.adopted.keys():
+                value = self.adopted[key][2]
+                value.const_value = value.const_value.clone()
+        return True
 
     def scalar(self, number: float | int | bool, like: Value) -> Value:
         """A Python number operand as a 0-d constant of a compatible dtype."""
@@ -351,6 +488,7 @@ class _Converter:
         args_t, kwargs_t = template(args), template(kwargs)
         if fx_node.op == "call_module":
             impl = OpaqueImpl(fx_node.target, "module", args_t, kwargs_t, module=target)
+            self.opaque_modules.append(target)
         elif fx_node.op == "call_method":
             impl = OpaqueImpl(target, "method", args_t, kwargs_t)
         else:
@@ -398,6 +536,19 @@ def _export_call(fn: Any, args: tuple, kwargs: dict, values: list[Value], tensor
         except Exception:
             continue
     return None
+
+
+def _leaves(x: Any, out: list[Any]) -> None:
+    """The leaves of a call's IR-side arguments (tuples, lists and dicts, as torch.fx builds them;
+    a slice is a leaf, as for torch.utils._pytree), appended to ``out``."""
+    if isinstance(x, (tuple, list)):
+        for item in x:
+            _leaves(item, out)
+    elif isinstance(x, dict):
+        for item in x.values():
+            _leaves(item, out)
+    else:
+        out.append(x)
 
 
 def _is_python_function(fn: Any) -> bool:

@@ -26,6 +26,9 @@ _NOT_IDENT = re.compile(r"[^0-9A-Za-z_]+")
 
 def clean_name(name: str) -> str:
     """A readable identifier made from any string (names in models are data, never code)."""
+    if type(name) is str and len(name) <= 80 and name.isascii() and name.isidentifier() and name[0] != "_" \
+            and name[-1] != "_" and not keyword.iskeyword(name):
+        return name  # already clean (most names): what the rules below would return
     base = _NOT_IDENT.sub("_", str(name)).strip("_") or "v"
     if base[0].isdigit() or keyword.iskeyword(base):
         base = "v_" + base

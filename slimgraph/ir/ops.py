@@ -41,7 +41,9 @@ class OpDef:
     # Ops whose result depends on train/eval mode (batch_norm, dropout) say so for backends.
     stateful: bool = False
     # Optional closed-form type inference for hot ops; by default the reference runs on "meta".
-    infer: Callable[[Node], list[TensorType]] | None = None
+    # It may return None for operands it does not cover (odd dtypes, invalid sizes): the
+    # reference then runs on "meta", which also gives torch's own error for invalid operands.
+    infer: Callable[[Node], list[TensorType] | None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -97,9 +99,11 @@ def infer_types(node: Node) -> list[TensorType]:
         v is None or (v.shape is not None and all(isinstance(d, int) for d in v.shape)) for v in node.inputs
     ):
         try:
-            return opdef.infer(node)
+            types = opdef.infer(node)
         except Exception as exc:
             raise VerificationError(f"node {node.name} ({node.op}): shape inference failed: {exc}") from exc
+        if types is not None:
+            return types
     metas: list[torch.Tensor | None] = []
     for v in node.inputs:
         if v is None:

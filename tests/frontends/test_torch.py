@@ -147,3 +147,120 @@ def test_tied_weights_stay_one_constant():
 
     graph = roundtrip(Tied().eval(), torch.randn(1, 4))
     assert len([c for c in graph.constants.values() if c.shape == (4, 4)]) == 1
+
+
+# ---------------------------------------------------------------------------- the private copy
+class _Custom(nn.Module):
+    """A module deepcopy copies through a class method of its own (the fast copy defers to it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+        self.copied = 0
+
+    def __deepcopy__(self, memo):
+        new = _Custom()
+        new.scale = nn.Parameter(self.scale.detach().clone())
+        new.copied = self.copied + 1
+        return new
+
+
+class _Sharing(nn.Module):
+    """Tied weights, a shared submodule, buffers that are views of one storage, a plain tensor
+    attribute, a list holding a module, a hook: everything a copy must keep (or keep apart)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+        self.b.weight = self.a.weight
+        self.shared = nn.ReLU()
+        self.again = self.shared
+        table = torch.arange(12.0)
+        self.register_buffer("head", table[:6])
+        self.register_buffer("whole", table)
+        self.plain = torch.randn(3)
+        self.listed = [self.a]
+        self.custom = _Custom()
+        self.a.register_forward_hook(lambda m, i, o: None)
+        self.a.cache = self.b.cache = {}  # one (empty) dict two modules share
+
+    def forward(self, x):
+        return self.b(self.shared(self.a(x))) * self.custom.scale + self.plain
+
+
+def test_private_copy_is_a_deepcopy_and_owns_its_parameters():
+    import copy
+
+    from slimgraph.frontends.pytorch import _private_copy
+
+    model = _Sharing()
+    ours, owned = _private_copy(model)
+    ref = copy.deepcopy(model)
+    assert type(ours) is _Sharing and ours.training == model.training
+    assert ours.b.weight is ours.a.weight and ours.again is ours.shared and ours.listed[0] is ours.a
+    assert ours.head.untyped_storage().data_ptr() == ours.whole.untyped_storage().data_ptr()  # still one storage
+    assert ours.custom.copied == ref.custom.copied == 1  # its own __deepcopy__ ran
+    assert ours.a.cache is ours.b.cache and ours.a.cache is not model.a.cache
+    assert len(ours.a._forward_hooks) == 1 and ours.a._forward_hooks is not model.a._forward_hooks
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in ours.state_dict().items())
+    originals = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), model.plain)}
+    copies = (*ours.parameters(), *ours.buffers(), ours.plain)
+    assert not originals & {t.untyped_storage().data_ptr() for t in copies}
+    # tied: one parameter; the one _Custom.__deepcopy__ made outside the memo is not known to be ours
+    assert set(owned) == {id(p) for p in ours.parameters()} - {id(ours.custom.scale)}
+    x = torch.randn(2, 3)
+    assert torch.equal(ours(x), model(x))
+
+
+def test_graph_constants_share_no_memory_with_the_model():
+    torch.manual_seed(0)
+    model = perturb_bn(TinyNet()).eval()
+    before = state_of(model)
+    graph = roundtrip(model, torch.randn(2, 3, 16, 16))
+    user = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    assert not user & {v.const_value.untyped_storage().data_ptr() for v in graph.constants.values()}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _WritesItsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.full((3,), 2.0))
+
+    def forward(self, x):
+        y = x * self.w
+        with torch.no_grad():
+            self.w.add_(1.0)  # a forward that updates its own parameter in place
+        return y
+
+
+def test_forward_writing_to_a_parameter_keeps_the_value_it_was_read_with():
+    model = _WritesItsWeight()
+    graph = slimgraph.import_model(model, torch.randn(1, 3))
+    weights = [v.const_value for v in graph.constants.values() if v.shape == (3,)]
+    assert weights and all(torch.equal(w, torch.full((3,), 2.0)) for w in weights)
+    assert torch.equal(model.w, torch.full((3,), 2.0))  # the user's model is untouched
+
+
+class _OpaqueHoldsAConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bil = nn.Bilinear(4, 4, 4)  # no handler: an opaque module
+
+    def forward(self, x):
+        return self.bil(x, x) + x @ self.bil.weight[0]
+
+
+def test_a_parameter_an_opaque_module_holds_is_not_shared_with_the_graph():
+    torch.manual_seed(0)
+    model = _OpaqueHoldsAConstant().eval()
+    x = torch.randn(2, 4)
+    graph = slimgraph.import_model(model, x)
+    verify(graph)
+    with torch.no_grad():
+        assert rel_error(run(graph, [x])[0], model(x)) < 1e-6
+    module = next(n.attrs["impl"].module for n in graph.nodes if n.op == OPAQUE)
+    held = {t.untyped_storage().data_ptr() for t in module.parameters()}
+    assert not held & {v.const_value.untyped_storage().data_ptr() for v in graph.constants.values()}

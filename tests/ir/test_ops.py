@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from slimgraph.errors import VerificationError
 from slimgraph.ir import DType, Graph, get_op, registered_ops, run
 from slimgraph.ir.coupling import Coupling
 
@@ -60,3 +61,124 @@ def test_every_op_has_a_reference_and_description():
     assert len(ops) > 40
     for name, opdef in ops.items():
         assert callable(opdef.reference) and opdef.description, name
+
+
+# ---------------------------------------------------------------------------- closed-form inference
+def _node(op, shapes, attrs, dtypes=None):
+    g = Graph()
+    dtypes = dtypes or [DType.float32] * len(shapes)
+    inputs = [None if s is None else g.add_input(f"in{i}", s, dt) for i, (s, dt) in enumerate(zip(shapes, dtypes))]
+    return g.create_node(op, inputs, attrs)
+
+
+def _meta_types(node):
+    """What the reference computes on meta tensors (the inference used where an op has no closed form)."""
+    from slimgraph.ir.ops import run_reference
+
+    metas = [None if v is None else torch.empty(v.shape, dtype=v.dtype.torch, device="meta") for v in node.inputs]
+    return [(tuple(o.shape), DType.from_torch(o.dtype)) for o in run_reference(node, metas)]
+
+
+def _real_types(node):
+    from slimgraph.ir.ops import run_reference
+
+    def sample(v):
+        if v is None:
+            return None
+        if v.dtype.is_float:
+            return torch.randn(v.shape, dtype=v.dtype.torch)
+        return torch.randint(0, 5, v.shape, dtype=v.dtype.torch)
+
+    return [(tuple(o.shape), DType.from_torch(o.dtype)) for o in run_reference(node, [sample(v) for v in node.inputs])]
+
+
+POOL = {"stride": [2, 2], "pads": [0, 0, 0, 0]}
+CLOSED_FORM = [
+    ("linear", [(2, 5, 7), (3, 7), (3,)], {}),
+    ("linear", [(7,), (3, 7)], {}),
+    ("linear", [(4, 7), (3, 7), None], {}),
+    ("max_pool", [(1, 2, 7, 7)], {"kernel": [3, 3], "stride": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": True}),
+    ("max_pool", [(1, 1, 5, 5)], {"kernel": [2, 2], "stride": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": True}),
+    ("max_pool", [(1, 2, 9, 8)], {"kernel": [3, 3], "stride": [1, 2], "pads": [0, 1, 0, 1], "dilation": [2, 2]}),
+    ("max_pool", [(1, 2, 8, 8)], {"kernel": [3, 2], "stride": [2, 2], "pads": [0, 1, 1, 0], "ceil_mode": True}),
+    ("max_pool", [(1, 1, 4, 4)], {"kernel": [2, 2], "stride": [1, 1], "pads": [2, 2, 2, 2]}),
+    ("max_pool", [(1, 3, 10)], {"kernel": [3], "stride": [2], "pads": [1, 1], "ceil_mode": False}),
+    ("max_pool", [(1, 2, 5, 6, 7)], {"kernel": [2, 2, 2], **POOL, "stride": [2, 2, 2], "pads": [0] * 6,
+                                     "ceil_mode": True}),
+    ("avg_pool", [(1, 2, 7, 7)], {"kernel": [2, 2], "stride": [2, 2], "pads": [0, 0, 1, 1]}),
+    ("avg_pool", [(1, 2, 7, 7)], {"kernel": [3, 3], "stride": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": True,
+                                  "count_include_pad": False}),
+    ("avg_pool", [(2, 4, 56, 56)], {"kernel": [2, 2], **POOL}),
+    ("adaptive_avg_pool", [(1, 4, 7, 7)], {"output_size": [1, 1]}),
+    ("adaptive_avg_pool", [(1, 4, 7, 9)], {"output_size": [3, 2]}),
+    ("adaptive_avg_pool", [(2, 3, 10)], {"output_size": [4]}),
+    ("adaptive_max_pool", [(1, 4, 7, 7)], {"output_size": [2, 3]}),
+    ("flatten", [(2, 3, 4, 5)], {"start": 1, "end": 3}),
+    ("flatten", [(2, 3, 4, 5)], {"start": -3, "end": -2}),
+    ("flatten", [(2, 3)], {"start": 1, "end": 1}),
+    ("reshape", [(2, 6, 4)], {"shape": ["N", 3, -1]}),
+    ("reshape", [(2, 6, 4)], {"shape": [48]}),
+    ("reshape", [(2, 6, 4)], {"shape": [-1, 8]}),
+    ("reshape", [(1, 0, 3)], {"shape": [0, 5]}),
+    ("permute", [(1, 2, 3)], {"perm": [0, 2, 1]}),
+    ("permute", [(2, 3, 4, 5)], {"perm": [-1, 0, 2, 1]}),
+    ("concat", [(1, 2, 3), (1, 5, 3)], {"axis": 1}),
+    ("concat", [(2, 3, 1), (2, 3, 4), (2, 3, 2)], {"axis": -1}),
+    ("split", [(1, 7, 3)], {"axis": 1, "sizes": [3, 4]}),
+    ("split", [(2, 3, 5)], {"axis": -1, "sizes": [0, 2, 3]}),
+    ("mean", [(1, 4, 3, 3)], {"axes": [2, 3], "keepdim": True}),
+    ("mean", [(1, 4, 3, 3)], {"axes": [-1]}),
+    ("sum", [(2, 3, 4)], {"axes": [0, 2], "keepdim": False}),
+    ("add", [(1, 4, 1, 3), (4, 5, 1)], {}),
+    ("mul", [(2, 1), (1, 0)], {}),
+    ("sub", [(3,), ()], {}),
+    ("div", [(), ()], {}),
+]
+
+
+@pytest.mark.parametrize("op,shapes,attrs", CLOSED_FORM, ids=[c[0] for c in CLOSED_FORM])
+def test_closed_form_inference_matches_the_reference(op, shapes, attrs):
+    node = _node(op, shapes, attrs)
+    closed = get_op(op).infer(node)
+    assert closed is not None, "this case is meant to be covered by the closed form"
+    assert closed == _meta_types(node) == _real_types(node)
+    assert [(v.shape, v.dtype) for v in node.outputs] == closed
+
+
+FALLBACK = [  # not covered by the closed form: the reference on meta decides, exactly as before
+    ("concat", [(1, 2), (1, 3)], {"axis": 1}, [DType.float32, DType.float64]),
+    ("sum", [(2, 3)], {"axes": [1]}, [DType.int32]),
+    ("max_pool", [(2, 7, 7)], {"kernel": [3, 3], "stride": [2, 2], "pads": [0, 0, 0, 0]}, None),
+    ("linear", [(4, 7), (3, 7)], {}, [DType.float32, DType.float64]),
+]
+
+
+@pytest.mark.parametrize("op,shapes,attrs,dtypes", FALLBACK, ids=[c[0] for c in FALLBACK])
+def test_closed_form_defers_to_the_reference_where_it_does_not_apply(op, shapes, attrs, dtypes):
+    from slimgraph.ir.ops import infer_types
+
+    g = Graph()
+    dtypes = dtypes or [DType.float32] * len(shapes)
+    inputs = [g.add_input(f"in{i}", s, dt) for i, (s, dt) in enumerate(zip(shapes, dtypes))]
+    node = g.create_node(op, inputs, attrs)
+    assert get_op(op).infer(node) is None
+    assert infer_types(node) == _meta_types(node) == [(v.shape, v.dtype) for v in node.outputs]
+
+
+INVALID = [
+    ("reshape", [(2, 6, 4)], {"shape": [5, -1]}),
+    ("max_pool", [(1, 1, 2, 2)], {"kernel": [3, 3], "stride": [1, 1], "pads": [0, 0, 0, 0]}),
+    ("concat", [(1, 2, 3), (1, 2, 4)], {"axis": 1}),
+    ("split", [(1, 7, 3)], {"axis": 1, "sizes": [3, 3]}),
+    ("linear", [(2, 5), (3, 7)], {}),
+    ("add", [(2, 3), (4, 3)], {}),
+    ("flatten", [(2, 3, 4)], {"start": 2, "end": 1}),
+]
+
+
+@pytest.mark.parametrize("op,shapes,attrs", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_operands_fail_inference_with_the_node_named(op, shapes, attrs):
+    g = Graph()
+    inputs = [g.add_input(f"in{i}", s, DType.float32) for i, s in enumerate(shapes)]
+    with pytest.raises(VerificationError, match=f"node {op}.*shape inference failed"):
+        g.create_node(op, inputs, attrs)

@@ -48,9 +48,21 @@ def same_type(node) -> list:
     return [(tuple(x.shape), x.dtype)]
 
 
+def broadcast_shapes(a: tuple, b: tuple) -> tuple:
+    """torch.broadcast_shapes for two static shapes (without its per-call dispatch cost)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    out = []
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y and x != 1 and y != 1:
+            raise ValueError(f"shapes {list(a)} and {list(b)} do not broadcast (dim {i}: {x} vs {y})")
+        out.append(y if x == 1 else x)
+    return tuple(out)
+
+
 def broadcast_type(node) -> list:
     a, b = node.inputs[0], node.inputs[1]
-    shape = tuple(torch.broadcast_shapes(a.shape, b.shape))
+    shape = broadcast_shapes(a.shape, b.shape)
     # torch's rule: a 0-d operand of the same kind (float/int) does not promote the other
     if a.rank == 0 and b.rank > 0 and a.dtype.is_float == b.dtype.is_float:
         dtype = b.dtype
