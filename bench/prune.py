@@ -62,14 +62,15 @@ NOTES = [
     "emitted module) does not contain them; Torch-Pruning keeps them in the module unpruned (never traced). "
     "Hence params sg 0.15 vs tp 0.64 for the same MACs: not a pruning difference. With random init its "
     "outputs are dominated by the classifier bias, so its agreement check above says little.",
-    "- convnext_tiny: slimgraph freezes channels normalized by a LayerNorm (removing one changes the mean "
-    "and variance of the others, so zeroing-then-removing is not exact); the residual stream of every "
-    "stage goes through one, so only the MLP hidden channels are pruned (MACs 0.53). Torch-Pruning prunes "
-    "the LayerNorm weights too (MACs 0.26; the pruned model is not the zeroed original).",
+    "- convnext_tiny: both tools prune the channels a LayerNorm normalizes (slimgraph's "
+    "`prune{normalized=prune}`; its default `normalized=freeze` keeps them, because removing one changes "
+    "the mean and variance of the others, so the pruned model is no longer the zeroed original; frozen, "
+    "only the MLP hidden channels go and MACs are 0.53).",
     "- shufflenet_v2_x1_0: Torch-Pruning's graph building crashes (its channel-shuffle index mapping). "
-    "slimgraph prunes it, but each stage's stream (58/116/232 channels, through chunk + channel shuffle "
-    "in every block) comes out of the analysis as a single channel class, so only the branch-internal "
-    "channels are removed (MACs 0.51).",
+    "slimgraph prunes it exactly: a channel shuffle needs channel i of each half removed together, and the "
+    "blocks' pass-through halves carry those pairs on, so a stage's stream channels form classes that grow "
+    "block by block (51 classes of 116 channels after the first block, 2 after the fourth); the stream "
+    "goes by whole classes.",
     "- The `torch emit` column is slimgraph's torch emitter without any pruning, against the original "
     "module: about 1.0 since the generated `forward` drops each intermediate after its last use (as "
     "torch.fx's code does); before that fix it kept every intermediate alive and ran 1.5x slower on "
@@ -92,7 +93,7 @@ def prune_slimgraph(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
     t0 = time.perf_counter()
     graph = slimgraph.import_model(model, (x,))
     t1 = time.perf_counter()
-    cg = analyze(graph)
+    cg = analyze(graph, normalized=True)  # LayerNorm'd channels too, as Torch-Pruning does
     t2 = time.perf_counter()
     plan = plan_pruning(graph, RATIO, "l2", cg=cg)
     apply_plan(graph, plan)

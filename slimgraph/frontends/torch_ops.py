@@ -7,6 +7,7 @@ which makes the call an opaque node.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -86,8 +87,8 @@ def pads_from(padding: Any, n: int) -> list[int]:
 
 
 # ============================================================================ modules
-def _module_params(cv, mod: nn.Module, names: list[str]) -> list[Value | None]:
-    path = cv.module_path()
+def _module_params(cv, mod: nn.Module, names: list[str], path: str | None = None) -> list[Value | None]:
+    path = path or cv.module_path()
     out = []
     for n in names:
         t = getattr(mod, n, None)
@@ -239,6 +240,24 @@ def adaptive_max_module(cv, args, kwargs, real):
     return adaptive("adaptive_max_pool", cv, tensor_arg(args[0]), m.output_size)
 
 
+def _in_projection(cv, m: nn.MultiheadAttention, i: int, path: str) -> list[Value | None]:
+    """Rows i*E:(i+1)*E of the packed in-projection, as the weight and bias of a linear (cached
+    per parameter, so a module called twice keeps one copy; the parameter outlives the cache)."""
+    rows = slice(i * m.embed_dim, (i + 1) * m.embed_dim)
+    values = []
+    for kind in ("weight", "bias"):
+        packed = getattr(m, f"in_proj_{kind}")
+        if packed is None:
+            values.append(None)
+            continue
+        key = (id(packed), i)
+        if key not in cv.const_cache:
+            cv.const_cache[key] = cv.graph.add_constant(f"{path}.{'qkv'[i]}_proj.{kind}", packed.detach()[rows].clone(),
+                                                        trainable=id(packed) in cv.params)
+        values.append(cv.const_cache[key])
+    return values
+
+
 @module(nn.MultiheadAttention)
 def mha_module(cv, args, kwargs, real):
     m = cv.gm.get_submodule(cv.current.target)
@@ -249,12 +268,22 @@ def mha_module(cv, args, kwargs, real):
     if (not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn or need_weights
             or extras["key_padding_mask"] is not None or extras["attn_mask"] is not None or extras["is_causal"]):
         raise Unhandled
-    w_in, b_in = _module_params(cv, m, ["in_proj_weight", "in_proj_bias"])
     path = cv.module_path()
-    w_out = cv.constant(m.out_proj.weight, f"{path}.out_proj.weight")
-    b_out = None if m.out_proj.bias is None else cv.constant(m.out_proj.bias, f"{path}.out_proj.bias")
-    y = cv.emit("multihead_attention", [q, k, v, w_in, b_in, w_out, b_out],
-                {"num_heads": m.num_heads, "batch_first": bool(m.batch_first), "dropout": float(m.dropout)})
+    if not m.batch_first:  # [L, B, E] -> [B, L, E]: the attention op wants batch first
+        moved: dict[int, Value] = {}
+        for t in (q, k, v):  # self-attention: one permute for the shared input
+            if id(t) not in moved:
+                moved[id(t)] = cv.emit("permute", [t], {"perm": [1, 0, 2]})
+        q, k, v = (moved[id(t)] for t in (q, k, v))
+    projected = [cv.emit("linear", [t, *_in_projection(cv, m, i, path)], name=f"{cv.name}_{'qkv'[i]}_proj")
+                 for i, t in enumerate((q, k, v))]
+    head_dim = m.embed_dim // m.num_heads
+    context = cv.emit("attention", projected, {"num_heads": m.num_heads, "scale": 1.0 / math.sqrt(head_dim),
+                                               "dropout": float(m.dropout)}, name=f"{cv.name}_attention")
+    w_out, b_out = _module_params(cv, m.out_proj, ["weight", "bias"], f"{path}.out_proj")
+    y = cv.emit("linear", [context, w_out, b_out], name=f"{cv.name}_out_proj")
+    if not m.batch_first:
+        y = cv.emit("permute", [y], {"perm": [1, 0, 2]})
     return (y, None)
 
 

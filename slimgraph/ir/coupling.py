@@ -10,7 +10,9 @@ Kinds:
   split   -- the input dim is the outputs' dims laid end to end (``params`` = output offsets).
   group   -- grouped conv: channels move in ``params[0]`` equal groups.
   reshape -- the dim is merged with or split from others (``params`` = (in shape, out shape)).
+  select  -- one index (``params[0]``) of the dim is taken and the dim removed.
   frozen  -- the dims cannot lose channels safely (reductions over them, opaque ops).
+  unused  -- only the operand's shape is read along these dims, never its values: no link.
 """
 
 from __future__ import annotations
@@ -52,3 +54,7 @@ def same(*dims: DimRef) -> Coupling:
 
 def frozen(*dims: DimRef) -> Coupling:
     return Coupling("frozen", tuple(dims))
+
+
+def unused(*dims: DimRef) -> Coupling:
+    return Coupling("unused", tuple(dims))

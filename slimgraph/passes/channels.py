@@ -15,8 +15,13 @@ every atom of its class, so the graph stays consistent by construction:
   reshape  probed with an index tensor: merging channels with trailing dims (flatten ->
            linear) maps many atoms to one channel; splitting them ties the rows, so the kept
            channels always form a rectangle
-  anything else (reductions over the channel, normalization statistics, slices, opaque ops,
-  graph inputs and outputs) *freezes* the class: it is never pruned.
+  heads    attention: each head's dims across q, k, v and the output are one class, so heads
+           go as whole units
+  normalized  a LayerNorm's normalized channels: linked like ``same`` when the analysis is asked
+           to (``normalized=True``; removing one changes the statistics of the rest, so the
+           result is no longer exact), else frozen
+  anything else (reductions over the channel, group statistics, slices, opaque ops, graph
+  inputs and outputs) *freezes* the class: it is never pruned.
 
 Exploration starts from the output channels of every conv and linear weight and walks the
 graph space by space.
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +82,27 @@ class UnionFind:
                 self.reasons[ra] = self.reasons.get(rb, "")
             self.frozen[ra] = self.frozen[ra] or self.frozen[rb]
 
+    def union_many(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """``union(a, b)`` for every pair, in order (the same result), with find inlined: the
+        analysis of a deep network makes tens of thousands of these."""
+        parent, frozen, reasons = self.parent, self.frozen, self.reasons
+        for a, b in pairs:
+            ra = a
+            while parent[ra] != ra:
+                ra = parent[ra]
+            while parent[a] != ra:
+                parent[a], a = ra, parent[a]
+            rb = b
+            while parent[rb] != rb:
+                rb = parent[rb]
+            while parent[b] != rb:
+                parent[b], b = rb, parent[b]
+            if ra != rb:
+                parent[rb] = ra
+                if frozen[rb] and not frozen[ra]:
+                    reasons[ra] = reasons.get(rb, "")
+                frozen[ra] = frozen[ra] or frozen[rb]
+
     def freeze(self, a: int, reason: str = "") -> None:
         root = self.find(a)
         if not self.frozen[root]:
@@ -104,11 +131,21 @@ class ChannelGroups:
     def roots(self) -> np.ndarray:
         """The class root of every atom (computed once; the analysis is read-only afterwards)."""
         if getattr(self, "_roots", None) is None or len(self._roots) != len(self.uf.parent):
-            self._roots = np.fromiter((self.uf.find(a) for a in range(len(self.uf.parent))), dtype=np.int64)
+            roots = np.array(self.uf.parent, dtype=np.int64)
+            while True:  # pointer jumping: each step doubles the distance climbed; a root points to itself
+                up = roots[roots]
+                if np.array_equal(up, roots):
+                    break
+                roots = up
+            self._roots = roots
         return self._roots
 
     def frozen(self, atom: int) -> bool:
         return self.uf.is_frozen(atom)
+
+    def frozen_mask(self) -> np.ndarray:
+        """``frozen(atom)`` for every atom at once (read now: ``ignore`` freezes after the analysis)."""
+        return np.asarray(self.uf.frozen, dtype=bool)[self.roots()]
 
     def reason(self, atom: int) -> str:
         """Why the atom's class is frozen ("" if it is not)."""
@@ -131,8 +168,9 @@ def _port_value(node: Node, ref: DimRef) -> Value | None:
 
 
 class _Builder:
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, normalized: bool = False) -> None:
         self.graph = graph
+        self.normalized = normalized
         self.uf = UnionFind()
         self.spaces: dict[SpaceKey, Space] = {}
         self.queue: deque[Space] = deque()
@@ -163,9 +201,8 @@ class _Builder:
         """Union atom i of ``a`` with atom mapping[i] of ``b`` (identity by default)."""
         if mapping is None and a.base == b.base:
             return  # shared atoms
-        targets = range(b.size) if mapping is None else mapping
-        for i, j in zip(range(a.size), targets):
-            self.uf.union(a.base + i, b.base + int(j))
+        targets = range(b.base, b.base + b.size) if mapping is None else [b.base + j for j in mapping.tolist()]
+        self.uf.union_many(zip(range(a.base, a.base + a.size), targets))
 
     # ------------------------------------------------------------------ walk
     def run(self) -> ChannelGroups:
@@ -211,6 +248,12 @@ class _Builder:
         if len(found) != len(space.axes):
             return self.freeze(space, f"node {node.name} ({node.op}) does not declare these channels")
         kinds = {c.kind for c in found.values()}
+        if kinds == {"unused"}:
+            return  # only the operand's shape matters along these channels
+        if self.normalized:
+            kinds = {"same" if k == "normalized" else k for k in kinds}
+        if any(c.kind == "select" for c in self.couplings(node)):
+            return self.link_select(space, node, port, found)
         if kinds == {"same"}:
             return self.link_same(space, node, port, index, found)
         if kinds == {"reshape"}:
@@ -222,6 +265,8 @@ class _Builder:
             return self.link_offsets(space, node, coupling, me)
         if coupling.kind == "group":
             return self.link_group(space, node, coupling, me)
+        if coupling.kind == "heads":
+            return self.link_heads(space, node, coupling)
         return self.freeze(space, f"node {node.name} ({node.op}): {coupling.kind} channels")
 
     def link_same(self, space: Space, node: Node, port: str, index: int, found: dict[int, Coupling]) -> None:
@@ -231,17 +276,59 @@ class _Builder:
             for ref in found[axis].dims:
                 if (ref.port, ref.index) != (port, index):
                     targets.setdefault((ref.port, ref.index), []).append(ref.axis)
-        for axes in targets.values():
-            if len(axes) != len(space.axes):
-                return self.freeze(space, f"node {node.name} ({node.op}) maps these channels only in part")
         for (p, i), axes in targets.items():
             value = _port_value(node, DimRef(p, i, 0))  # type: ignore[arg-type]
             if value is None:
+                continue
+            if len(axes) != len(space.axes):
+                # the port sees some of the axes (matmul over attention heads: the heads axis goes
+                # on, the head dim is contracted): those axes keep their size, the port is unchanged
+                seen = [k for k, a in enumerate(space.axes) if any(ref.port == p and ref.index == i
+                                                                   for ref in found[a].dims)]
+                self.tie_along(space, seen)
                 continue
             other = self.space(value, tuple(axes), alias=space)
             if other.size != space.size:
                 return self.freeze(space, f"node {node.name} ({node.op}): channel counts differ")
             self.union_spaces(space, other)
+
+    def tie_along(self, space: Space, positions: list[int]) -> None:
+        """Union atoms that differ only along ``space.axes[k]`` for k in ``positions``: those axes
+        then always keep their whole size (the rectangle rule, for an axis that must not shrink)."""
+        grid = np.arange(space.size).reshape([space.value.shape[a] for a in space.axes])
+        anchor = grid
+        for k in positions:
+            anchor = anchor.take([0], axis=k)
+        for atom, first in zip(grid.reshape(-1), np.broadcast_to(anchor, grid.shape).reshape(-1)):
+            if atom != first:
+                self.uf.union(space.base + int(atom), space.base + int(first))
+
+    def link_select(self, space: Space, node: Node, port: str, found: dict[int, Coupling]) -> None:
+        """select: the output is one index of the input's axis. A space over that axis and others
+        (swin's q, k, v taken from one [3, heads, dim] projection) maps its slice at the index; the
+        axis keeps its size, so the index stays valid. A channel space selected from is frozen."""
+        x, y = node.inputs[0], node.outputs[0]
+        axis, index = next((c.dims[0].axis, c.params[0]) for c in self.couplings(node) if c.kind == "select")
+        if port == "in":
+            if axis not in space.axes or len(space.axes) == 1:
+                if axis in space.axes:
+                    return self.freeze(space, f"node {node.name} selects one of these channels")
+                return self.link_same(space, node, port, 0, found)
+            whole = space
+        else:
+            in_axes = {a if a < axis else a + 1 for a in space.axes} | {axis}
+            whole = next((sp for sp in self.spaces_of(x) if set(sp.axes) == in_axes), None)
+            if whole is None:
+                return self.link_same(space, node, port, 0, found)
+        position = whole.axes.index(axis)
+        self.tie_along(whole, [position])
+        part_axes = tuple(a if a < axis else a - 1 for a in whole.axes if a != axis)
+        part = space if port == "out" and space.axes == part_axes else self.space(y, part_axes)
+        grid = np.arange(whole.size).reshape([x.shape[a] for a in whole.axes])
+        self.union_spaces(part, whole, grid.take(index, axis=position).reshape(-1))
+
+    def spaces_of(self, value: Value) -> list[Space]:
+        return [sp for (vid, _), sp in self.spaces.items() if vid == id(value)]
 
     def link_offsets(self, space: Space, node: Node, coupling: Coupling, me: DimRef) -> None:
         """concat / split: the whole dim is the parts laid end to end."""
@@ -268,6 +355,18 @@ class _Builder:
         inner = self.space(_port_value(node, within), (within.axis,))
         self.union_spaces(space, inner, np.arange(space.size) % per_group)
 
+    def link_heads(self, space: Space, node: Node, coupling: Coupling) -> None:
+        """Attention: every dim of head h (in q, k, v and the output) joins head h's first atom here."""
+        heads = coupling.params[0]
+        dims = [self.space(_port_value(node, ref), (ref.axis,), alias=space) for ref in coupling.dims]
+        if any(d.size % heads for d in dims):
+            return self.freeze(space, f"node {node.name} ({node.op}): {heads} heads do not divide the channels")
+        head_size = space.size // heads
+        for dim in dims:
+            per_head = dim.size // heads
+            for atom in range(dim.size):
+                self.uf.union(dim.base + atom, space.base + atom // per_head * head_size)
+
     def link_reshape(self, space: Space, node: Node, port: str, index: int) -> None:
         """Probe the reshape with a tensor of channel indices to see where each channel lands."""
         if (id(node), (id(space.value), space.axes)) in self.reshaped:
@@ -288,10 +387,14 @@ class _Builder:
         mapped = landed[tuple(slice(None) if a in varying else slice(0, 1) for a in range(len(dst.shape)))]
         if not (np.broadcast_to(mapped, dst.shape) == landed).all():
             return self.freeze(space, f"node {node.name}: channels mix with other dims")
-        other = self.space(dst, varying)
-        self.reshaped.add((id(node), (id(dst), varying)))
-        flat = mapped.reshape(-1)
-        if len(varying) > 1 and other.size == space.size:
+        # the dims may already carry a space in another axis order (a channel shuffle's transpose,
+        # reached again from the far side): reuse it, so one tensor never holds two overlapping spaces
+        existing = next((sp for sp in self.spaces_of(dst) if set(sp.axes) == set(varying)), None)
+        other = existing or self.space(dst, varying)
+        self.reshaped.add((id(node), (id(dst), other.axes)))
+        grid = mapped.reshape([dst.shape[a] for a in varying])
+        flat = grid.transpose([varying.index(a) for a in other.axes]).reshape(-1)
+        if existing is None and len(varying) > 1 and other.size == space.size:
             # channels split over several axes: tie the rows so kept channels stay a rectangle
             inner = dst.shape[varying[-1]]
             for atom in range(other.size):
@@ -300,5 +403,6 @@ class _Builder:
             self.uf.union(other.base + atom, space.base + int(channel))
 
 
-def analyze(graph: Graph) -> ChannelGroups:
-    return _Builder(graph).run()
+def analyze(graph: Graph, normalized: bool = False) -> ChannelGroups:
+    """The channel classes of ``graph``; ``normalized`` lets LayerNorm'd channels be pruned."""
+    return _Builder(graph, normalized).run()

@@ -30,7 +30,7 @@ from slimgraph.passes.base import Pass, PassContext, PassResult, register_pass
 # Ops computed in float32 regardless: wide dynamic range or long accumulations.
 KEEP_FP32 = frozenset({
     "softmax", "log_softmax", "layer_norm", "group_norm", "batch_norm", "lrn", "mean", "sum",
-    "multihead_attention",  # computes a softmax inside (both backends emit it as one unit)
+    "attention",  # computes a softmax inside (both backends emit it as one unit)
 })
 # Quantization ops work on float32 scales and activations: left exactly as they are.
 QUANT_OPS = frozenset({"quantize_linear", "dequantize_linear", "fake_quant"})

@@ -62,8 +62,7 @@ def _weight_scores(tensor: torch.Tensor, axis: int, criterion: Criterion) -> tor
 
 def class_importance(cg: ChannelGroups, criterion: Criterion, seed: int = 0) -> dict[int, float]:
     """Importance of every class: the criterion averaged over the class's weight slices."""
-    totals: dict[int, float] = {}
-    counts: dict[int, int] = {}
+    parts: list[tuple[np.ndarray, np.ndarray]] = []  # (class of each index, its score), space by space
     bn_gammas = {id(n.inputs[1]) for n in cg.graph.nodes if n.op == "batch_norm" and n.inputs[1] is not None}
     for space in cg.spaces.values():
         value = space.value
@@ -79,15 +78,20 @@ def class_importance(cg: ChannelGroups, criterion: Criterion, seed: int = 0) -> 
             if value.rank < 2:
                 continue  # biases and norm parameters: a different scale, and no filter shape
             scores = _weight_scores(value.const_value, space.axes[0], criterion)
-        roots = cg.roots()[space.base:space.base + space.size].tolist()
-        for root, score in zip(roots, scores.tolist()):
-            totals[root] = totals.get(root, 0.0) + score
-            counts[root] = counts.get(root, 0) + 1
+        parts.append((cg.roots()[space.base:space.base + space.size], scores.detach().double().numpy()))
     if criterion == "random":
         gen = torch.Generator().manual_seed(seed)
         roots = sorted({cg.root(a) for space in cg.spaces.values() for a in space.atoms()})
         return dict(zip(roots, torch.rand(len(roots), generator=gen, dtype=torch.float64).tolist()))
-    return {root: totals[root] / counts[root] for root in totals}
+    if not parts:
+        return {}
+    roots = np.concatenate([r for r, _ in parts])
+    # bincount adds the scores one by one in this order: the same sums as a running Python total
+    totals = np.bincount(roots, weights=np.concatenate([s for _, s in parts]))
+    counts = np.bincount(roots)
+    classes, first = np.unique(roots, return_index=True)
+    classes = classes[np.argsort(first, kind="stable")].tolist()  # in order of first appearance
+    return {root: total / n for root, total, n in zip(classes, totals[classes].tolist(), counts[classes].tolist())}
 
 
 # ============================================================================ groups and selection
@@ -107,19 +111,25 @@ def pruning_groups(cg: ChannelGroups) -> list[_Group]:
             i = parent[i]
         return i
 
-    owner: dict[int, int] = {}
-    for k, (_, space) in enumerate(cg.seeds):
-        for atom in space.atoms():
-            if cg.frozen(atom):
-                continue
-            root = cg.root(atom)
-            if root in owner:
-                parent[find(k)] = find(owner[root])
-            else:
-                owner[root] = k
+    # every prunable output channel of every layer: its class, and the layer (seed) it belongs to
+    atoms = np.concatenate([np.arange(space.base, space.base + space.size, dtype=np.int64)
+                            for _, space in cg.seeds] + [np.zeros(0, dtype=np.int64)])
+    layer = np.repeat(np.arange(len(cg.seeds)), [space.size for _, space in cg.seeds])
+    prunable = ~cg.frozen_mask()[atoms]
+    classes, layer = cg.roots()[atoms][prunable], layer[prunable]
+    # a class is owned by the first layer holding it; every other layer holding it joins that group
+    distinct, first, which = np.unique(classes, return_index=True, return_inverse=True)
+    owner_of = layer[first]
+    order = np.argsort(first, kind="stable")  # classes in order of discovery
+    owned: dict[int, list[int]] = {}  # seed -> the classes it owns, in order of discovery
+    for root, k in zip(distinct[order].tolist(), owner_of[order].tolist()):
+        owned.setdefault(k, []).append(root)
+    for k, o in set(zip(layer.tolist(), owner_of[which].tolist())):
+        if k != o:
+            parent[find(k)] = find(o)
     groups: dict[int, _Group] = {}
     for k, (node, space) in enumerate(cg.seeds):
-        classes = [r for r, o in owner.items() if o == k]
+        classes = owned.get(k, [])
         group = groups.setdefault(find(k), _Group([], []))
         group.layers.append((node, space))
         group.classes.extend(classes)
@@ -133,7 +143,9 @@ def select(cg: ChannelGroups, groups: list[_Group], importance: dict[int, float]
     roots = cg.roots()
     layer_classes = [[set(roots[space.base:space.base + space.size].tolist()) for _, space in g.layers]
                      for g in groups]
-    ranked: list[tuple[float, int, int]] = []  # (score, group index, class)
+    scores: list[float] = []  # with the group index and the class: the ranking
+    group_of: list[int] = []
+    class_of: list[int] = []
     targets: list[int] = []
     for gi, g in enumerate(groups):
         scored = [c for c in g.classes if c in importance]
@@ -141,33 +153,62 @@ def select(cg: ChannelGroups, groups: list[_Group], importance: dict[int, float]
         keep = n - math.floor(ratio * n)
         keep = min(n, math.ceil(keep / round_to) * round_to)
         targets.append(n - keep)
-        mean = sum(importance[c] for c in scored) / n if n else 1.0
-        for c in scored:
-            score = importance[c] if scope == "uniform" else importance[c] / (mean or 1.0)
-            ranked.append((score, gi, c))
-    ranked.sort()
+        values = [importance[c] for c in scored]
+        mean = sum(values) / n if n else 1.0
+        scores += values if scope == "uniform" else [v / (mean or 1.0) for v in values]
+        group_of += [gi] * n
+        class_of += scored
     removed: set[int] = set()
     per_group = [0] * len(groups)
     if scope == "global":
-        total = math.floor(ratio * len(ranked))
+        total = math.floor(ratio * len(scores))
         targets = [len(g.classes) for g in groups]  # bounded by the global count instead
     else:
-        total = len(ranked)
+        total = len(scores)
     clamped = [0] * len(groups)
     remaining = [[len(cs) for cs in lc] for lc in layer_classes]
-    for _, gi, c in ranked:
-        if len(removed) >= total:
-            break
-        if per_group[gi] >= targets[gi]:
-            continue
-        holders = [k for k, cs in enumerate(layer_classes[gi]) if c in cs]
+    holders_of: dict[int, dict[int, list[int]]] = {}  # group -> class -> the layers holding it, in order
+
+    def take(gi: int, c: int) -> None:
+        """Remove class c of group gi unless a layer holding it would keep fewer than min_channels."""
+        if gi not in holders_of:
+            holders_of[gi] = {}
+            for k, cs in enumerate(layer_classes[gi]):
+                for x in cs:
+                    holders_of[gi].setdefault(x, []).append(k)
+        holders = holders_of[gi].get(c, [])
         if any(remaining[gi][k] - 1 < min_channels for k in holders):
             clamped[gi] += 1
-            continue
+            return
         for k in holders:
             remaining[gi][k] -= 1
         removed.add(c)
         per_group[gi] += 1
+
+    if scope == "uniform":
+        # the groups are independent (the total is every class): each removes its lowest-ranked
+        # classes up to its target. A group whose every layer keeps min_channels however many of
+        # its candidates go never clamps: it removes its first target classes, no bookkeeping needed
+        for gi, candidates in enumerate(_ranked_per_group(scores, group_of, class_of, len(groups))):
+            pool = set(candidates)
+            if all(len(cs) - min(targets[gi], len(cs & pool)) >= min_channels for cs in layer_classes[gi]):
+                removed.update(candidates[:targets[gi]])
+                per_group[gi] = len(candidates[:targets[gi]])
+                continue
+            for c in candidates:
+                if per_group[gi] >= targets[gi]:
+                    break
+                take(gi, c)
+    else:
+        for _, gi, c in _ranking(scores, group_of, class_of):
+            if len(removed) >= total:
+                break
+            if per_group[gi] >= targets[gi]:
+                continue
+            take(gi, c)
+    # a layer's classes are its group's: the removed ones are the group's removed ones
+    removed_mask = np.zeros(len(roots), dtype=bool)
+    removed_mask[list(removed)] = True
     reports = []
     for gi, g in enumerate(groups):
         gone = {c for c in g.classes if c in removed}
@@ -176,10 +217,38 @@ def select(cg: ChannelGroups, groups: list[_Group], importance: dict[int, float]
             "channels": len(g.classes),
             "removed": len(gone),
             "clamped": clamped[gi],
-            "removed_per_layer": {n.name: [i for i, r in enumerate(roots[s.base:s.base + s.size]) if r in gone]
+            "removed_per_layer": {n.name: np.flatnonzero(removed_mask[roots[s.base:s.base + s.size]]).tolist()
                                   for n, s in g.layers},
         })
     return removed, reports
+
+
+def _ranking(scores: list[float], group_of: list[int], class_of: list[int]) -> list[tuple[float, int, int]]:
+    """``sorted(zip(scores, group_of, class_of))``, sorted by numpy: the triples are distinct, so
+    both give the one order there is (NaN scores, which Python's sort leaves unordered: its sort)."""
+    score = np.asarray(scores, dtype=np.float64)
+    if np.isnan(score).any():
+        return sorted(zip(scores, group_of, class_of))
+    order = np.lexsort((np.asarray(class_of, dtype=np.int64), np.asarray(group_of, dtype=np.int64), score))
+    return list(zip(score[order].tolist(), np.asarray(group_of)[order].tolist(),
+                    np.asarray(class_of)[order].tolist()))
+
+
+def _ranked_per_group(scores: list[float], group_of: list[int], class_of: list[int], n_groups: int
+                      ) -> list[list[int]]:
+    """Each group's classes in ``_ranking``'s order (by score, then class within a group)."""
+    score = np.asarray(scores, dtype=np.float64)
+    if np.isnan(score).any():
+        ranked_in: list[list[int]] = [[] for _ in range(n_groups)]
+        for _, gi, c in _ranking(scores, group_of, class_of):
+            ranked_in[gi].append(c)
+        return ranked_in
+    if n_groups == 0:
+        return []
+    group = np.asarray(group_of, dtype=np.int64)
+    order = np.lexsort((np.asarray(class_of, dtype=np.int64), score, group))
+    bounds = np.cumsum(np.bincount(group, minlength=n_groups))[:-1]
+    return [part.tolist() for part in np.split(np.asarray(class_of, dtype=np.int64)[order], bounds)]
 
 
 def make_plan(graph: Graph, removed_classes: set[int], cg: ChannelGroups, reports: list[dict]) -> PrunePlan:
@@ -196,9 +265,9 @@ def make_plan(graph: Graph, removed_classes: set[int], cg: ChannelGroups, report
 
 # ============================================================================ applying a plan
 def _kept(size: int, gone: list[int]) -> torch.Tensor:
-    mask = torch.ones(size, dtype=torch.bool)
+    mask = np.ones(size, dtype=bool)
     mask[gone] = False
-    return mask.nonzero().flatten()
+    return torch.from_numpy(np.flatnonzero(mask).astype(np.int64))
 
 
 def _new_shape(value_shape: tuple[int, ...], axes_removed: dict[tuple[int, ...], list[int]]) -> list[int]:
@@ -221,6 +290,7 @@ def apply_plan(graph: Graph, plan: PrunePlan) -> None:
     """Slice constants, update size attributes and re-infer every shape."""
     by_name = {v.name: v for v in graph.values()}
     planned: dict[int, list[int]] = {}
+    kept: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}  # a layer's weight, bias, norm: one index
     for name, axes_removed in plan.removed.items():
         value = by_name.get(name)
         if value is None:
@@ -229,7 +299,10 @@ def apply_plan(graph: Graph, plan: PrunePlan) -> None:
         if value.is_constant:
             tensor = value.const_value
             for axes, gone in axes_removed.items():
-                tensor = tensor.index_select(axes[0], _kept(tensor.shape[axes[0]], gone))
+                key = (tensor.shape[axes[0]], tuple(gone))
+                if key not in kept:
+                    kept[key] = _kept(key[0], gone)
+                tensor = tensor.index_select(axes[0], kept[key])
             value.const_value = tensor.contiguous()
             value.shape = tuple(tensor.shape)
     for node in graph.nodes:
@@ -262,6 +335,9 @@ def _update_attrs(node: Node, planned: dict[int, list[int]]) -> None:
     elif node.op == "split":
         axis = node.attrs["axis"]
         node.attrs["sizes"] = [planned.get(id(v), list(v.shape))[axis] for v in node.outputs]
+    elif node.op == "attention" and id(out) in planned:  # whole heads went: the head size stays
+        head_size = out.shape[-1] // node.attrs["num_heads"]
+        node.attrs["num_heads"] = planned[id(out)][-1] // head_size
     elif node.op == "layer_norm":
         k = len(node.attrs["normalized_shape"])
         node.attrs["normalized_shape"] = list(node.inputs[0].shape[-k:])
@@ -284,10 +360,10 @@ def zero_plan(graph: Graph, plan: PrunePlan) -> None:
 
 def plan_pruning(graph: Graph, ratio: float, criterion: Criterion = "l1", scope: str = "uniform",
                  round_to: int = 1, ignore: list[str] | None = None, min_channels: int = 1,
-                 seed: int = 0, cg: ChannelGroups | None = None, only_groups: set[int] | None = None
-                 ) -> PrunePlan:
+                 seed: int = 0, cg: ChannelGroups | None = None, only_groups: set[int] | None = None,
+                 normalized: str = "freeze") -> PrunePlan:
     """Analyze, score and select; ``only_groups`` restricts pruning to those group indices."""
-    cg = cg or analyze(graph)
+    cg = cg or analyze(graph, normalized=normalized == "prune")
     for name in ignore or []:
         node = graph.find_node(name)
         if node is None:
@@ -318,6 +394,9 @@ class Prune(Pass):
     ignore: list[str] | None = None
     min_channels: int = 1
     seed: int = 0
+    # channels a LayerNorm normalizes: "freeze" keeps pruning exact (zero-then-remove holds);
+    # "prune" removes them too, as Torch-Pruning does: the statistics change, the trace shows the error
+    normalized: Literal["freeze", "prune"] = "freeze"
 
     def __post_init__(self) -> None:
         if not 0 <= self.ratio < 1:
@@ -330,10 +409,12 @@ class Prune(Pass):
             raise PassError(f"pass 'prune' option 'criterion': {self.criterion!r} is not a criterion")
         if self.scope not in ("uniform", "global"):
             raise PassError(f"pass 'prune' option 'scope': {self.scope!r} is not uniform or global")
+        if self.normalized not in ("freeze", "prune"):
+            raise PassError(f"pass 'prune' option 'normalized': {self.normalized!r} is not freeze or prune")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         plan = plan_pruning(graph, self.ratio, self.criterion, self.scope, self.round_to, self.ignore,
-                            self.min_channels, self.seed)
+                            self.min_channels, self.seed, normalized=self.normalized)
         if plan.empty:
             return PassResult(False, {"groups": len(plan.groups), "removed": 0})
         apply_plan(graph, plan)

@@ -145,11 +145,14 @@ def test_vit_b_16_guard_refuses_layers_where_rank_does_not_pay():
     with one_thread():
         result = make_pass("lowrank", {"rank_ratio": 0.6}).run(graph, PassContext())
     layers = result.stats["layers"]
-    # r = 460: the 768x3072 MLP layers (break-even 614.4) pay; the 768x768 patch embedding
-    # (conv_proj as cout x cin*16*16, break-even 384) and the 1000x768 head (434.4) do not.
+    # r = 460: the 768x3072 MLP layers (break-even 614.4) pay; the 768x768 attention projections
+    # and patch embedding (conv_proj as cout x cin*16*16), break-even 384, and the 1000x768 head
+    # (434.4) do not.
     factored = {k for k, v in layers.items() if "refused" not in v}
     assert factored == {f"encoder_layers_encoder_layer_{i}_mlp_{j}" for i in range(12) for j in (0, 3)}
-    assert set(layers) - factored == {"conv_proj", "heads_head"}
+    projections = {f"encoder_layers_encoder_layer_{i}_self_attention_{p}_proj" for i in range(12) for p in "qkv"}
+    projections |= {f"encoder_layers_encoder_layer_{i}_self_attention_out_proj" for i in range(12)}
+    assert set(layers) - factored == {"conv_proj", "heads_head"} | projections
     assert "break-even 384.0" in layers["conv_proj"]["refused"]
     assert "break-even 434.4" in layers["heads_head"]["refused"]
     verify(graph)

@@ -101,10 +101,11 @@ def test_vit_b_16_fp16_onnxruntime():
     for n in sensitive:
         assert types[n.input[0]] == TensorProto.FLOAT, f"{n.op_type} {n.name} runs in {types[n.input[0]]}"
         assert types[n.output[0]] == TensorProto.FLOAT
-    # per block: x -> fp32 for ln_1, attention out -> fp16, x -> fp32 for ln_2, ln_2 out -> fp16;
-    # plus the final layer norm's two, the input's and the output's
+    # per block: x -> fp32 for ln_1, ln_1 out -> fp16 for the q/k/v projections, their three outputs
+    # -> fp32 for the attention core, its output -> fp16 for out_proj, x -> fp32 for ln_2, ln_2 out
+    # -> fp16; plus the final layer norm's two, the input's and the output's
     casts = check_casts(result.graph)
-    assert len(casts) == 12 * 4 + 2 + 2
+    assert len(casts) == 12 * 8 + 2 + 2
     assert sum(n.op_type == "Cast" for n in proto.graph.node) == len(casts)
 
 

@@ -1,10 +1,13 @@
 """Structured pruning: the zero-then-remove oracle, the hard cases Torch-Pruning gets wrong, options."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
 
 import slimgraph
+from slimgraph.backends.onnx import run_onnxruntime
 from slimgraph.errors import PassError
 from slimgraph.ir import graph_stats, run, verify
 from slimgraph.passes.channels import analyze
@@ -149,7 +152,125 @@ def test_ignore_min_channels_round_to_and_global_scope():
     ("criterion=l3", "'criterion'"),
     ("min_channels=0", "'min_channels'"),
     ("ignore=[nope]", "no node named 'nope'"),
+    ("normalized=drop", "'normalized'"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(PassError, match=message):
         slimgraph.optimize(TinyNet().eval(), f"prune{{{options}}}", example_inputs=torch.randn(1, 3, 8, 8))
+
+
+# ---------------------------------------------------------------------------- attention and layer norm
+class Block(nn.Module):
+    """A pre-norm transformer block: layer norms, 4-head attention, an MLP, two residuals."""
+
+    def __init__(self, batch_first: bool = True):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(16), nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.batch_first = batch_first
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_heads_go_as_whole_units(batch_first):
+    torch.manual_seed(0)
+    model = Block(batch_first).eval()
+    x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+    graph, plan = check_model(model, x)
+    pruned = graph.clone()
+    apply_plan(pruned, plan)
+    (attention,) = [n for n in pruned.nodes if n.op == "attention"]
+    assert attention.attrs["num_heads"] == 2 and attention.inputs[0].shape[-1] == 8  # head size 4 kept
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert next(n for n in pruned.nodes if n.name.endswith(name)).inputs[1].shape == (8, 16)
+    assert next(n for n in pruned.nodes if n.name.endswith("out_proj")).inputs[1].shape == (16, 8)
+    module = slimgraph.to_torch(pruned)
+    assert "attention(" in module.code and ", 2, 0.5" in module.code  # 2 heads, scale 1/sqrt(4) kept
+    (y_onnx,) = run_onnxruntime(slimgraph.to_onnx(pruned), [x])
+    with torch.no_grad():
+        assert rel_error(y_onnx, module(x)) < 1e-5
+    module.train()
+    module(torch.cat([x, x], dim=0 if batch_first else 1)).square().mean().backward()
+    assert all(p.grad is not None for p in module.parameters())
+
+
+def test_layer_norm_channels_are_frozen_unless_asked_and_then_normalize_over_the_kept_ones():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(6, 16), Block(), nn.Linear(16, 3)).eval(), torch.randn(2, 5, 6)
+    graph = slimgraph.import_model(model, (x,))
+    frozen = plan_pruning(graph, 0.5)
+    assert "v_1_ln1_weight" not in frozen.removed  # the residual stream passes two layer norms: exact mode keeps it
+    plan = plan_pruning(graph, 0.5, normalized="prune")
+    gone = plan.removed["v_1_ln1_weight"][(0,)]
+    assert len(gone) == 8 and plan.removed["v_1_ln2_weight"][(0,)] == gone  # one stream, one set of channels
+    pruned = graph.clone()
+    apply_plan(pruned, plan)
+    assert next(n for n in pruned.nodes if n.op == "layer_norm").attrs["normalized_shape"] == [8]
+    # reference: the same model on the kept stream channels, each layer norm over those channels only
+    keep = [c for c in range(16) if c not in gone]
+    heads = [c for c in range(16) if c not in plan.removed["v_1_attn_q_proj_weight"][(0,)]]
+    hidden = [c for c in range(32) if c not in plan.removed["v_1_mlp_0_weight"][(0,)]]
+    assert len(heads) == 8 and len(hidden) == 16
+    reference = copy.deepcopy(model)
+    embed, block, head = reference
+    attn = block.attn
+    with torch.no_grad():
+        embed.weight.data, embed.bias.data = embed.weight[keep], embed.bias[keep]
+        for ln in (block.ln1, block.ln2):
+            ln.weight.data, ln.bias.data, ln.normalized_shape = ln.weight[keep], ln.bias[keep], (8,)
+        rows = torch.tensor([part * 16 + c for part in range(3) for c in heads])
+        attn.in_proj_weight.data, attn.in_proj_bias.data = attn.in_proj_weight[rows][:, keep], attn.in_proj_bias[rows]
+        attn.out_proj.weight.data = attn.out_proj.weight[keep][:, heads]
+        attn.out_proj.bias.data = attn.out_proj.bias[keep]
+        attn.embed_dim, attn.num_heads = 8, 2  # 8 kept stream channels, 2 kept heads of 4
+        fc1, fc2 = block.mlp[0], block.mlp[2]
+        fc1.weight.data, fc1.bias.data = fc1.weight[hidden][:, keep], fc1.bias[hidden]
+        fc2.weight.data, fc2.bias.data = fc2.weight[keep][:, hidden], fc2.bias[keep]
+        head.weight.data = head.weight[:, keep]
+        expected = reference(x)
+    assert rel_error(run(pruned, [x])[0], expected) < 1e-5
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name,normalized,macs_at_most", [
+    ("vit_b_16", "freeze", 0.51),  # half the heads and half the MLP hidden channels; the stream stays
+    ("vit_b_16", "prune", 0.27),
+    ("convnext_tiny", "prune", 0.27),  # Torch-Pruning 1.6 at the same ratio: 0.26x
+    ("swin_t", "freeze", 0.53),  # its inlined attention: the same head dims of q, k and v in every head
+    ("swin_t", "prune", 0.27),
+])
+def test_transformers_prune_heads_and_layer_normed_streams(name, normalized, macs_at_most):
+    model, x = build(name)
+    result = slimgraph.optimize(model, f"prune{{ratio=0.5,normalized={normalized}}}", example_inputs=x)
+    record = result.trace[0]
+    assert record.stats_after["macs"] <= macs_at_most * record.stats_before["macs"]
+    heads = [n.attrs["num_heads"] for n in result.graph.nodes if n.op == "attention"]
+    assert heads == ([6] * 12 if name == "vit_b_16" else [])
+    module = result.to_torch()
+    (y_onnx,) = run_onnxruntime(result.to_onnx(), [x])
+    with torch.no_grad():
+        assert rel_error(y_onnx, module(x)) < 1e-4
+
+
+def test_self_attention_not_batch_first_permutes_its_input_once():
+    graph = slimgraph.import_model(Block(batch_first=False).eval(), (torch.randn(5, 2, 16),))
+    assert sum(n.op == "permute" for n in graph.nodes) == 2  # [L, B, E] -> [B, L, E] and back
+
+
+def test_channel_shuffle_streams_split_into_classes():
+    """A shuffle ties channel i of each half; the pass-through halves carry those pairs on, so a stage's
+    stream has fewer, larger classes block by block, but never one class for the whole stage."""
+    model, x = build("shufflenet_v2_x1_0")
+    graph = slimgraph.import_model(model, (x,))
+    cg = analyze(graph)
+    roots = cg.roots()
+    first = next(n for n in graph.nodes if n.op == "concat").outputs[0]  # stage 2, block 0: 116 channels
+    (space,) = cg.spaces_of(first)
+    assert len(set(roots[space.base:space.base + space.size].tolist())) == 51
+    result = slimgraph.optimize(graph, "prune{ratio=0.5}", example_inputs=x)
+    assert result.trace[0].stats_after["macs"] < 0.4 * result.trace[0].stats_before["macs"]

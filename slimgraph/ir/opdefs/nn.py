@@ -30,6 +30,13 @@ def torch_pad_arg(pads: list[int]) -> list[int]:
     return arg
 
 
+def _float_type(node):
+    """The one floating dtype shared by every operand, else None (a closed form then defers to meta)."""
+    dtypes = {v.dtype for v in node.inputs if v is not None}
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    return dtype if dtype is not None and dtype.is_float else None
+
+
 def _checked_same(node, ok: bool) -> list:
     if not ok:
         raise ValueError(f"{node.op}: operands {[v.shape for v in node.inputs if v is not None]} do not fit")
@@ -107,6 +114,16 @@ def linear_coupling(node) -> list[Coupling]:
     return lead + [same(inp(0, rank - 1), inp(1, 1)), same(out(0, rank - 1), inp(1, 0), *bias)]
 
 
+def linear_infer(node) -> list | None:
+    x, w = node.inputs[0], node.inputs[1]
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    dtype = _float_type(node)
+    if dtype is None or x.rank < 1 or w.rank != 2 or x.shape[-1] != w.shape[1] \
+            or (b is not None and b.shape != (w.shape[0],)):
+        return None
+    return [((*x.shape[:-1], w.shape[0]), dtype)]
+
+
 register_op(
     "linear",
     lambda xs, a: F.linear(xs[0], xs[1], xs[2] if len(xs) > 2 else None),
@@ -114,6 +131,7 @@ register_op(
     num_inputs=(2, 3),
     coupling=linear_coupling,
     macs=lambda node: node.outputs[0].numel * node.inputs[1].shape[1],
+    infer=linear_infer,
 )
 
 
@@ -238,10 +256,54 @@ def window_macs(node) -> int:
     return node.outputs[0].numel * _prod(node.attrs["kernel"])
 
 
+def _int_list(xs, n: int) -> bool:
+    return isinstance(xs, (list, tuple)) and len(xs) == n and all(type(x) is int for x in xs)
+
+
+def pool_infer(node) -> list | None:
+    """max_pool / avg_pool sizes as the references compute them (torch's pooling_output_shape)."""
+    x, a = node.inputs[0], node.attrs
+    kernel, stride, pads = a["kernel"], a["stride"], a["pads"]
+    nd = len(kernel) if isinstance(kernel, (list, tuple)) else 0
+    dilation = a.get("dilation", 1) if node.op == "max_pool" else 1
+    dilation = [dilation] * nd if type(dilation) is int else dilation
+    ceil_mode = a.get("ceil_mode", False)
+    if _float_type(node) is None or nd == 0 or x.rank != nd + 2 or min(x.shape[1:]) < 1 \
+            or not (_int_list(kernel, nd) and _int_list(stride, nd) and _int_list(dilation, nd)
+                    and _int_list(pads, 2 * nd) and type(ceil_mode) is bool) \
+            or min(*kernel, *stride, *dilation) < 1 or min(pads) < 0:
+        return None
+    padding = symmetric_padding(pads)
+    explicit = padding is None or any(2 * p > k for p, k in zip(padding, kernel))  # as the references pad
+    spatial = []
+    for i in range(nd):
+        size, pad = x.shape[2 + i], pads[i]
+        if explicit:
+            size, pad = size + pads[i] + pads[nd + i], 0
+        out = (size + 2 * pad - dilation[i] * (kernel[i] - 1) - 1 + (stride[i] - 1 if ceil_mode else 0)) \
+            // stride[i] + 1
+        if ceil_mode and (out - 1) * stride[i] >= size + pad:  # the last window must start inside
+            out -= 1
+        if out < 1 or (node.op == "avg_pool" and nd == 3 and size < kernel[i]):
+            return None  # torch's own error (avg_pool3d also wants the input >= the kernel), from the reference
+        spatial.append(out)
+    return [((*x.shape[:2], *spatial), x.dtype)]
+
+
 register_op("max_pool", max_pool_ref, description="max pooling; attrs kernel, stride, pads, dilation, ceil_mode",
-            coupling=spatial_coupling)
+            coupling=spatial_coupling, infer=pool_infer)
 register_op("avg_pool", avg_pool_ref, description="average pooling; attrs kernel, stride, pads, ceil_mode",
-            coupling=spatial_coupling, macs=window_macs)
+            coupling=spatial_coupling, macs=window_macs, infer=pool_infer)
+
+
+def adaptive_infer(node) -> list | None:
+    x, size = node.inputs[0], node.attrs["output_size"]
+    nd = len(size) if isinstance(size, (list, tuple)) else 0
+    if _float_type(node) is None or nd == 0 or x.rank != nd + 2 or min(x.shape[1:]) < 1 \
+            or not _int_list(size, nd) or min(size) < 1:
+        return None
+    return [((*x.shape[:2], *size), x.dtype)]
+
 
 _ADAPTIVE_AVG = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 _ADAPTIVE_MAX = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}
@@ -251,12 +313,14 @@ register_op(
     description="adaptive average pooling to output_size (global pooling when 1)",
     coupling=spatial_coupling,
     macs=lambda node: node.inputs[0].numel,
+    infer=adaptive_infer,
 )
 register_op(
     "adaptive_max_pool",
     lambda xs, a: _ADAPTIVE_MAX[len(a["output_size"])](xs[0], a["output_size"]),
     description="adaptive max pooling to output_size",
     coupling=spatial_coupling,
+    infer=adaptive_infer,
 )
 
 
@@ -273,43 +337,45 @@ register_op("stochastic_depth", lambda xs, a: xs[0],
 
 
 # ---------------------------------------------------------------------------- attention
-def mha_ref(xs, a):
-    q, k, v, w_in, b_in, w_out, b_out = xs
-    if a["batch_first"]:
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
-    embed = q.shape[-1]
-    y, _ = F.multi_head_attention_forward(
-        q, k, v, embed, a["num_heads"], w_in, b_in, None, None, False, 0.0, w_out, b_out,
-        training=False, need_weights=False,
-    )
-    return y.transpose(0, 1) if a["batch_first"] else y
+# torch.nn.MultiheadAttention is imported as three linear projections, this core op and an output
+# linear: the projections are then ordinary layers (pruning, low rank, quantization, fp16 see them).
+def attention_ref(xs, a):
+    q, k, v = (t.unflatten(-1, (a["num_heads"], -1)).transpose(-3, -2) for t in xs)
+    y = F.scaled_dot_product_attention(q, k, v, scale=a["scale"])
+    return y.transpose(-3, -2).flatten(-2)
 
 
-def mha_coupling(node) -> list[Coupling]:
-    """Heads are pruned as whole units by the pruning pass; until then embed dims are frozen."""
-    seq, batch = (1, 0) if node.attrs["batch_first"] else (0, 1)
-    return [
-        same(inp(0, batch), inp(1, batch), inp(2, batch), out(0, batch)),
-        same(inp(0, seq), out(0, seq)),
-        same(inp(1, seq), inp(2, seq)),
-        Coupling("heads", (inp(3, 0), inp(4, 0), inp(5, 1)), (node.attrs["num_heads"],)),
-        frozen(inp(0, 2), inp(1, 2), inp(2, 2), inp(3, 1), inp(5, 0), inp(6, 0), out(0, 2)),
-    ]
+def attention_coupling(node) -> list[Coupling]:
+    """q and k share head dims, v and the output theirs; heads go as whole units across all four."""
+    rank = node.inputs[0].rank
+    couplings = [same(inp(0, a), inp(1, a), inp(2, a), out(0, a)) for a in range(rank - 2)]
+    couplings += [same(inp(0, rank - 2), out(0, rank - 2)), same(inp(1, rank - 2), inp(2, rank - 2))]
+    heads = (inp(0, rank - 1), inp(1, rank - 1), inp(2, rank - 1), out(0, rank - 1))
+    return couplings + [Coupling("heads", heads, (node.attrs["num_heads"],))]
 
 
-def mha_macs(node) -> int:
-    q, k = node.inputs[0], node.inputs[1]
-    seq_axis = 1 if node.attrs["batch_first"] else 0
-    lq, lk, e = q.shape[seq_axis], k.shape[seq_axis], q.shape[2]
-    batch = q.shape[1 - seq_axis]
-    return batch * (lq * e * e + 2 * lk * e * e + 2 * lq * lk * e + lq * e * e)
+def attention_infer(node) -> list:
+    q, k, v = node.inputs
+    heads = node.attrs["num_heads"]
+    ok = (q.rank == k.rank == v.rank >= 3 and q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2]
+          and q.shape[-1] % heads == 0 and v.shape[-1] % heads == 0 and q.shape[:-2] == k.shape[:-2] == v.shape[:-2])
+    if not ok:
+        raise ValueError(f"attention over {heads} heads: q {q.shape}, k {k.shape}, v {v.shape} do not fit")
+    return [((*q.shape[:-1], v.shape[-1]), q.dtype)]
+
+
+def attention_macs(node) -> int:
+    q, k, v = node.inputs
+    return q.numel // q.shape[-1] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
 
 
 register_op(
-    "multihead_attention",
-    mha_ref,
-    description="multi-head attention (torch.nn.MultiheadAttention); inputs q, k, v, in/out weights",
-    num_inputs=(7, 7),
-    coupling=mha_coupling,
-    macs=mha_macs,
+    "attention",
+    attention_ref,
+    description="scaled dot-product attention over num_heads heads of the last dim; attrs num_heads, scale, "
+                "dropout (on the attention weights, training only)",
+    num_inputs=(3, 3),
+    coupling=attention_coupling,
+    macs=attention_macs,
+    infer=attention_infer,
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slimgraph.ir.coupling import Coupling, frozen, inp, out, same
+from slimgraph.ir.coupling import Coupling, frozen, inp, out, same, unused
 from slimgraph.ir.opdefs.nn import passthrough_coupling
 from slimgraph.ir.ops import register_op
 
@@ -33,17 +33,57 @@ def reshape_coupling(node) -> list[Coupling]:
     return couplings
 
 
+# Closed-form inference (``OpDef.infer``) for the hot ops: None defers to the reference on meta
+# tensors, which also raises torch's own error for operands that do not fit.
+def _prod(xs) -> int:
+    n = 1
+    for x in xs:
+        n *= x
+    return n
+
+
+def _axis(axis, rank: int) -> int | None:
+    return axis % rank if type(axis) is int and -rank <= axis < rank else None
+
+
+def reshape_infer(node) -> list | None:
+    x, target = node.inputs[0], node.attrs["shape"]
+    if not isinstance(target, (list, tuple)) or (BATCH in target and x.rank == 0):
+        return None
+    target = [x.shape[0] if d == BATCH else d for d in target]
+    if not all(type(d) is int and d >= -1 for d in target) or target.count(-1) > 1:
+        return None
+    numel, known = _prod(x.shape), _prod(d for d in target if d != -1)
+    if -1 in target:
+        if known == 0 or numel % known:
+            return None
+        target = [numel // known if d == -1 else d for d in target]
+    elif known != numel:
+        return None
+    return [(tuple(target), x.dtype)]
+
+
+def flatten_infer(node) -> list | None:
+    x = node.inputs[0]
+    start, end = _axis(node.attrs["start"], x.rank), _axis(node.attrs["end"], x.rank)
+    if start is None or end is None or start > end:
+        return None
+    return [((*x.shape[:start], _prod(x.shape[start:end + 1]), *x.shape[end + 1:]), x.dtype)]
+
+
 register_op(
     "reshape",
     lambda xs, a: xs[0].reshape(resolve_shape(a["shape"], xs[0])),
     description="reshape to attr shape (-1 inferred, N = input batch)",
     coupling=reshape_coupling,
+    infer=reshape_infer,
 )
 register_op(
     "flatten",
     lambda xs, a: torch.flatten(xs[0], a["start"], a["end"]),
     description="merge dims start..end",
     coupling=reshape_coupling,
+    infer=flatten_infer,
 )
 
 
@@ -51,11 +91,22 @@ def permute_coupling(node) -> list[Coupling]:
     return [same(inp(0, p), out(0, i)) for i, p in enumerate(node.attrs["perm"])]
 
 
+def permute_infer(node) -> list | None:
+    x, perm = node.inputs[0], node.attrs["perm"]
+    if not isinstance(perm, (list, tuple)) or len(perm) != x.rank:
+        return None
+    perm = [_axis(p, x.rank) for p in perm]
+    if None in perm or sorted(perm) != list(range(x.rank)):
+        return None
+    return [(tuple(x.shape[p] for p in perm), x.dtype)]
+
+
 register_op(
     "permute",
     lambda xs, a: xs[0].permute(a["perm"]),
     description="reorder dims by perm",
     coupling=permute_coupling,
+    infer=permute_infer,
 )
 
 
@@ -90,12 +141,25 @@ def concat_coupling(node) -> list[Coupling]:
     return [cat] + rest
 
 
+def concat_infer(node) -> list | None:
+    first = node.inputs[0]
+    rank, axis = first.rank, _axis(node.attrs["axis"], first.rank) if first.rank else None
+    if axis is None or any(v is None or v.rank != rank or v.dtype != first.dtype for v in node.inputs):
+        return None  # torch.cat's type promotion and legacy empty operands: the reference decides
+    if any(v.shape[a] != first.shape[a] for v in node.inputs for a in range(rank) if a != axis):
+        return None
+    shape = list(first.shape)
+    shape[axis] = sum(v.shape[axis] for v in node.inputs)
+    return [(tuple(shape), first.dtype)]
+
+
 register_op(
     "concat",
     lambda xs, a: torch.cat(xs, a["axis"]),
     description="concatenate along axis",
     num_inputs=(1, -1),
     coupling=concat_coupling,
+    infer=concat_infer,
 )
 
 
@@ -112,11 +176,21 @@ def split_coupling(node) -> list[Coupling]:
     return [split] + rest
 
 
+def split_infer(node) -> list | None:
+    x, sizes = node.inputs[0], node.attrs["sizes"]
+    axis = _axis(node.attrs["axis"], x.rank) if x.rank else None
+    if axis is None or not isinstance(sizes, (list, tuple)) or not sizes \
+            or not all(type(n) is int and n >= 0 for n in sizes) or sum(sizes) != x.shape[axis]:
+        return None
+    return [((*x.shape[:axis], n, *x.shape[axis + 1:]), x.dtype) for n in sizes]
+
+
 register_op(
     "split",
     lambda xs, a: torch.split(xs[0], a["sizes"], a["axis"]),
     description="split along axis into sizes (one output each)",
     coupling=split_coupling,
+    infer=split_infer,
 )
 
 
@@ -142,7 +216,7 @@ register_op("slice", slice_ref, description="strided slice; attrs axes, starts, 
 
 def select_coupling(node) -> list[Coupling]:
     axis = node.attrs["axis"] % node.inputs[0].rank
-    couplings = [frozen(inp(0, axis))]
+    couplings = [Coupling("select", (inp(0, axis),), (node.attrs["index"],))]
     for a in range(node.inputs[0].rank):
         if a != axis:
             couplings.append(same(inp(0, a), out(0, a if a < axis else a - 1)))
@@ -185,7 +259,8 @@ register_op(
     expand_like_ref,
     description="broadcast to shape, N taken from input 1's leading dim",
     num_inputs=(2, 2),
-    coupling=lambda node: expand_coupling(node) + [frozen(inp(1, 0))],
+    coupling=lambda node: expand_coupling(node) + [
+        frozen(inp(1, 0)), unused(*[inp(1, a) for a in range(1, node.inputs[1].rank)])],
 )
 
 def pad_coupling(node) -> list[Coupling]:
@@ -218,10 +293,25 @@ def reduce_coupling(node) -> list[Coupling]:
     return couplings
 
 
+def reduce_infer(node) -> list | None:
+    """Floating mean / sum over a non-empty list of distinct axes (ints promote in sum: meta decides)."""
+    x, axes, keep = node.inputs[0], node.attrs["axes"], node.attrs.get("keepdim", False)
+    if not x.dtype.is_float or x.rank == 0 or not isinstance(axes, (list, tuple)) or not axes \
+            or type(keep) is not bool:
+        return None
+    reduced = {_axis(a, x.rank) for a in axes}
+    if None in reduced or len(reduced) != len(axes):
+        return None
+    if keep:
+        return [(tuple(1 if a in reduced else d for a, d in enumerate(x.shape)), x.dtype)]
+    return [(tuple(d for a, d in enumerate(x.shape) if a not in reduced), x.dtype)]
+
+
 register_op("mean", lambda xs, a: xs[0].mean(a["axes"], keepdim=a.get("keepdim", False)),
-            description="mean over axes", coupling=reduce_coupling, macs=lambda n: n.inputs[0].numel)
+            description="mean over axes", coupling=reduce_coupling, macs=lambda n: n.inputs[0].numel,
+            infer=reduce_infer)
 register_op("sum", lambda xs, a: xs[0].sum(a["axes"], keepdim=a.get("keepdim", False)),
-            description="sum over axes", coupling=reduce_coupling)
+            description="sum over axes", coupling=reduce_coupling, infer=reduce_infer)
 
 register_op(
     "cast",
