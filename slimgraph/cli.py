@@ -135,7 +135,7 @@ def load_calibration_data(path: str, graph) -> list[tuple]:
         elif len(data) == len(names):
             per_input = list(data.values())
         else:
-            raise SlimgraphError(f"{who}: holds arrays {', '.join(data)}; the model's inputs are "
+            raise SlimgraphError(f"{who}: holds arrays {', '.join(map(str, data))}; the model's inputs are "
                                  f"{', '.join(names)} (one [N, ...] array per input)")
         batches = _split_samples(per_input, graph, who)
     elif isinstance(data, (list, tuple)):

@@ -89,6 +89,7 @@ def test_bad_calibration_data_is_a_one_line_error(tmp_path, capsys):
     torch.save(nan, tmp_path / "nan.pt")
     torch.save(torch.randn(4, 3, 8, 8), tmp_path / "small.pt")
     torch.save(torch.randn(3, 16, 16), tmp_path / "unbatched.pt")
+    torch.save({0: torch.randn(4, 3, 16, 16), 1: torch.randn(4, 3, 16, 16)}, tmp_path / "int_keys.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a tensor")
     (tmp_path / "data.csv").write_text("1,2,3")
     cal = ["--calibration-data"]
@@ -99,6 +100,7 @@ def test_bad_calibration_data_is_a_one_line_error(tmp_path, capsys):
         (cal + [str(tmp_path / "unbatched.pt")], r"has shape \(3, 16, 16\); the model needs \[N, 3, 16, 16\]"),
         (cal + [str(tmp_path / "nan.pt")], r"calibration batch 2, input 0 \(%x\) contains NaN"),
         (cal + [str(tmp_path / "junk.pt")], "junk.pt: cannot read it"),
+        (cal + [str(tmp_path / "int_keys.pt")], "holds arrays 0, 1; the model's inputs are x"),
         (cal + [str(tmp_path / "data.csv")], r"expected a \.pt, \.npy or \.npz file"),
         ([], "pass 'quantize' needs calibration inputs: --calibration-data PATH"),
         (cal + [str(tmp_path / "small.pt"), "--quant-format", "qoperator", "-o", str(tmp_path / "folder")],

@@ -277,8 +277,11 @@ class _Rewriter:
             return False
         if w.axis is None:
             return w.zero_point is not None
-        return w.axis == channel_axis and (channel_axis == 0 or len(w.q.shape) == 2) \
-            and (w.zero_point is None or not w.zero_point.values.any())
+        if not (w.axis == channel_axis and (channel_axis == 0 or len(w.q.shape) == 2)):
+            return False
+        if w.zero_point is None:  # ONNX's default zero point; the QLinear ops want it spelled out
+            w.zero_point = self.constant(f"{w.q.name}_zero_point", np.zeros(w.scale.values.shape, w.q.dtype))
+        return not w.zero_point.values.any()
 
     def int32_bias(self, t: gs.Tensor, x: Quantized, w: Quantized) -> list[gs.Tensor] | None:
         """[the int32 constant] where ``t`` is DQ(int32) on the grid x scale * w scale, else None."""

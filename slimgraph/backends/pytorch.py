@@ -11,6 +11,7 @@ import path, or a module kept beside the weights.
 from __future__ import annotations
 
 import builtins
+import copy
 import importlib
 import keyword
 import linecache
@@ -161,16 +162,21 @@ def _pair(values: list[int]) -> str:
     return _lit(tuple(values))
 
 
+def _conv_padding(x: str, pads: list[int], nd: int, fill: str | None = None) -> tuple[str, list[int]]:
+    """torch convs pad symmetrically: asymmetric ONNX pads become an explicit F.pad (with ``fill``)."""
+    if pads[:nd] == pads[nd:]:
+        return x, pads[:nd]
+    value = "" if fill is None else f", value={fill}"
+    return f"F.pad({x}, {_lit(_torch_pads(pads))}{value})", [0] * nd
+
+
 @emitter("conv")
 def emit_conv(ctx, node, a):
     w = node.inputs[1]
     b = node.inputs[2] if len(node.inputs) > 2 else None
     at = node.attrs
     nd = w.rank - 2
-    pads = at["pads"]
-    sym = pads[:nd] == pads[nd:]
-    xin = a[0] if sym else f"F.pad({a[0]}, {_lit(_torch_pads(pads))})"
-    padding = pads[:nd] if sym else [0] * nd
+    xin, padding = _conv_padding(a[0], at["pads"], nd)
     if _owned_params(ctx, node, range(1, 3)):
         cin = w.shape[1] * at["groups"]
         options = [f"kernel_size={_pair(w.shape[2:])}"]
@@ -688,10 +694,7 @@ def _emit_qconv(ctx: _Ctx, unit: _QConv) -> str:
     at, nd = unit.conv.attrs, unit.w.inputs[0].rank - 2
     x_zero = _scalar_literal(_zero_point(unit.x)) or "0"
     x = ctx.ref(unit.x.inputs[0])
-    pads = at["pads"]
-    if pads[:nd] != pads[nd:]:  # padded with the zero point: a real 0
-        x = f"F.pad({x}, {_lit(_torch_pads(pads))}, value={x_zero})"
-    padding = pads[:nd] if pads[:nd] == pads[nd:] else [0] * nd
+    x, padding = _conv_padding(x, at["pads"], nd, fill=x_zero)  # padded with the zero point: a real 0
     w = ctx.ref(unit.w.inputs[0])
     w_scale = _scalar_literal(unit.w.inputs[1]) or _constant(ctx, unit.w.inputs[1], learned=False)
     bias = ctx.ref(unit.bias.inputs[0]) if unit.bias is not None else "None"
@@ -848,7 +851,8 @@ def to_torch(graph: Graph) -> torch.nn.Module:
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace: dict[str, Any] = {"__name__": f"slimgraph_generated_{clean_name(graph.name)}"}
     exec(compile(source, filename, "exec"), namespace)  # our own generated code, never user text
-    model = namespace["Model"](externals)
+    # opaque modules are copied: the module must not share them with the graph or other exports
+    model = namespace["Model"](copy.deepcopy(externals))
     # assign: modules are built in float32; weights keep their own dtype (fp16, bf16, int8)
     model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
     model.code = source

@@ -214,3 +214,32 @@ def test_resnet18_qoperator_has_every_conv_as_qlinearconv(tmp_path):
     assert counts.get("QLinearConv") == 20 and counts.get("QLinearAdd") == 8 and counts.get("QGemm") == 1
     assert "Conv" not in counts and counts.get("QLinearGlobalAveragePool") == 1
     assert_same_outputs(qdq, qop, (1, 3, 224, 224), result.graph, n=2)
+
+
+def test_per_channel_weights_without_zero_points_get_explicit_ones():
+    """ONNX's DequantizeLinear defaults the zero point to 0; QLinearConv wants it as an input."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    w_scale = (np.abs(w).reshape(4, -1).max(1) / 127).astype(np.float32)
+    s, z, y_s = np.float32(0.02), np.uint8(128), np.float32(0.05)
+    inits = {"s": np.array(s), "z": np.array(z), "y_s": np.array(y_s), "y_z": np.array(np.uint8(128)),
+             "w_q": np.round(w / w_scale[:, None, None, None]).astype(np.int8), "w_s": w_scale,
+             "b_q": np.arange(4, dtype=np.int32) * 50, "b_s": s * w_scale}
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["x_q"]),
+        helper.make_node("DequantizeLinear", ["x_q", "s", "z"], ["x_dq"]),
+        helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["w_dq"], axis=0),  # no zero point
+        helper.make_node("DequantizeLinear", ["b_q", "b_s"], ["b_dq"], axis=0),
+        helper.make_node("Conv", ["x_dq", "w_dq", "b_dq"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("QuantizeLinear", ["c", "y_s", "y_z"], ["c_q"]),
+        helper.make_node("DequantizeLinear", ["c_q", "y_s", "y_z"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "no_zp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    qdq = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    qop, counts = to_qoperator(qdq)
+    assert counts == {"QLinearConv": 1}, counts
+    onnx.checker.check_model(qop, full_check=True)
+    x = torch.randn(1, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(run_onnxruntime(qdq, [x])[0], run_onnxruntime(qop, [x])[0])

@@ -155,6 +155,12 @@ def test_opaque_module_with_parameters_loads_its_weights():
 
     torch.manual_seed(0)
     model, x = WithBilinear().eval(), torch.randn(2, 4)
-    module = slimgraph.to_torch(slimgraph.import_model(model, (x,)))
+    graph = slimgraph.import_model(model, (x,))
+    module, other = slimgraph.to_torch(graph), slimgraph.to_torch(graph)
     assert "bil.weight" in module.state_dict()
     assert torch.equal(module(x), model(x))
+    (opaque,) = [n for n in graph.nodes if n.op == "opaque"]
+    assert module.bil is not opaque.attrs["impl"].module and module.bil is not other.bil
+    with torch.no_grad():
+        module.bil.weight.zero_()  # training one export leaves the graph and the other exports alone
+    assert torch.equal(other(x), model(x)) and torch.equal(slimgraph.to_torch(graph)(x), model(x))
