@@ -247,6 +247,15 @@ def emit_group_norm(ctx, node, a):
             f"{a[2] if b is not None else 'None'}, {node.attrs['eps']!r})")
 
 
+@emitter("gather")
+def emit_gather(ctx, node, a):
+    indices = torch.tensor(node.attrs["indices"], dtype=torch.long)
+    name = ctx.attr(f"{node.name}_indices")  # a buffer: long index lists stay out of the source
+    ctx.init.append(f"self.register_buffer({name!r}, torch.empty({len(indices)}, dtype=torch.long))")
+    ctx.state[name] = indices
+    return f"{a[0]}.index_select({node.attrs['axis']}, self.{name})"
+
+
 @emitter("attention")
 def emit_attention(ctx, node, a):
     ctx.uses_helpers.add("attention")

@@ -313,6 +313,8 @@ class _Converter:
                 result = handler(self, ir_args, ir_kwargs, real)
             except Unhandled:
                 result = None
+        if result is None and self.prefix:  # inside an inlined function: better folded than opaque
+            result = self._fold(fx_node, target, ir_args, ir_kwargs, real, trainable=True)
         if result is None and fx_node.op == "call_function" and _is_python_function(target):
             result = self._inline(fx_node, target, ir_args, ir_kwargs, args, kwargs, real)
         if result is None:
@@ -320,12 +322,13 @@ class _Converter:
         self._check(fx_node, result, real)
         self.ir[fx_node] = result
 
-    def _fold(self, fx_node: torch.fx.Node, target: Any, ir_args: Any, ir_kwargs: Any, real: Any) -> Any:
+    def _fold(self, fx_node: torch.fx.Node, target: Any, ir_args: Any, ir_kwargs: Any, real: Any,
+              trainable: bool = False) -> Any:
         """A tensor computed from constants alone (index tables, attention masks) becomes a constant.
 
-        At the top level only non-trainable constants fold, so parameters stay trainable in the
-        emitted module; inside an inlined function anything static folds (the alternative is an
-        opaque call). Never folds what depends on the batch size or on randomness.
+        What reads a parameter folds only with ``trainable`` (inside an inlined function, when no
+        handler maps the call: the alternative is an opaque call), so parameters stay trainable in
+        the emitted module. Never folds what depends on the batch size or on randomness.
         """
         if not isinstance(real, torch.Tensor) or fx_node.op == "call_module":
             return None
@@ -342,7 +345,7 @@ class _Converter:
             return None
         if not values and name not in VALUE_FREE:
             return None
-        if not self.prefix and any(v.meta.get("trainable") for v in values):
+        if not trainable and any(v.meta.get("trainable") for v in values):
             return None
         return self.graph.add_constant(f"{self.name}", real.detach().clone())
 
@@ -526,7 +529,7 @@ def _export_call(fn: Any, args: tuple, kwargs: dict, values: list[Value], tensor
     keeps the batch symbolic (traced at batch + 1: export specializes sizes 0 and 1)."""
     from torch.export import Dim
 
-    dynamic = [not v.is_constant and v.rank > 0 for v in values]
+    dynamic = [v.rank > 0 and _reads_graph_inputs(v) for v in values]  # not tables made from weights
     examples = tuple(torch.cat([t, t[:1]]) if d else t for t, d in zip(tensors, dynamic))
     specs = tuple({0: Dim.AUTO} if d else None for d in dynamic)
     module = _Call(fn, args, kwargs)
@@ -536,6 +539,20 @@ def _export_call(fn: Any, args: tuple, kwargs: dict, values: list[Value], tensor
         except Exception:
             continue
     return None
+
+
+def _reads_graph_inputs(value: Value) -> bool:
+    """Whether ``value`` is computed from a graph input (so its leading dim is the batch)."""
+    seen, stack = set(), [value]
+    while stack:
+        v = stack.pop()
+        if id(v) in seen or v.is_constant:
+            continue
+        seen.add(id(v))
+        if v.producer is None:
+            return True  # a graph input
+        stack.extend(u for u in v.producer.inputs if u is not None)
+    return False
 
 
 def _leaves(x: Any, out: list[Any]) -> None:

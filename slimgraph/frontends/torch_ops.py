@@ -546,7 +546,7 @@ def getitem_fn(cv, args, kwargs, real):
 def index_tensor(cv, x: Value, index: tuple) -> Value:
     """Basic indexing (ints, slices, None, Ellipsis) as slice / select / unsqueeze nodes."""
     if any(isinstance(i, (Value, list, torch.Tensor)) for i in index):
-        raise Unhandled  # advanced indexing
+        return gather_index(cv, x, index)
     n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
     expanded: list[Any] = []
     for i in index:
@@ -585,6 +585,29 @@ def index_tensor(cv, x: Value, index: tuple) -> Value:
     if y is x:
         y = cv.emit("identity", [x])
     return y
+
+
+def gather_index(cv, x: Value, index: tuple) -> Value:
+    """x[:, ..., idx] with one constant 1-D integer index after whole-dim slices: a gather (a
+    relative-position table read through an index buffer stays a trainable table this way)."""
+    whole = slice(None)
+    entries = list(index)
+    while entries and entries[-1] == whole:  # trailing whole dims: untouched
+        entries.pop()
+    if not entries or len(entries) > x.rank or any(i != whole for i in entries[:-1]):
+        raise Unhandled
+    idx = entries[-1]
+    if isinstance(idx, Value):
+        if not idx.is_constant:
+            raise Unhandled
+        idx = idx.const_value
+    if not isinstance(idx, (torch.Tensor, list)):
+        raise Unhandled
+    idx = torch.as_tensor(idx)
+    if idx.dim() != 1 or idx.is_floating_point() or idx.dtype == torch.bool:
+        raise Unhandled
+    axis = len(entries) - 1
+    return cv.emit("gather", [x], {"axis": axis, "indices": [int(i) % x.shape[axis] for i in idx.tolist()]})
 
 
 def reshape_target(x: Value, shape: Any) -> list:
@@ -847,6 +870,11 @@ def _aten_slice(cv, args, kwargs, real):
     return cv.emit("slice", [x], {"axes": [dim], "starts": [s], "ends": [e], "steps": [st]})
 
 
+def _aten_index(cv, args, kwargs, real):  # x[idx]: a list with None for the dims not indexed
+    return gather_index(cv, tensor_arg(args[0]), tuple(slice(None) if i is None else i for i in args[1]))
+
+
+_alias(_aten_index, "index.Tensor")
 _alias(_aten_select, "select.int")
 _alias(_aten_slice, "slice.Tensor")
 

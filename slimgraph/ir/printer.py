@@ -5,18 +5,25 @@ Names are the values' own names (never renumbered), so changing one node changes
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from slimgraph.ir.graph import Graph
 from slimgraph.ir.node import Node
 from slimgraph.ir.ops import OPAQUE
 
+LONG = 16  # lists longer than this print their head, length and a digest (a change still shows)
+
 
 def format_attr(value: Any) -> str:
     if isinstance(value, float):
         return repr(round(value, 8))
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(format_attr(v) for v in value) + "]"
+        items = [format_attr(v) for v in value]
+        if len(items) > LONG:
+            digest = hashlib.sha1(",".join(items).encode()).hexdigest()[:8]
+            return "[" + ",".join(items[:8]) + f",... {len(items)} items #{digest}]"
+        return "[" + ",".join(items) + "]"
     if isinstance(value, str):
         return value
     return repr(value)

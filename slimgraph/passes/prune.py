@@ -139,116 +139,157 @@ def pruning_groups(cg: ChannelGroups) -> list[_Group]:
 def select(cg: ChannelGroups, groups: list[_Group], importance: dict[int, float], ratio: float,
            scope: str, round_to: int, min_channels: int) -> tuple[set[int], list[dict[str, Any]]]:
     """The classes to remove, and a report per group."""
-    # every layer keeps min_channels of its classes: count, per layer, the classes it holds
-    roots = cg.roots()
-    layer_classes = [[set(roots[space.base:space.base + space.size].tolist()) for _, space in g.layers]
-                     for g in groups]
-    scores: list[float] = []  # with the group index and the class: the ranking
-    group_of: list[int] = []
-    class_of: list[int] = []
+    targets, ranking = _targets(groups, importance, ratio, round_to, normalized=scope == "global")
+    budget = _Budget(cg, groups, min_channels)
+    if scope == "uniform":
+        _select_uniform(budget, ranking, targets)
+    else:
+        _select_global(budget, ranking, ratio)
+    return budget.removed, _report(cg, groups, budget)
+
+
+@dataclass
+class _Ranking:
+    """Every scored class, group after group: its score, its group's index and the class.
+
+    The scores stay the Python floats they were made as: with a NaN, Python's sort decides the order (see ``order``),
+    and it compares floats by identity before value."""
+
+    scores: list[float]
+    group_of: list[int]
+    class_of: list[int]
+
+    def order(self, by_group: bool = False) -> np.ndarray:
+        """Positions in the order of ``sorted(zip(scores, group_of, class_of))``: lowest score first, ties by group,
+        then class. With ``by_group``, the same order regrouped: group by group, each by score then class.
+
+        The triples are distinct, so without NaN numpy's lexsort finds the one order there is. Python's sort leaves
+        NaN unordered and its result depends on the whole list: with a NaN, Python sorts, over every group at once."""
+        score = np.asarray(self.scores, dtype=np.float64)
+        group = np.asarray(self.group_of, dtype=np.int64)
+        if np.isnan(score).any():
+            order = np.array(sorted(range(len(score)), key=lambda i: (self.scores[i], self.group_of[i],
+                                                                      self.class_of[i])), dtype=np.int64)
+            return order[np.argsort(group[order], kind="stable")] if by_group else order
+        cls = np.asarray(self.class_of, dtype=np.int64)
+        return np.lexsort((cls, score, group) if by_group else (cls, group, score))
+
+    def per_group(self, n_groups: int) -> list[list[int]]:
+        """Each group's classes, lowest ranked first."""
+        order = self.order(by_group=True)
+        bounds = np.searchsorted(np.asarray(self.group_of, dtype=np.int64)[order], np.arange(n_groups + 1)).tolist()
+        classes = np.asarray(self.class_of, dtype=np.int64)[order].tolist()
+        return [classes[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _targets(groups: list[_Group], importance: dict[int, float], ratio: float, round_to: int,
+             normalized: bool) -> tuple[list[int], _Ranking]:
+    """Per group, how many classes the uniform scope removes: ``ratio`` of its scored classes, fewer where needed
+    for the number kept to be a multiple of ``round_to`` (or all of them). And the ranking of every scored class;
+    ``normalized`` (the global scope) divides the scores by their group's mean so that groups compare."""
     targets: list[int] = []
+    ranking = _Ranking([], [], [])
     for gi, g in enumerate(groups):
         scored = [c for c in g.classes if c in importance]
+        values = [importance[c] for c in scored]
         n = len(scored)
         keep = n - math.floor(ratio * n)
         keep = min(n, math.ceil(keep / round_to) * round_to)
         targets.append(n - keep)
-        values = [importance[c] for c in scored]
-        mean = sum(values) / n if n else 1.0
-        scores += values if scope == "uniform" else [v / (mean or 1.0) for v in values]
-        group_of += [gi] * n
-        class_of += scored
-    removed: set[int] = set()
-    per_group = [0] * len(groups)
-    if scope == "global":
-        total = math.floor(ratio * len(scores))
-        targets = [len(g.classes) for g in groups]  # bounded by the global count instead
-    else:
-        total = len(scores)
-    clamped = [0] * len(groups)
-    remaining = [[len(cs) for cs in lc] for lc in layer_classes]
-    holders_of: dict[int, dict[int, list[int]]] = {}  # group -> class -> the layers holding it, in order
+        if normalized:
+            mean = (sum(values) / n if n else 1.0) or 1.0
+            values = [v / mean for v in values]
+        ranking.scores += values
+        ranking.group_of += [gi] * n
+        ranking.class_of += scored
+    return targets, ranking
 
-    def take(gi: int, c: int) -> None:
-        """Remove class c of group gi unless a layer holding it would keep fewer than min_channels."""
-        if gi not in holders_of:
-            holders_of[gi] = {}
-            for k, cs in enumerate(layer_classes[gi]):
-                for x in cs:
-                    holders_of[gi].setdefault(x, []).append(k)
-        holders = holders_of[gi].get(c, [])
-        if any(remaining[gi][k] - 1 < min_channels for k in holders):
-            clamped[gi] += 1
-            return
+
+class _Budget:
+    """The removed classes, and what each layer may still lose: every layer keeps at least ``min_channels`` of the
+    classes it holds (frozen and unscored ones count as kept). Groups share no layer: all is kept per group."""
+
+    def __init__(self, cg: ChannelGroups, groups: list[_Group], min_channels: int) -> None:
+        roots = cg.roots()
+        self.min_channels = min_channels
+        self.layer_classes = [[set(roots[s.base:s.base + s.size].tolist()) for _, s in g.layers] for g in groups]
+        self.remaining = [[len(cs) for cs in layers] for layers in self.layer_classes]  # what each layer still holds
+        self.removed: set[int] = set()
+        self.removed_in = [0] * len(groups)  # per group
+        self.clamped = [0] * len(groups)  # per group: classes left in place for min_channels
+        self._holders: dict[int, dict[int, list[int]]] = {}  # group -> class -> its layers holding it, on first use
+
+    def take(self, gi: int, cls: int) -> bool:
+        """Remove class ``cls`` of group ``gi`` unless a layer holding it would keep fewer than min_channels."""
+        if gi not in self._holders:
+            self._holders[gi] = {}
+            for k, cs in enumerate(self.layer_classes[gi]):
+                for c in cs:
+                    self._holders[gi].setdefault(c, []).append(k)
+        holders = self._holders[gi].get(cls, [])
+        remaining = self.remaining[gi]
+        if any(remaining[k] - 1 < self.min_channels for k in holders):
+            self.clamped[gi] += 1
+            return False
         for k in holders:
-            remaining[gi][k] -= 1
-        removed.add(c)
-        per_group[gi] += 1
+            remaining[k] -= 1
+        self.removed.add(cls)
+        self.removed_in[gi] += 1
+        return True
 
-    if scope == "uniform":
-        # the groups are independent (the total is every class): each removes its lowest-ranked
-        # classes up to its target. A group whose every layer keeps min_channels however many of
-        # its candidates go never clamps: it removes its first target classes, no bookkeeping needed
-        for gi, candidates in enumerate(_ranked_per_group(scores, group_of, class_of, len(groups))):
-            pool = set(candidates)
-            if all(len(cs) - min(targets[gi], len(cs & pool)) >= min_channels for cs in layer_classes[gi]):
-                removed.update(candidates[:targets[gi]])
-                per_group[gi] = len(candidates[:targets[gi]])
-                continue
-            for c in candidates:
-                if per_group[gi] >= targets[gi]:
-                    break
-                take(gi, c)
-    else:
-        for _, gi, c in _ranking(scores, group_of, class_of):
-            if len(removed) >= total:
+    def take_all(self, gi: int, classes: list[int]) -> bool:
+        """Remove all of ``classes`` (distinct, of group ``gi``) if every layer holding one of them keeps
+        min_channels: what ``take`` one by one would do then. Otherwise remove none."""
+        gone = set(classes)
+        lost = [len(cs & gone) for cs in self.layer_classes[gi]]
+        remaining = self.remaining[gi]
+        if any(n and remaining[k] - n < self.min_channels for k, n in enumerate(lost)):
+            return False
+        self.remaining[gi] = [r - n for r, n in zip(remaining, lost)]
+        self.removed |= gone
+        self.removed_in[gi] += len(gone)
+        return True
+
+
+def _select_uniform(budget: _Budget, ranking: _Ranking, targets: list[int]) -> None:
+    """Each group removes its lowest-ranked classes until it reaches its target, passing over (clamping) those
+    ``budget`` refuses. Groups share no layer: each goes on its own."""
+    for gi, ranked in enumerate(ranking.per_group(len(targets))):
+        # fast path: one by one, the first `target` classes would all go, none clamped, exactly when removing them
+        # together leaves every layer min_channels; take_all checks that once, and only groups that clamp loop
+        if budget.take_all(gi, ranked[:targets[gi]]):
+            continue
+        for cls in ranked:
+            if budget.removed_in[gi] >= targets[gi]:
                 break
-            if per_group[gi] >= targets[gi]:
-                continue
-            take(gi, c)
-    # a layer's classes are its group's: the removed ones are the group's removed ones
+            budget.take(gi, cls)
+
+
+def _select_global(budget: _Budget, ranking: _Ranking, ratio: float) -> None:
+    """The lowest-ranked classes of all groups go, ``ratio`` of every scored class, passing over (clamping) those
+    ``budget`` refuses."""
+    total = math.floor(ratio * len(ranking.class_of))
+    order = ranking.order()
+    for gi, cls in zip(np.asarray(ranking.group_of)[order].tolist(), np.asarray(ranking.class_of)[order].tolist()):
+        if len(budget.removed) >= total:
+            break
+        budget.take(gi, cls)
+
+
+def _report(cg: ChannelGroups, groups: list[_Group], budget: _Budget) -> list[dict[str, Any]]:
+    """Per group: its layers, its classes, how many were removed and clamped, and each layer's removed channels."""
+    roots = cg.roots()
     removed_mask = np.zeros(len(roots), dtype=bool)
-    removed_mask[list(removed)] = True
-    reports = []
-    for gi, g in enumerate(groups):
-        gone = {c for c in g.classes if c in removed}
-        reports.append({
-            "layers": [n.name for n, _ in g.layers],
-            "channels": len(g.classes),
-            "removed": len(gone),
-            "clamped": clamped[gi],
-            "removed_per_layer": {n.name: np.flatnonzero(removed_mask[roots[s.base:s.base + s.size]]).tolist()
-                                  for n, s in g.layers},
-        })
-    return removed, reports
-
-
-def _ranking(scores: list[float], group_of: list[int], class_of: list[int]) -> list[tuple[float, int, int]]:
-    """``sorted(zip(scores, group_of, class_of))``, sorted by numpy: the triples are distinct, so
-    both give the one order there is (NaN scores, which Python's sort leaves unordered: its sort)."""
-    score = np.asarray(scores, dtype=np.float64)
-    if np.isnan(score).any():
-        return sorted(zip(scores, group_of, class_of))
-    order = np.lexsort((np.asarray(class_of, dtype=np.int64), np.asarray(group_of, dtype=np.int64), score))
-    return list(zip(score[order].tolist(), np.asarray(group_of)[order].tolist(),
-                    np.asarray(class_of)[order].tolist()))
-
-
-def _ranked_per_group(scores: list[float], group_of: list[int], class_of: list[int], n_groups: int
-                      ) -> list[list[int]]:
-    """Each group's classes in ``_ranking``'s order (by score, then class within a group)."""
-    score = np.asarray(scores, dtype=np.float64)
-    if np.isnan(score).any():
-        ranked_in: list[list[int]] = [[] for _ in range(n_groups)]
-        for _, gi, c in _ranking(scores, group_of, class_of):
-            ranked_in[gi].append(c)
-        return ranked_in
-    if n_groups == 0:
-        return []
-    group = np.asarray(group_of, dtype=np.int64)
-    order = np.lexsort((np.asarray(class_of, dtype=np.int64), score, group))
-    bounds = np.cumsum(np.bincount(group, minlength=n_groups))[:-1]
-    return [part.tolist() for part in np.split(np.asarray(class_of, dtype=np.int64)[order], bounds)]
+    removed_mask[list(budget.removed)] = True
+    return [{
+        "layers": [n.name for n, _ in g.layers],
+        "channels": len(g.classes),
+        "removed": budget.removed_in[gi],
+        "clamped": budget.clamped[gi],
+        # a layer's classes are its group's: the layer's removed channels are those in the group's removed classes
+        "removed_per_layer": {n.name: np.flatnonzero(removed_mask[roots[s.base:s.base + s.size]]).tolist()
+                              for n, s in g.layers},
+    } for gi, g in enumerate(groups)]
 
 
 def make_plan(graph: Graph, removed_classes: set[int], cg: ChannelGroups, reports: list[dict]) -> PrunePlan:
@@ -362,7 +403,8 @@ def plan_pruning(graph: Graph, ratio: float, criterion: Criterion = "l1", scope:
                  round_to: int = 1, ignore: list[str] | None = None, min_channels: int = 1,
                  seed: int = 0, cg: ChannelGroups | None = None, only_groups: set[int] | None = None,
                  normalized: str = "freeze") -> PrunePlan:
-    """Analyze, score and select; ``only_groups`` restricts pruning to those group indices."""
+    """Analyze, score and select; ``only_groups`` restricts pruning to those group indices.
+    ``normalized`` only matters when ``cg`` is not given (a given analysis already decided it)."""
     cg = cg or analyze(graph, normalized=normalized == "prune")
     for name in ignore or []:
         node = graph.find_node(name)

@@ -4,6 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import slimgraph
+from slimgraph.backends.onnx import run_onnxruntime
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import OPAQUE, run, verify
 from tests.conftest import TinyNet, perturb_bn, rel_error
@@ -264,3 +265,29 @@ def test_a_parameter_an_opaque_module_holds_is_not_shared_with_the_graph():
     module = next(n.attrs["impl"].module for n in graph.nodes if n.op == OPAQUE)
     held = {t.untyped_storage().data_ptr() for t in module.parameters()}
     assert not held & {v.const_value.untyped_storage().data_ptr() for v in graph.constants.values()}
+
+
+def test_a_table_read_through_an_index_buffer_stays_a_trainable_parameter():
+    """Relative position biases (swin): table[index] is a gather, not a folded constant."""
+
+    class Table(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(7, 3))
+            self.register_buffer("index", torch.tensor([6, 0, 3, 3, 1]))
+
+        def forward(self, x):
+            return x + self.table[self.index].sum(-1)
+
+    model, x = Table().eval(), torch.randn(2, 5)
+    graph = slimgraph.import_model(model, (x,))
+    (gather,) = [n for n in graph.nodes if n.op == "gather"]
+    assert gather.attrs == {"axis": 0, "indices": [6, 0, 3, 3, 1]}
+    module = slimgraph.to_torch(graph)
+    assert "table" in dict(module.named_parameters())
+    assert torch.equal(module(x), model(x))
+    (y,) = run_onnxruntime(slimgraph.to_onnx(graph), [x])
+    assert torch.allclose(y, model(x), atol=1e-6)
+    module.train()
+    module(x).sum().backward()
+    assert module.table.grad is not None and module.table.grad[2].abs().sum() == 0  # row 2 is never read
