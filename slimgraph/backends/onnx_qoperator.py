@@ -16,8 +16,8 @@ model. ``to_qoperator`` rewrites such a model, units that fuse becoming the kern
     DQ(x) -> MaxPool | Reshape | Flatten | Transpose ... -> Q  the op on the integers, where Q has the
                                                                DQ's parameters (Dropout as Identity)
 
-A Relu or Clip between an op and its Q is folded away only where it changes nothing: where the
-quantizer saturates at its bounds anyway (Q(lo) = qmin, Q(hi) = qmax). The integer operands must
+A Relu or Clip between an op and its Q is folded away only where onnxruntime drops it too (the
+rules, shared with the PyTorch backend, are in ``ort_fusion``). The integer operands must
 be per tensor (weights per output channel, zero points 0), biases int32 on the grid input scale x
 weight scale, and an op's output of the same integer type as its input (onnxruntime's kernels).
 Anything else stays DQ -> float op -> Q, which onnxruntime still runs as it runs the QDQ form.
@@ -32,6 +32,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from slimgraph.backends import ort_fusion
+
 MS = "com.microsoft"
 
 # ops that move or select integers unchanged: DQ -> op -> Q with equal parameters is op on the integers
@@ -43,7 +45,7 @@ _UNARY = {"GlobalAveragePool": ("QLinearGlobalAveragePool", ()),
                                                  "pads", "strides")),
           "Sigmoid": ("QLinearSigmoid", ()),
           "LeakyRelu": ("QLinearLeakyRelu", ("alpha",))}
-_QRANGE = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
+_QRANGE = ort_fusion.QRANGE
 
 
 @dataclass
@@ -97,17 +99,10 @@ def dequantized(t: gs.Tensor) -> Quantized | None:
     return _params(t.inputs[0], t.inputs[0].inputs[0])
 
 
-def _quantize(value: float, p: Quantized) -> int:
-    """ONNX QuantizeLinear of one number, in float32 as onnxruntime computes it."""
-    lo, hi = _QRANGE[p.dtype]
-    q = np.round(np.float32(value) / np.float32(p.scale.values)) + int(p.zero_point.values)
-    return int(np.clip(q, lo, hi))
-
-
-def _bounds(node: gs.Node) -> tuple[float | None, float | None] | None:
-    """(lo, hi) of a Relu or a Clip with constant (or absent) bounds; None for anything else."""
+def _bounds(node: gs.Node) -> tuple[str, float | None, float | None] | None:
+    """(op, lo, hi) of a Relu or a Clip with constant (or absent) bounds; None for anything else."""
     if node.op == "Relu":
-        return 0.0, None
+        return "relu", 0.0, None
     if node.op != "Clip" or node.attrs:
         return None
     bounds = []
@@ -119,7 +114,7 @@ def _bounds(node: gs.Node) -> tuple[float | None, float | None] | None:
         else:
             return None
     bounds += [None] * (2 - len(bounds))
-    return bounds[0], bounds[1]
+    return "clip", bounds[0], bounds[1]
 
 
 class _Rewriter:
@@ -137,7 +132,7 @@ class _Rewriter:
 
     def quantized_output(self, t: gs.Tensor) -> tuple[gs.Node, Quantized] | None:
         """The Q that alone reads ``t`` (through Relu/Clip nodes it makes redundant) and its parameters."""
-        bounds: list[tuple[float | None, float | None]] = []
+        bounds: list[tuple[str, float | None, float | None]] = []
         reader = self.sole_reader(t)
         while reader is not None and _bounds(reader) is not None:
             bounds.append(_bounds(reader))
@@ -147,10 +142,8 @@ class _Rewriter:
         out = _params(reader, reader.outputs[0])
         if out is None or not out.per_tensor:
             return None
-        qmin, qmax = _QRANGE[out.dtype]
-        for lo, hi in bounds:
-            if (lo is not None and _quantize(lo, out) != qmin) or (hi is not None and _quantize(hi, out) != qmax):
-                return None  # the Relu/Clip clips inside the quantizer's range: it is not redundant
+        if not ort_fusion.clamps_redundant(bounds, float(out.scale.values), int(out.zero_point.values), out.dtype):
+            return None  # a Relu/Clip that onnxruntime keeps (it may clip inside the quantizer's range)
         return reader, out
 
     def constant(self, base: str, values: np.ndarray) -> gs.Constant:
@@ -172,7 +165,8 @@ class _Rewriter:
     # ---------------------------------------------------------------------------- units
     def conv(self, node: gs.Node) -> None:
         x, w = dequantized(node.inputs[0]), dequantized(node.inputs[1])
-        if x is None or w is None or not x.per_tensor or not self.constant_weight(w, 0):
+        if x is None or w is None or not x.per_tensor or not self.constant_weight(w, 0) \
+                or not ort_fusion.weight_fuses(w.q.dtype, w.zero_point.values):
             return
         bias = self.int32_bias(node.inputs[2], x, w) if len(node.inputs) > 2 and node.inputs[2].name else []
         found = self.quantized_output(node.outputs[0])
@@ -289,8 +283,7 @@ class _Rewriter:
         if b is None or not isinstance(b.q, gs.Constant) or b.q.values.dtype != np.int32 or b.q.values.ndim != 1 \
                 or (b.zero_point is not None and b.zero_point.values.any()):
             return None
-        expected = np.broadcast_to(np.float32(x.scale.values) * w.scale.values.astype(np.float32), b.q.shape)
-        if not np.allclose(np.broadcast_to(b.scale.values, b.q.shape), expected, rtol=1e-6, atol=0):
+        if not ort_fusion.bias_on_grid(np.broadcast_to(b.scale.values, b.q.shape), x.scale.values, w.scale.values):
             return None
         return [b.q]
 

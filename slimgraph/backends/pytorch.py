@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from slimgraph.backends import ort_fusion
 from slimgraph.errors import SlimgraphError, UnsupportedError
 from slimgraph.ir import OPAQUE, DType, Graph, Node, OpaqueImpl, Value, clean_name
 from slimgraph.ir.opaque import Slot
@@ -586,7 +587,8 @@ def fake_quant(x, scale, zero_point, qmin, qmax, axis=None):
 # call to qconv, the integer kernel's arithmetic; every other conv keeps the QDQ graph's float
 # arithmetic (onnxruntime runs those in float too). The units it fuses (x86, onnxruntime 1.32):
 # uint8 activations, or int8 ones its QDQS8ToU8Transformer shifts to uint8 (the integers move by
-# 128: exact), and a ReLU or clip before Q only where Q's saturation does the same (it drops them).
+# 128: exact), and a ReLU or clip before Q only where it drops them. The rules are ort_fusion's,
+# shared with the QOperator writer.
 @dataclass
 class _QConv:
     """DQ(x) -> conv(DQ(w), DQ(bias)) -> ReLU/clip* -> Q: one qconv statement, at the conv."""
@@ -634,38 +636,39 @@ def _shifted_to_uint8(graph: Graph, q: Node | None, dq: Node | None) -> bool:
         and _scalar_literal(zq) == _scalar_literal(zdq)
 
 
-def _saturation_does_it(act: Node, q: Node) -> bool:
-    """Whether a ReLU or clip before Q leaves every level reachable, so that Q's saturation does its
-    work: onnxruntime then drops it (ReluQuantFusion: the zero point is the lowest level;
-    ClipQuantFusion: round(min / y_scale) + zero point <= qmin, round(max / y_scale) + zero
-    point >= qmax)."""
-    lo, hi = (0.0, None) if act.op == "relu" else (act.attrs.get("min"), act.attrs.get("max"))
-    qmin, qmax = _qrange(_zero_point(q))
-    scale, zp = q.inputs[1].const_value, _zero_point(q)
-    zero = int(zp.const_value) if zp is not None else 0
+def _np_dtype(dtype: DType):
+    return torch.empty(0, dtype=dtype.torch).numpy().dtype
 
-    def level(bound: float) -> int:
-        return int(torch.round(torch.tensor(bound, dtype=torch.float32) / scale)) + zero
 
-    return (lo is None or level(lo) <= qmin) and (hi is None or level(hi) >= qmax)
+def _clamps_fold_into(tail: list[Node], q: Node) -> bool:
+    """Whether onnxruntime drops every ReLU/clip of ``tail`` before Q (see ort_fusion.clamp_redundant)."""
+    zp = _zero_point(q)
+    clamps = [("relu", 0.0, None) if act.op == "relu" else ("clip", act.attrs.get("min"), act.attrs.get("max"))
+              for act in tail]
+    return ort_fusion.clamps_redundant(clamps, float(q.inputs[1].const_value),
+                                       int(zp.const_value) if zp is not None else 0,
+                                       _np_dtype(zp.dtype if zp is not None else DType.uint8))
 
 
 def _int8_conv_unit(graph: Graph, conv: Node) -> _QConv | None:
     """The unit onnxruntime runs as QLinearConv, if ``conv`` heads one (see _QConv)."""
     x = _dq_of_constants(conv.inputs[0], (DType.uint8, DType.int8))
     if x is None or not _per_tensor(x) \
-            or not (x.inputs[0].dtype == DType.uint8 or _shifted_to_uint8(graph, x.inputs[0].producer, x)):
+            or not ort_fusion.activation_fuses(_np_dtype(x.inputs[0].dtype),
+                                               _shifted_to_uint8(graph, x.inputs[0].producer, x)):
         return None
     w = _dq_of_constants(conv.inputs[1], (DType.int8,))
+    w_zero = _zero_point(w) if w is not None else None
     if w is None or not w.inputs[0].is_constant or w.attrs.get("axis") not in (None, 0) \
-            or not _is_zero(_zero_point(w)):
+            or not ort_fusion.weight_fuses(w.inputs[0].const_value.numpy().dtype,
+                                           None if w_zero is None else w_zero.const_value.numpy()):
         return None  # int8 weights, symmetric, one scale per output channel or one for all
     b = conv.inputs[2] if len(conv.inputs) > 2 else None
     bias = _dq_of_constants(b, (DType.int32,))
     if b is not None:  # onnxruntime adds the int32 bias as it is: its scale must be x_scale * w_scale
-        step = x.inputs[1].const_value * w.inputs[1].const_value
         if bias is None or not bias.inputs[0].is_constant or not _is_zero(_zero_point(bias)) \
-                or not torch.equal(bias.inputs[1].const_value.expand(b.shape), step.expand(b.shape)):
+                or not ort_fusion.bias_on_grid(bias.inputs[1].const_value.numpy(), x.inputs[1].const_value.numpy(),
+                                               w.inputs[1].const_value.numpy()):
             return None
     tail: list[Node] = []
     v = conv.outputs[0]
@@ -675,8 +678,9 @@ def _int8_conv_unit(graph: Graph, conv: Node) -> _QConv | None:
         if user.op == "quantize_linear":
             out = user.outputs[0]
             reader = out.uses[0].node if len(out.uses) == 1 else None
-            if not _per_tensor(user) or not (out.dtype == DType.uint8 or _shifted_to_uint8(graph, user, reader)) \
-                    or not all(_saturation_does_it(act, user) for act in tail[:-1]):
+            if not _per_tensor(user) \
+                    or not ort_fusion.activation_fuses(_np_dtype(out.dtype), _shifted_to_uint8(graph, user, reader)) \
+                    or not _clamps_fold_into(tail[:-1], user):
                 return None
             return _QConv(conv, x, w, bias, user, tail)
         if user.op not in ("relu", "clip"):
