@@ -415,6 +415,24 @@ def softmax_fn(cv, args, kwargs, real):
     return cv.emit("softmax", [tensor_arg(args[0])], {"axis": dim})
 
 
+@function(F.scaled_dot_product_attention)
+def sdpa_fn(cv, args, kwargs, real):
+    """softmax(q @ k^T * scale) @ v over heads already split ([..., heads, L, dim]), as matmuls: the
+    channel analysis then sees the head dims q and k share (as in swin's inlined attention). The
+    scale is fixed at import, so pruning head dims keeps the arithmetic of the original."""
+    q, k, v = (tensor_arg(arg(args, kwargs, i, n)) for i, n in enumerate(("query", "key", "value")))
+    mask, dropout = arg(args, kwargs, 3, "attn_mask"), arg(args, kwargs, 4, "dropout_p", 0.0)
+    causal, scale = arg(args, kwargs, 5, "is_causal", False), kwargs.get("scale")
+    if mask is not None or dropout or causal or kwargs.get("enable_gqa") or min(q.rank, k.rank, v.rank) < 2:
+        raise Unhandled  # masks, causal attention and dropout stay one opaque call for now
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    swap = list(range(k.rank))
+    swap[-2], swap[-1] = swap[-1], swap[-2]
+    scores = cv.emit("matmul", [q, cv.emit("permute", [k], {"perm": swap})])
+    weights = cv.emit("softmax", [cv.emit("mul", [scores, cv.scalar(scale, scores)])], {"axis": -1})
+    return cv.emit("matmul", [weights, v])
+
+
 @function(F.log_softmax, torch.log_softmax)
 @method("log_softmax")
 def log_softmax_fn(cv, args, kwargs, real):
@@ -827,6 +845,7 @@ _alias(permute_fn, "permute")
 _alias(transpose_fn, "transpose.int")
 _alias(t_method, "t")
 _alias(softmax_fn, "softmax.int", "_softmax")
+_alias(sdpa_fn, "scaled_dot_product_attention")
 _alias(layer_norm_fn, "layer_norm")
 _alias(dropout_fn, "dropout")
 _alias(_unary("identity"), "clone", "contiguous", "detach", "alias")

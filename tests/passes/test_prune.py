@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import slimgraph
 from slimgraph.backends.onnx import run_onnxruntime
@@ -274,3 +275,36 @@ def test_channel_shuffle_streams_split_into_classes():
     assert len(set(roots[space.base:space.base + space.size].tolist())) == 51
     result = slimgraph.optimize(graph, "prune{ratio=0.5}", example_inputs=x)
     assert result.trace[0].stats_after["macs"] < 0.4 * result.trace[0].stats_before["macs"]
+
+
+class SdpaAttention(nn.Module):
+    """The hand-written attention of many models: q/k/v linears, heads split by view + transpose,
+    F.scaled_dot_product_attention, heads merged, an output linear."""
+
+    def __init__(self, embed: int = 16, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(embed, embed) for _ in range(4))
+        self.head = nn.Linear(embed, 3)
+
+    def forward(self, x):
+        b, n, e = x.shape
+        q, k, v = (t.view(b, n, self.heads, e // self.heads).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.head(self.o(y.transpose(1, 2).reshape(b, n, e)))
+
+
+def test_scaled_dot_product_attention_prunes_head_dims_exactly():
+    torch.manual_seed(0)
+    model, x = SdpaAttention().eval(), torch.randn(2, 5, 16)
+    graph, plan = check_model(model, x)
+    assert all(n.op != "opaque" for n in graph.nodes)
+    pruned = graph.clone()
+    apply_plan(pruned, plan)
+    for name in ("q", "k", "v"):  # the same head dims in every head: 4 heads of 2
+        assert next(n for n in pruned.nodes if n.name == name).inputs[1].shape == (8, 16)
+    module = slimgraph.to_torch(pruned)
+    (y_onnx,) = run_onnxruntime(slimgraph.to_onnx(pruned), [x])
+    with torch.no_grad():
+        assert rel_error(y_onnx, module(x)) < 1e-5
+        assert rel_error(slimgraph.to_torch(graph)(x), model(x)) < 1e-6
