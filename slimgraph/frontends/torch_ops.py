@@ -423,14 +423,33 @@ def sdpa_fn(cv, args, kwargs, real):
     q, k, v = (tensor_arg(arg(args, kwargs, i, n)) for i, n in enumerate(("query", "key", "value")))
     mask, dropout = arg(args, kwargs, 3, "attn_mask"), arg(args, kwargs, 4, "dropout_p", 0.0)
     causal, scale = arg(args, kwargs, 5, "is_causal", False), kwargs.get("scale")
-    if mask is not None or dropout or causal or kwargs.get("enable_gqa") or min(q.rank, k.rank, v.rank) < 2:
-        raise Unhandled  # masks, causal attention and dropout stay one opaque call for now
+    if dropout or kwargs.get("enable_gqa") or min(q.rank, k.rank, v.rank) < 2:
+        raise Unhandled  # dropout (a functional call: it drops in eval mode too) stays opaque
+    bias = _attention_bias(cv, mask, causal, q, k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     swap = list(range(k.rank))
     swap[-2], swap[-1] = swap[-1], swap[-2]
-    scores = cv.emit("matmul", [q, cv.emit("permute", [k], {"perm": swap})])
-    weights = cv.emit("softmax", [cv.emit("mul", [scores, cv.scalar(scale, scores)])], {"axis": -1})
-    return cv.emit("matmul", [weights, v])
+    scores = cv.emit("mul", [cv.emit("matmul", [q, cv.emit("permute", [k], {"perm": swap})]), cv.scalar(scale, q)])
+    if bias is not None:
+        scores = cv.emit("add", [scores, bias])
+    return cv.emit("matmul", [cv.emit("softmax", [scores], {"axis": -1}), v])
+
+
+def _attention_bias(cv, mask: Any, causal: bool, q: Value, k: Value) -> Value | None:
+    """sdpa's mask as an additive bias: a float mask as it is; a boolean one, or is_causal, as a
+    constant of 0 (attend) and -inf (masked), as torch computes it."""
+    if causal:
+        if mask is not None:
+            raise Unhandled
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+    elif isinstance(mask, Value) and mask.is_constant:
+        mask = mask.const_value
+    if mask is None or (isinstance(mask, Value) and mask.dtype.is_float):
+        return mask
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise Unhandled
+    bias = torch.zeros(mask.shape, dtype=q.dtype.torch).masked_fill(~mask, float("-inf"))
+    return cv.graph.add_constant(f"{cv.name}_mask", bias)
 
 
 @function(F.log_softmax, torch.log_softmax)

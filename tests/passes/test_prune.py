@@ -308,3 +308,32 @@ def test_scaled_dot_product_attention_prunes_head_dims_exactly():
     with torch.no_grad():
         assert rel_error(y_onnx, module(x)) < 1e-5
         assert rel_error(slimgraph.to_torch(graph)(x), model(x)) < 1e-6
+
+
+class MaskedAttention(SdpaAttention):
+    """Causal attention, and attention under a boolean mask buffer."""
+
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.register_buffer("mask", torch.rand(5, 5) > 0.3)
+        self.mask[:, 0] = True  # every query attends somewhere (an all-masked row is NaN in torch too)
+
+    def forward(self, x):
+        b, n, e = x.shape
+        q, k, v = (t.view(b, n, self.heads, e // self.heads).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True) if self.causal else \
+            F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+        return self.head(self.o(y.transpose(1, 2).reshape(b, n, e)))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_masked_and_causal_attention_import_and_prune_exactly(causal):
+    torch.manual_seed(0)
+    model, x = MaskedAttention(causal).eval(), torch.randn(2, 5, 16)
+    graph, plan = check_model(model, x)
+    assert all(n.op != "opaque" for n in graph.nodes)
+    with torch.no_grad():
+        assert rel_error(slimgraph.to_torch(graph)(x), model(x)) < 1e-6
+    (y_onnx,) = run_onnxruntime(slimgraph.to_onnx(graph), [x])
+    assert rel_error(y_onnx, model(x).detach()) < 1e-5
