@@ -70,11 +70,13 @@ class OptimizeResult:
         return save_torch(self.graph, folder)
 
     def to_onnx(self, path: str | os.PathLike | None = None, opset: int = 17, overwrite: bool = False,
-                quant_format: str = "qdq"):
+                quant_format: str = "qdq", dynamic_batch: bool = False):
         """The graph as a checked ONNX ModelProto, written to ``path`` if given (never overwriting
         an existing file unless asked). An int8 graph is written as QDQ (``quant_format="qdq"``)
-        or with its integer kernels written out (``"qoperator"``: QLinearConv, QGemm, ...)."""
-        return to_onnx(self.graph, path, opset=opset, overwrite=overwrite, quant_format=quant_format)
+        or with its integer kernels written out (``"qoperator"``: QLinearConv, QGemm, ...).
+        ``dynamic_batch=True`` makes the leading dim of inputs and outputs symbolic."""
+        return to_onnx(self.graph, path, opset=opset, overwrite=overwrite, quant_format=quant_format,
+                       dynamic_batch=dynamic_batch)
 
     def summary(self) -> str:
         return self.trace.summary()
@@ -88,12 +90,14 @@ def to_torch(graph: Graph) -> torch.nn.Module:
 
 
 def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int = 17, overwrite: bool = False,
-            quant_format: str = "qdq"):
+            quant_format: str = "qdq", dynamic_batch: bool = False):
     """Emit ``graph`` as an ONNX ModelProto (checked with onnx.checker, full check), optionally saved;
-    ``quant_format`` ("qdq" or "qoperator") is the form of an int8 graph."""
+    ``quant_format`` ("qdq" or "qoperator") is the form of an int8 graph; ``dynamic_batch`` makes
+    the leading dim of inputs and outputs symbolic."""
     from slimgraph.backends.onnx import to_onnx as emit
 
-    return emit(graph, path, opset=opset, overwrite=overwrite, quant_format=quant_format)
+    return emit(graph, path, opset=opset, overwrite=overwrite, quant_format=quant_format,
+                dynamic_batch=dynamic_batch)
 
 
 def optimize(

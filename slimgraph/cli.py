@@ -181,6 +181,8 @@ def _cmd_optimize(args) -> None:
     onnx_out = bool(args.output) and args.output.endswith(".onnx")
     if args.quant_format != "qdq" and not onnx_out:
         raise SlimgraphError(f"--quant-format {args.quant_format}: only for ONNX output (-o out.onnx)")
+    if args.dynamic_batch and not onnx_out:
+        raise SlimgraphError("--dynamic-batch: only for ONNX output (-o out.onnx)")
     if any(p.name == "quantize" for p in pipeline) and not args.calibration_data:
         raise SlimgraphError("pass 'quantize' needs calibration inputs: --calibration-data PATH "
                              "(.pt, .npy or .npz; see --help)")
@@ -194,7 +196,8 @@ def _cmd_optimize(args) -> None:
                       calibration_data=calibration)
     print(result.trace.summary())
     if onnx_out:
-        result.to_onnx(args.output, opset=args.opset, overwrite=args.force, quant_format=args.quant_format)
+        result.to_onnx(args.output, opset=args.opset, overwrite=args.force, quant_format=args.quant_format,
+                       dynamic_batch=args.dynamic_batch)
         print(f"wrote {args.output}")
     elif args.output:
         folder = result.save_torch(Path(args.output), overwrite=args.force)
@@ -216,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant-format", choices=("qdq", "qoperator"), default="qdq",
                    help="how an int8 model is written to ONNX: qdq (QuantizeLinear/DequantizeLinear around "
                         "float ops, the default) or qoperator (QLinearConv, QGemm, ... written out)")
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="ONNX output: a symbolic batch dim (N) on inputs and outputs, so it runs at any batch size")
     p.set_defaults(func=_cmd_optimize)
     p = sub.add_parser("inspect", help="print a model's IR and stats")
     p.add_argument("model")

@@ -40,6 +40,19 @@ def test_optimize_onnx_to_onnx(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_dynamic_batch_onnx_output(tmp_path, capsys):
+    import onnx
+
+    out = tmp_path / "tiny.onnx"
+    args = ["optimize", "tests.conftest:TinyNet", "--input-shape", "1,3,8,8", "--passes", "dce"]
+    assert main([*args, "-o", str(out), "--dynamic-batch"]) == 0
+    model = onnx.load(out)
+    assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == ["N", 3, 8, 8]
+    capsys.readouterr()
+    assert main([*args, "-o", str(tmp_path / "folder"), "--dynamic-batch"]) == 1
+    assert "--dynamic-batch: only for ONNX output" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- calibration data
 QUANTIZE = ["tests.conftest:TinyNet", "--input-shape", "1,3,16,16",
             "--passes", "fold-bn,quantize{progress=false},fold-int8"]

@@ -578,7 +578,17 @@ def _value_info(name: str, value: Value, symbolic_batch: str | None = None) -> o
     return helper.make_tensor_value_info(name, _ONNX_DTYPE[value.dtype], shape)
 
 
-def build_model(graph: Graph, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def _batch_symbols(graph: Graph, dynamic_batch: bool) -> tuple[list[str | None], list[str | None]]:
+    """The symbolic leading dim of each graph input and output. Inputs keep the symbol an ONNX source
+    gave them; ``dynamic_batch`` names the rest "N" (every op emits batch-agnostic shapes). Outputs
+    whose leading dim is the inputs' batch take its symbol."""
+    inputs = [v.meta.get("batch_symbol") or ("N" if dynamic_batch and v.rank else None) for v in graph.inputs]
+    batches = {v.shape[0]: symbol for v, symbol in zip(graph.inputs, inputs) if symbol}
+    outputs = [batches.get(v.shape[0]) if v.rank and len(batches) == 1 else None for v in graph.outputs]
+    return inputs, outputs
+
+
+def build_model(graph: Graph, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False) -> onnx.ModelProto:
     """The graph as a checked ModelProto. Raises UnsupportedError listing nodes without an ONNX form."""
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
@@ -592,12 +602,13 @@ def build_model(graph: Graph, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     model = onnx.ModelProto(ir_version=min(onnx.IR_VERSION, 10), producer_name="slimgraph")  # 10: current ORT
     b = _Builder(graph, opset, model)
     model.graph.name = graph.name or "slimgraph"
-    model.graph.input.extend(_value_info(b.name(v), v, v.meta.get("batch_symbol")) for v in graph.inputs)
+    in_symbols, out_symbols = _batch_symbols(graph, dynamic_batch)
+    model.graph.input.extend(_value_info(b.name(v), v, s) for v, s in zip(graph.inputs, in_symbols))
     for node in graph.nodes:
         b.node = node
         EMITTERS[node.op](b, node)
     b.node = None
-    model.graph.output.extend(_value_info(b.name(v), v) for v in graph.outputs)
+    model.graph.output.extend(_value_info(b.name(v), v, s) for v, s in zip(graph.outputs, out_symbols))
     model.opset_import.extend([helper.make_opsetid("", opset)] +
                               [helper.make_opsetid(d, v) for d, v in b.extra_opsets.items()])
     return model
@@ -631,8 +642,10 @@ def _check_quant_format(graph: Graph, quant_format: str) -> None:
 
 
 def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int = DEFAULT_OPSET,
-            overwrite: bool = False, quant_format: str = "qdq") -> onnx.ModelProto:
+            overwrite: bool = False, quant_format: str = "qdq", dynamic_batch: bool = False) -> onnx.ModelProto:
     """Build and check the ModelProto; with a path, write it (never over an existing file unless asked).
+    ``dynamic_batch`` declares the inputs' (and outputs') leading dim symbolic, "N": the model then
+    runs at any batch size (a graph imported from ONNX keeps the symbols its source had either way).
 
     ``quant_format`` says how a folded int8 graph is written: ``qdq`` (QuantizeLinear /
     DequantizeLinear around float ops, which onnxruntime fuses into integer kernels) or
@@ -640,7 +653,7 @@ def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int = DE
     com.microsoft QLinearAdd, QGemm, ...; see onnx_qoperator.py). ``qoperator`` on a graph
     without int8 tensors is an error."""
     _check_quant_format(graph, quant_format)
-    model = build_model(graph, opset)
+    model = build_model(graph, opset, dynamic_batch)
     if quant_format == "qoperator":
         from slimgraph.backends.onnx_qoperator import to_qoperator
 

@@ -19,3 +19,11 @@ def test_torch_to_onnx(name, tmp_path):
     (y,) = run_onnxruntime(tmp_path / "m.onnx", [x])
     with torch.no_grad():
         assert rel_error(y, model(x)) < 1e-4
+    # with a symbolic batch dim the same file runs at another batch size
+    proto = slimgraph.to_onnx(graph, dynamic_batch=True)
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    assert proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    batch = torch.cat([x, x.flip(0) + 0.1])
+    (y,) = run_onnxruntime(proto, [batch])
+    with torch.no_grad():
+        assert rel_error(y, model(batch)) < 1e-4
