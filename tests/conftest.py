@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -31,6 +36,28 @@ class TinyNet(torch.nn.Module):
         y = y + self.conv2(y)
         y = torch.nn.functional.adaptive_avg_pool2d(y, 1)
         return self.fc(self.drop(torch.flatten(y, 1)))
+
+
+def run_saved_model(folder: Path, body: str) -> str:
+    """Run ``body`` in a fresh Python where importing slimgraph fails, with ``net`` loaded from the
+    model.py + weights in ``folder`` (what save_torch wrote); returns what it printed."""
+    preamble = f"""
+import importlib.abc, importlib.util, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "slimgraph":
+            raise ImportError("slimgraph is blocked in this process")
+sys.meta_path.insert(0, Block())
+import torch
+spec = importlib.util.spec_from_file_location("model", {str(Path(folder) / "model.py")!r})
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+net = mod.load({str(folder)!r})
+"""
+    script = preamble + textwrap.dedent(body) + '\nassert "slimgraph" not in sys.modules\n'
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def perturb_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

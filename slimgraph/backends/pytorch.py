@@ -61,20 +61,24 @@ class _Ctx:
             tensor = v.const_value
             if tensor.dim() == 0 and tensor.dtype.is_floating_point and math.isfinite(float(tensor)) \
                     and tensor.dtype == torch.float32:
-                expr = repr(float(tensor))
-            else:
-                name = self.attr(v.name)
-                empty = f"torch.empty({_lit(tuple(tensor.shape))}, dtype={tensor.dtype})"
-                if v.meta.get("trainable") and tensor.dtype.is_floating_point:
-                    self.init.append(f"self.{name} = nn.Parameter({empty})")
-                else:
-                    self.init.append(f"self.register_buffer({name!r}, {empty})")
-                self.state[name] = tensor
-                self.sources[name] = v
-                expr = f"self.{name}"
-            self.names[id(v)] = expr
-            return expr
+                self.names[id(v)] = repr(float(tensor))
+                return self.names[id(v)]
+            return self.register(v, bool(v.meta.get("trainable")) and tensor.dtype.is_floating_point)
         raise SlimgraphError(f"value %{v.name} is used before it is defined")
+
+
+    def register(self, v: Value, trainable: bool) -> str:
+        """Constant ``v`` as a module attribute: an nn.Parameter if ``trainable``, else a buffer.
+        Either way it is in the state dict, where load_weights finds it."""
+        if id(v) not in self.names:
+            name = self.attr(v.name)
+            empty = f"torch.empty({_lit(tuple(v.shape))}, dtype={v.const_value.dtype})"
+            self.init.append(f"self.{name} = nn.Parameter({empty})" if trainable
+                             else f"self.register_buffer({name!r}, {empty})")
+            self.state[name] = v.const_value
+            self.sources[name] = v
+            self.names[id(v)] = f"self.{name}"
+        return self.names[id(v)]
 
 
 def _ident(name: str) -> str:
@@ -496,7 +500,7 @@ def _qparam(node: Node, a: _Args, index: int) -> str:
     if literal is not None:
         return literal
     v = node.inputs[index]
-    ref = _constant(a.ctx, v, learned=False) if v.is_constant else a[index]  # integer ops learn nothing
+    ref = a.ctx.register(v, trainable=False) if v.is_constant else a[index]  # integer ops learn nothing
     axis, rank = node.attrs.get("axis"), node.inputs[0].rank
     if axis is None or rank == 1:
         return ref
@@ -507,20 +511,6 @@ def _qparam(node: Node, a: _Args, index: int) -> str:
 
 def _learned(v: Value) -> bool:
     return v.is_constant and bool(v.meta.get("trainable")) and v.const_value.is_floating_point()
-
-
-def _constant(ctx: _Ctx, v: Value, learned: bool) -> str:
-    """A scale or zero point tensor as an attribute of the module: an nn.Parameter if it is
-    learned, else a buffer. Either way it is in the state dict, where load_weights finds it."""
-    if id(v) not in ctx.names:
-        name = ctx.attr(v.name)
-        empty = f"torch.empty({_lit(tuple(v.shape))}, dtype={v.const_value.dtype})"
-        ctx.init.append(f"self.{name} = nn.Parameter({empty})" if learned
-                        else f"self.register_buffer({name!r}, {empty})")
-        ctx.state[name] = v.const_value
-        ctx.sources[name] = v
-        ctx.names[id(v)] = f"self.{name}"
-    return ctx.names[id(v)]
 
 
 @emitter("quantize_linear")
@@ -551,7 +541,7 @@ def emit_fake_quant(ctx, node, a):
     _, scale, zero_point = node.inputs
     lo, hi = _qrange(zero_point)
     ctx.uses_helpers.add("fake_quant")
-    s = _constant(ctx, scale, learned=True) if _learned(scale) else _scalar_literal(scale) or a[1]
+    s = ctx.register(scale, trainable=True) if _learned(scale) else _scalar_literal(scale) or a[1]
     z = "0" if _is_zero(zero_point) else _scalar_literal(zero_point) or a[2]
     axis = node.attrs.get("axis")
     return f"fake_quant({a[0]}, {s}, {z}, {lo}, {hi}{'' if axis is None else f', axis={axis}'})"
@@ -709,7 +699,7 @@ def _emit_qconv(ctx: _Ctx, unit: _QConv) -> str:
     x = ctx.ref(unit.x.inputs[0])
     x, padding = _conv_padding(x, at["pads"], nd, fill=x_zero)  # padded with the zero point: a real 0
     w = ctx.ref(unit.w.inputs[0])
-    w_scale = _scalar_literal(unit.w.inputs[1]) or _constant(ctx, unit.w.inputs[1], learned=False)
+    w_scale = _scalar_literal(unit.w.inputs[1]) or ctx.register(unit.w.inputs[1], trainable=False)
     bias = ctx.ref(unit.bias.inputs[0]) if unit.bias is not None else "None"
     y_zero = _scalar_literal(_zero_point(unit.quantize)) or "0"
     ctx.uses_helpers.add("qconv")

@@ -124,6 +124,7 @@ class ChannelGroups:
     spaces: dict[SpaceKey, Space]
     uf: UnionFind
     seeds: list[tuple[Node, Space]]  # conv/linear nodes and their weight's output-channel space
+    by_value: dict[int, list[Space]]  # id(value) -> its spaces
 
     def root(self, atom: int) -> int:
         return self.uf.find(atom)
@@ -152,7 +153,7 @@ class ChannelGroups:
         return self.uf.reason(atom)
 
     def spaces_of(self, value: Value) -> list[Space]:
-        return [s for (vid, _), s in self.spaces.items() if vid == id(value)]
+        return self.by_value.get(id(value), [])
 
 
 def _couplings(node: Node) -> list[Coupling]:
@@ -173,6 +174,7 @@ class _Builder:
         self.normalized = normalized
         self.uf = UnionFind()
         self.spaces: dict[SpaceKey, Space] = {}
+        self.by_value: dict[int, list[Space]] = {}
         self.queue: deque[Space] = deque()
         self.outputs = {id(v) for v in graph.outputs}
         self.inputs = {id(v) for v in graph.inputs}
@@ -190,6 +192,7 @@ class _Builder:
             base = alias.base if alias is not None and alias.size == size else self.uf.add(size)
             space = Space(value, axes, base, size)
             self.spaces[key] = space
+            self.by_value.setdefault(id(value), []).append(space)
             self.queue.append(space)
         return space
 
@@ -212,7 +215,7 @@ class _Builder:
                 seeds.append((node, self.space(node.inputs[1], (0,))))
         while self.queue:
             self.visit(self.queue.popleft())
-        return ChannelGroups(self.graph, self.spaces, self.uf, seeds)
+        return ChannelGroups(self.graph, self.spaces, self.uf, seeds, self.by_value)
 
     def visit(self, space: Space) -> None:
         value = space.value
@@ -328,7 +331,7 @@ class _Builder:
         self.union_spaces(part, whole, grid.take(index, axis=position).reshape(-1))
 
     def spaces_of(self, value: Value) -> list[Space]:
-        return [sp for (vid, _), sp in self.spaces.items() if vid == id(value)]
+        return self.by_value.get(id(value), [])
 
     def link_offsets(self, space: Space, node: Node, coupling: Coupling, me: DimRef) -> None:
         """concat / split: the whole dim is the parts laid end to end."""

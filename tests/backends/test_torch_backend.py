@@ -1,7 +1,4 @@
 import ast
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -9,7 +6,7 @@ import torch
 import slimgraph
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import DType, Graph
-from tests.conftest import perturb_bn
+from tests.conftest import perturb_bn, run_saved_model
 
 
 def test_emitted_module_reads_like_hand_written_code(tiny):
@@ -51,26 +48,12 @@ def test_saved_resnet18_reads_like_hand_written_code_and_loads_without_slimgraph
     assert "import slimgraph" not in code
     torch.save(x, tmp_path / "x.pt")
     torch.save(model(x).detach(), tmp_path / "y.pt")
-    script = textwrap.dedent(f"""
-        import importlib.abc, importlib.util, sys
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "slimgraph":
-                    raise ImportError("slimgraph is blocked in this process")
-        sys.meta_path.insert(0, Block())
-        import torch
-        spec = importlib.util.spec_from_file_location("model", {str(tmp_path / "out" / "model.py")!r})
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        net = mod.load({str(tmp_path / "out")!r})
+    out = run_saved_model(tmp_path / "out", f"""
         y = net(torch.load({str(tmp_path / "x.pt")!r}))
         ref = torch.load({str(tmp_path / "y.pt")!r})
-        assert "slimgraph" not in sys.modules
         print("relerr", float((y - ref).abs().max() / ref.abs().max()))
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert float(out.stdout.split()[-1]) < 1e-5
+    assert float(out.split()[-1]) < 1e-5
 
 
 def test_save_torch_never_overwrites(tiny, tmp_path):
@@ -110,18 +93,7 @@ def test_saved_fake_quant_model_learns_its_scales_without_slimgraph(tiny, tmp_pa
     fq = slimgraph.optimize(model, "fold-bn,quantize{progress=false}", example_inputs=x, calibration_data=data)
     fq.save_torch(tmp_path / "out")
     torch.save(x, tmp_path / "x.pt")
-    script = textwrap.dedent(f"""
-        import importlib.abc, importlib.util, sys
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "slimgraph":
-                    raise ImportError("slimgraph is blocked in this process")
-        sys.meta_path.insert(0, Block())
-        import torch
-        spec = importlib.util.spec_from_file_location("model", {str(tmp_path / "out" / "model.py")!r})
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        net = mod.load({str(tmp_path / "out")!r})
+    out = run_saved_model(tmp_path / "out", f"""
         x = torch.load({str(tmp_path / "x.pt")!r})
         with torch.no_grad():
             torch.save(net(x), {str(tmp_path / "eval.pt")!r})
@@ -131,9 +103,7 @@ def test_saved_fake_quant_model_learns_its_scales_without_slimgraph(tiny, tmp_pa
         torch.save(net.state_dict(), {str(tmp_path / "trained.pt")!r})
         print(sorted(n for n, _ in net.named_parameters() if n.endswith("_scale")))
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "'relu_scale'" in out.stdout and "'conv2_weight_scale'" in out.stdout
+    assert "'relu_scale'" in out and "'conv2_weight_scale'" in out
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "eval.pt"), slimgraph.to_torch(fq.graph)(x))
     module = slimgraph.to_torch(fq.graph)

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import math
 import platform
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 from torch import nn
 
@@ -24,7 +20,7 @@ import slimgraph
 from slimgraph.backends import pytorch as pytorch_backend
 from slimgraph.backends.onnx import onnxruntime_kernels, run_onnxruntime
 from slimgraph.ir import Graph, Node
-from tests.conftest import perturb_bn
+from tests.conftest import perturb_bn, run_saved_model
 
 PIPELINE = "fold-bn,quantize{progress=false},fold-int8"
 SHAPE = (2, 3, 24, 24)
@@ -44,7 +40,6 @@ def onnxruntime_sums_int8_exactly() -> bool:
 
 
 EXACT_INT32 = onnxruntime_sums_int8_exactly()
-exact_int32 = pytest.mark.skipif(not EXACT_INT32, reason="onnxruntime's u8s8 kernels saturate on x86 without VNNI")
 
 
 class Convs(nn.Module):
@@ -111,8 +106,8 @@ def with_unit_outputs(graph: Graph) -> list[Node]:
     return quantizers
 
 
-@exact_int32
 def test_conv_units_give_onnxruntimes_integers_exactly(monkeypatch):
+    """Equal integers where onnxruntime sums exactly; within one level where its kernels saturate."""
     graph = int8_convs()
     near_ties(graph)
     quantizers = with_unit_outputs(graph)
@@ -133,7 +128,8 @@ def test_conv_units_give_onnxruntimes_integers_exactly(monkeypatch):
             got, floats = module(x)[1:], float_module(x)[1:]
         for q, e, g, f in zip(quantizers, expected, got, floats):
             assert g.dtype == e.dtype == torch.uint8
-            assert torch.equal(g, e), f"{q.name}: {int((g != e).sum())} of {e.numel()} outputs differ"
+            levels = int((g.int() - e.int()).abs().max())
+            assert levels <= (0 if EXACT_INT32 else 1), f"{q.name}: {int((g != e).sum())} of {e.numel()} outputs differ"
             float_flips += int((f != e).sum())
     assert float_flips > 10  # the test reaches the cases where float arithmetic rounds the other way
 
@@ -152,24 +148,10 @@ def test_calibrated_int8_model_matches_onnxruntime_and_its_source_runs_without_s
     code = (tmp_path / "out" / "model.py").read_text()
     assert "def qconv(" in code and "import slimgraph" not in code
     torch.save(x, tmp_path / "x.pt")
-    script = textwrap.dedent(f"""
-        import importlib.abc, importlib.util, sys
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "slimgraph":
-                    raise ImportError("slimgraph is blocked in this process")
-        sys.meta_path.insert(0, Block())
-        import torch
-        spec = importlib.util.spec_from_file_location("model", {str(tmp_path / "out" / "model.py")!r})
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        net = mod.load({str(tmp_path / "out")!r})
+    run_saved_model(tmp_path / "out", f"""
         with torch.no_grad():
             torch.save(net(torch.load({str(tmp_path / "x.pt")!r})), {str(tmp_path / "y.pt")!r})
-        assert "slimgraph" not in sys.modules
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
     assert torch.equal(torch.load(tmp_path / "y.pt"), emitted)
 
 

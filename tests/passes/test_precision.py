@@ -62,15 +62,21 @@ def small_graph():
 
 
 # ---------------------------------------------------------------------------- the must-show
-def test_resnet18_fp16_onnxruntime():
-    model, x = build("resnet18")
+def fp16_in_onnxruntime(name: str, passes: str):
+    """The model after ``passes``, its ONNX file, and that file's error in onnxruntime (at most 1e-2)."""
+    model, x = build(name)
     with torch.no_grad():
         ref = model(x)
-    result = slimgraph.optimize(model, "fold-bn,fp16", example_inputs=x)
+    result = slimgraph.optimize(model, passes, example_inputs=x)
     result.graph.verify()
     proto = result.to_onnx()
     err = rel_error(run_onnxruntime(proto, [x])[0], ref)
     assert err <= 1e-2, err
+    return result, proto
+
+
+def test_resnet18_fp16_onnxruntime():
+    result, proto = fp16_in_onnxruntime("resnet18", "fold-bn,fp16")
     init = {t.name: t.data_type for t in proto.graph.initializer}
     convs = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     assert len(convs) == 21
@@ -84,14 +90,7 @@ def test_resnet18_fp16_onnxruntime():
 
 @pytest.mark.heavy
 def test_vit_b_16_fp16_onnxruntime():
-    model, x = build("vit_b_16")
-    with torch.no_grad():
-        ref = model(x)
-    result = slimgraph.optimize(model, "fp16", example_inputs=x)
-    result.graph.verify()
-    proto = result.to_onnx()
-    err = rel_error(run_onnxruntime(proto, [x])[0], ref)
-    assert err <= 1e-2, err
+    result, proto = fp16_in_onnxruntime("vit_b_16", "fp16")
     types = onnx_types(proto)
     fp16_inits = [t for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT16]
     assert sum(onnx.numpy_helper.to_array(t).size for t in fp16_inits) > 50_000_000  # the MLP weights
