@@ -1,6 +1,10 @@
 """int8 in onnxruntime: fp32 vs onnxruntime's own quantizer vs slimgraph's fold-bn,quantize,fold-int8,
 written as QDQ (the default) and as QOperator (``to_onnx(..., quant_format="qoperator")``).
 
+The CPU matters: without VNNI, onnxruntime's u8s8 kernels saturate pairs of products to int16, so
+the table names the CPU and its integer path, and has rows for the 7-bit weights that avoid it
+(slimgraph's ``cpu=auto`` there, onnxruntime's ``reduce_range=True``) next to the full-range ones.
+
 Writes bench/results/quantize.md: latency (onnxruntime CPU, one thread, interleaved repetitions,
 medians), file size, how many convs run as integer kernels, and the logits' cosine against fp32.
 Models: torchvision resnet18 and mobilenet_v2, random init with perturbed BatchNorm statistics,
@@ -31,9 +35,10 @@ from slimgraph.backends.onnx import onnxruntime_kernels  # noqa: E402
 from tests.conftest import perturb_bn  # noqa: E402
 
 
-def ort_quantize_static(fp32: Path, out: Path, batches: list[tuple[torch.Tensor, ...]]) -> None:
+def ort_quantize_static(fp32: Path, out: Path, batches: list[tuple[torch.Tensor, ...]], reduce_range: bool = False,
+                        weight_type: str = "QInt8") -> None:
     """onnxruntime.quantization's recommended flow: quant_pre_process, then QDQ quantize_static with
-    per-channel int8 weights, uint8 activations and MinMax calibration."""
+    per-channel int8 weights (7-bit with ``reduce_range``), uint8 activations and MinMax calibration."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -56,8 +61,20 @@ def ort_quantize_static(fp32: Path, out: Path, batches: list[tuple[torch.Tensor,
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32), str(pre))
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
+                    activation_type=QuantType.QUInt8, weight_type=getattr(QuantType, weight_type),
+                    calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -71,7 +88,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-VARIANTS = ("fp32", "ort", "slimgraph", "qoperator")
+VARIANTS = ("fp32", "ort", "ort-7bit", "ort-u8u8", "slimgraph", "slimgraph-8bit", "qoperator")
 
 
 def bench_model(name: str, folder: Path, repeats: int, calls: int, size: int = 224, n_calibration: int = 32,
@@ -88,12 +105,17 @@ def bench_model(name: str, folder: Path, repeats: int, calls: int, size: int = 2
     start = time.perf_counter()
     ort_quantize_static(paths["fp32"], paths["ort"], calibration)
     ort_seconds = time.perf_counter() - start
+    ort_quantize_static(paths["fp32"], paths["ort-7bit"], calibration, reduce_range=True)
+    ort_quantize_static(paths["fp32"], paths["ort-u8u8"], calibration, weight_type="QUInt8")
     start = time.perf_counter()
     result = slimgraph.optimize(model, "fold-bn,quantize{progress=false},fold-int8", example_inputs=calibration[0],
                                 calibration_data=calibration)
     result.to_onnx(paths["slimgraph"], overwrite=True)
     ours_seconds = time.perf_counter() - start
     result.to_onnx(paths["qoperator"], overwrite=True, quant_format="qoperator")
+    slimgraph.optimize(model, "fold-bn,quantize{progress=false,cpu=vnni},fold-int8", example_inputs=calibration[0],
+                       calibration_data=calibration).to_onnx(paths["slimgraph-8bit"], overwrite=True)
+    rows_meta = result.trace[1].pass_stats
 
     sessions = {v: session(p) for v, p in paths.items()}
     feed = {v: {s.get_inputs()[0].name: held_out[0].numpy()} for v, s in sessions.items()}
@@ -116,6 +138,7 @@ def bench_model(name: str, folder: Path, repeats: int, calls: int, size: int = 2
         row["ms"] = 1000 * statistics.median(row["times"])
         row["cos"] = statistics.mean(cosine(a, b) for a, b in zip(row["logits"], rows["fp32"]["logits"]))
     rows["quantize_seconds"] = {"ort": ort_seconds, "slimgraph": ours_seconds}
+    rows["weights"] = f"{rows_meta['weight_bits']}-bit ({rows_meta['cpu']})"
     return rows
 
 
@@ -135,8 +158,16 @@ def main() -> None:
         results = {m: bench_model(m, Path(tmp), args.repeats, args.calls, args.size, args.calibration,
                                   args.held_out) for m in args.models}
     load_after = os.getloadavg()[0]
+    from slimgraph.cpu import integer_isa
+
+    isa = integer_isa()
     lines = [
         "# int8 in onnxruntime: fp32 vs onnxruntime's quantizer vs slimgraph",
+        "",
+        f"CPU: {cpu_name()}; integer path `{isa}` (slimgraph/cpu.py): "
+        + ("onnxruntime's u8s8 kernels add pairs of products into a saturating int16 here, so full-range "
+           "int8 weights (**ort**, **slimgraph-8bit**) can give wrong integers; 7-bit weights cannot."
+           if isa in ("avx2", "avx512") else "onnxruntime's u8s8 kernels sum exactly here."),
         "",
         f"onnxruntime {ort.__version__}, CPU provider, one thread (intra- and inter-op), default graph "
         f"optimization; {args.repeats} interleaved repetitions of {args.calls} calls, medians. "
@@ -146,8 +177,11 @@ def main() -> None:
         "- **fp32**: slimgraph `fold-bn` emitted to ONNX (the reference for sizes and cosine).",
         "- **ort**: `quant_pre_process` + `quantize_static` (QDQ, per-channel, QInt8 weights, QUInt8 "
         f"activations, MinMax) on the same {args.calibration} calibration inputs ({args.size}x{args.size}).",
-        "- **slimgraph**: `fold-bn,quantize,fold-int8` (minmax calibration, the default), same inputs, "
-        "written as QDQ (the default `quant_format`).",
+        "- **ort-7bit**: the same with `reduce_range=True` (weights in [-64, 64]), onnxruntime's advice for "
+        "CPUs without VNNI; **ort-u8u8**: the same with QUInt8 weights (its other advice).",
+        "- **slimgraph**: `fold-bn,quantize,fold-int8` (minmax calibration, `cpu=auto`: weights "
+        f"{next(iter(results.values()))['weights']}), same inputs, written as QDQ (the default `quant_format`).",
+        "- **slimgraph-8bit**: the same with `quantize{cpu=vnni}`: full-range int8 weights whatever this CPU.",
         "- **qoperator**: the same int8 graph written with `quant_format=\"qoperator\"`: QLinearConv, "
         "QGemm, QLinearAdd, ... in the file; `vs QDQ` compares its latency with **slimgraph**'s.",
         "",

@@ -542,9 +542,17 @@ def emit_quantize_dequantize(b, node):
 
 @emitter("fake_quant")
 def emit_fake_quant(b, node):
-    """A QuantizeLinear -> DequantizeLinear pair sharing scale and zero point (what QDQ runtimes fuse)."""
+    """A QuantizeLinear -> DequantizeLinear pair sharing scale and zero point (what QDQ runtimes fuse);
+    a range narrower than the integer type's (qmin/qmax: 7-bit weights) clips the integers between."""
+    from slimgraph.ir.opdefs.quant import QRANGE, qrange
+
     params = [b.inp(1), b.inp(2)]
     q = b.add("QuantizeLinear", [b.inp(0), *params], 1, **_axis_attr(node))[0]
+    dtype = node.inputs[2].dtype.torch
+    lo, hi = qrange(dtype, node.attrs)
+    if (lo, hi) != QRANGE[dtype]:
+        np_dtype = np.int8 if dtype == torch.int8 else np.uint8
+        q = b.add("Clip", [q, b.const(lo, "qmin", np_dtype), b.const(hi, "qmax", np_dtype)], 1)[0]
     b.add("DequantizeLinear", [q, *params], [b.out()], **_axis_attr(node))
 
 

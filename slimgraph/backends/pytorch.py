@@ -538,8 +538,10 @@ _SCALED_OPS = ("fake_quant", "quantize_linear", "dequantize_linear")  # input 1 
 
 @emitter("fake_quant")
 def emit_fake_quant(ctx, node, a):
+    from slimgraph.ir.opdefs.quant import qrange
+
     _, scale, zero_point = node.inputs
-    lo, hi = _qrange(zero_point)
+    lo, hi = qrange(zero_point.dtype.torch, node.attrs)  # 7-bit weights saturate at +-64
     ctx.uses_helpers.add("fake_quant")
     s = ctx.register(scale, trainable=True) if _learned(scale) else _scalar_literal(scale) or a[1]
     z = "0" if _is_zero(zero_point) else _scalar_literal(zero_point) or a[2]

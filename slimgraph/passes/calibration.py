@@ -225,8 +225,9 @@ def _inside(scale: np.float32, zp: int, qmin: int, qmax: int, bounds: tuple[floa
     return scale
 
 
-def weight_params(w: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """Symmetric int8 scales (|w| max / 127), per channel along ``axis`` or per tensor.
+def weight_params(w: torch.Tensor, axis: int | None, qmax: int = 127) -> torch.Tensor:
+    """Symmetric int8 scales (|w| max / qmax: 127, or 64 for 7-bit weights), per channel along
+    ``axis`` or per tensor.
 
     An all-zero channel borrows the largest scale of the others (1.0 if all are zero): its
     weights stay exactly 0 and its bias keeps the same int32 step as its neighbours'.
@@ -236,7 +237,7 @@ def weight_params(w: torch.Tensor, axis: int | None) -> torch.Tensor:
         absmax = w.abs().max().reshape(())
     else:
         absmax = w.abs().transpose(0, axis).reshape(w.shape[axis], -1).amax(1)
-    scale = absmax / 127.0
+    scale = absmax / float(qmax)
     fallback = float(scale.max()) if bool((scale > 0).any()) else 1.0
     scale = torch.where(scale > 0, scale.clamp_min(SCALE_FLOOR), torch.full_like(scale, fallback))
     return scale.float()

@@ -16,6 +16,10 @@ fake-quant goes depends on the runtime that will fuse it into integer kernels (`
   trt  TensorRT's explicit-quantization rules: the inputs of conv, linear and matmul, and the
        residual input of adds; int8 symmetric; outputs are not quantized.
 
+Weights use the full int8 range, or 7 bits where the target CPU's integer kernels would saturate
+(``cpu``, see slimgraph/cpu.py and ``weight_range``), and are rounded by GPTQ (gptq.py: each
+layer's rounding error compensated on its calibration inputs) or to nearest (``rounding``).
+
 Calibration (see calibration.py) runs on the float graph before any edit, so a bad batch leaves
 the graph as it was. ``fold-int8`` then stores weights as int8 constants with their scales
 (DQ of an int8 constant), biases as int32 in steps of input scale x weight scale (what
@@ -31,15 +35,19 @@ from typing import Literal
 
 import torch
 
+from slimgraph.cpu import ISAS, integer_isa, saturates_pairs
 from slimgraph.errors import PassError
 from slimgraph.ir import Graph, Node, Value
 from slimgraph.ir.opdefs.quant import quantize_ref
+from slimgraph.passes import gptq
 from slimgraph.passes.base import Pass, PassContext, PassResult, register_pass
 from slimgraph.passes.calibration import METHODS, activation_params, check_batches, observe, weight_params
 
 Target = Literal["ort", "trt"]
 Activations = Literal["auto", "uint8", "int8"]
 Calibration = Literal["minmax", "percentile", "entropy", "mse"]
+Cpu = Literal["auto", "vnni", "avx512", "avx2", "arm"]
+Rounding = Literal["gptq", "nearest"]
 
 # ops onnxruntime runs on int8 as they are when their input and output share parameters
 _PASSTHROUGH = {"max_pool", "reshape", "flatten", "permute", "squeeze", "unsqueeze", "slice", "gather", "select",
@@ -180,6 +188,38 @@ def place(graph: Graph, target: str = "ort", skip: tuple[str, ...] = ()) -> Plac
     return _Placer(graph, target, tuple(skip)).place()
 
 
+# ---------------------------------------------------------------------------- weight range
+@dataclass(frozen=True)
+class WeightRange:
+    """The int8 range ``quantize`` gives weights, for which CPU, and why."""
+
+    qmax: int  # weights are in [-qmax, qmax]: 127 (8 bits) or 64 (7 bits, onnxruntime's reduce_range)
+    cpu: str  # the integer instruction set it was chosen for ("gpu" for TensorRT)
+    reason: str
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.qmax > 64 else 7
+
+
+def weight_range(target: str, cpu: str = "auto") -> WeightRange:
+    """Full-range int8 weights where the integer kernels sum exactly, 7-bit ones where onnxruntime's
+    u8s8 kernels add pairs of products into a saturating int16 (x86 without VNNI).
+
+    There, uint8 weights (u8u8 kernels) would avoid the saturation too, with one bit more; measured
+    on resnet18 (bench/results/quantize.md) they ran 1.38x slower than 7-bit u8s8 for a logits
+    cosine 0.99987 against 0.99964: 7 bits is the better trade for a deployment format."""
+    if target == "trt":
+        return WeightRange(127, "gpu", "TensorRT's int8 kernels sum in int32: full-range int8 weights")
+    isa = integer_isa() if cpu == "auto" else cpu
+    if saturates_pairs(isa):
+        return WeightRange(64, isa, f"{isa}: onnxruntime's u8s8 kernels add pairs of uint8 x int8 products into a "
+                           "saturating int16 (VPMADDUBSW); 7-bit weights in [-64, 64] cannot saturate "
+                           "(255 * 64 * 2 = 32640) and run faster than u8u8")
+    exact = {"vnni": "VPDPBUSD adds u8 x s8 products into int32", "arm": "dot products add into int32"}[isa]
+    return WeightRange(127, isa, f"{isa}: {exact} exactly: full-range int8 weights")
+
+
 # ---------------------------------------------------------------------------- the passes
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
@@ -192,6 +232,10 @@ class Quantize(Pass):
     """Calibrated fake-quant: per-channel int8 weights, per-tensor activations, placed for ``target``.
 
     Options: target (ort|trt), activations (auto|uint8|int8; auto = uint8 for ort, int8 for trt),
+    cpu (auto|vnni|avx512|avx2|arm: the integer instruction set the model will run on, for
+    target ort; auto = this machine's, or $SLIMGRAPH_CPU; avx2 and avx512 get 7-bit weights),
+    rounding (gptq|nearest: weights rounded by GPTQ on the calibration data where a layer allows,
+    see gptq.py, or each to its nearest level),
     calibration (minmax|percentile|entropy|mse), percentile, bins (histogram methods),
     skip (node names, fnmatch patterns, or op types kept in float), progress (a bar per batch).
     Needs ``optimize(..., calibration_data=...)``.
@@ -225,9 +269,13 @@ class Quantize(Pass):
     bins: int = 2048
     skip: tuple[str, ...] = ()
     progress: bool = True
+    cpu: Cpu = "auto"
+    rounding: Rounding = "gptq"
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, ("ort", "trt"))
+        _check_choice("cpu", self.cpu, ("auto", *ISAS))
+        _check_choice("rounding", self.rounding, ("gptq", "nearest"))
         _check_choice("activations", self.activations, ("auto", "uint8", "int8"))
         _check_choice("calibration", self.calibration, METHODS)
         if self.target == "trt" and self.activations == "uint8":
@@ -256,11 +304,14 @@ class Quantize(Pass):
                             "quantize the float model")
         batches = check_batches(graph, ctx.calibration_data, "pass 'quantize'")
         placement = place(graph, self.target, self.skip)
+        wrange = weight_range(self.target, self.cpu)
         if not placement.ops:
             return PassResult(False, {"quantized_ops": 0})
         dtype = self.activation_dtype
         roots = [v for v in placement.activations if id(v) not in placement.tied]
         observers = observe(graph, roots, batches, self.calibration, dtype == torch.int8, self.bins, self.progress)
+        hessians = {} if self.rounding == "nearest" else gptq.input_hessians(
+            graph, [n for n, _, axis in placement.weights if axis == 0 and len(n.inputs[1].uses) == 1], batches)
         levels = 256 if dtype == torch.uint8 else 255
         params = {}
         for obs in observers:
@@ -278,13 +329,21 @@ class Quantize(Pass):
                     graph.add_constant(f"{root.name}_zero_point", torch.tensor(zero_point, dtype=dtype)))
             _insert_fake_quant(graph, v, *constants[id(root)])
         quantized_weights: dict[int, Value] = {}
+        gptq_layers = 0
         for node, index, axis in placement.weights:
             w = node.inputs[index]
             if id(w) not in quantized_weights:
-                scale = weight_params(w.const_value, axis)
+                scale = weight_params(w.const_value, axis, wrange.qmax)
+                if id(node) in hessians:
+                    rounded = gptq.round_weight(w.const_value, *hessians[id(node)], scale, -wrange.qmax, wrange.qmax)
+                    if rounded is not None:  # on the grid: fake_quant and fold-int8 give back these integers
+                        w.const_value = rounded
+                        gptq_layers += 1
                 s = graph.add_constant(f"{w.name}_scale", scale, trainable=True)
                 z = graph.add_constant(f"{w.name}_zero_point", torch.zeros(scale.shape, dtype=torch.int8))
                 attrs = {} if axis is None else {"axis": axis}
+                if wrange.qmax < 127:  # a trained scale must not take the weights past it either
+                    attrs.update(qmin=-wrange.qmax, qmax=wrange.qmax)
                 fq = graph.create_node("fake_quant", [w, s, z], attrs, name=f"{w.name}_fq", before=node,
                                        meta={"origin": "quantize"})
                 quantized_weights[id(w)] = fq.output
@@ -293,7 +352,11 @@ class Quantize(Pass):
         kept = [n for n in graph.nodes if n.op in _WEIGHTED and n not in placement.ops]
         return PassResult(True, {"quantized_ops": len(placement.ops), "float_layers": len(kept),
                                  "activations": len(placement.activations), "weights": len(quantized_weights),
-                                 "observed": len(roots), "batches": len(batches)})
+                                 "observed": len(roots), "batches": len(batches), "cpu": wrange.cpu,
+                                 "weight_bits": wrange.bits, "gptq_layers": gptq_layers,
+                                 "notes": [f"{wrange.bits}-bit weights: {wrange.reason}",
+                                           f"rounding: GPTQ on {gptq_layers} of {len(quantized_weights)} weights"
+                                           if self.rounding == "gptq" else "rounding: nearest"]})
 
 
 def _insert_fake_quant(graph: Graph, v: Value, scale: Value, zero_point: Value) -> None:
@@ -357,6 +420,11 @@ class FoldInt8(Pass):
     exact = False  # int32 biases round to steps of input scale x weight scale
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        for node in graph.nodes:  # checked before any edit
+            if node.op == "fake_quant" and not node.inputs[0].is_constant and {"qmin", "qmax"} & set(node.attrs):
+                raise PassError(f"pass 'fold-int8': node {node.name} narrows the range of a computed tensor (qmin "
+                                f"{node.attrs.get('qmin')}, qmax {node.attrs.get('qmax')}), which QuantizeLinear "
+                                "cannot express; only constant weights may have a narrowed range")
         stats = {"weights": 0, "activations": 0, "biases": 0, "float_biases": 0, "requantizations_removed": 0}
         replaced: list[Value] = []  # constants that may now be unused
         for node in graph.nodes:
@@ -386,9 +454,9 @@ def _fold_fake_quant(graph: Graph, fq: Node) -> bool:
     """fake_quant(x) -> dequantize_linear(int8 constant) when x is a constant (True), else
     quantize_linear -> dequantize_linear (False)."""
     x, scale, zero_point = fq.inputs
-    attrs = dict(fq.attrs)
+    attrs = {k: v for k, v in fq.attrs.items() if k == "axis"}  # qmin/qmax live on in the integers
     if x.is_constant and scale.is_constant and zero_point.is_constant:
-        q = quantize_ref([x.const_value, scale.const_value, zero_point.const_value], attrs)
+        q = quantize_ref([x.const_value, scale.const_value, zero_point.const_value], fq.attrs)
         source = graph.add_constant(f"{x.name}_q", q)
         weight = True
     else:

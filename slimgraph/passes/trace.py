@@ -76,6 +76,8 @@ class Trace(Sequence[PassRecord]):
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         out = [line(header), line(["-" * w for w in widths])]
         out += [line(r) for r in rows]
+        # decisions a pass explains in words (stats["notes"]), e.g. quantize's weight range and why
+        out += [f"{r.pipeline_item or r.name}: {note}" for r in self._records for note in r.pass_stats.get("notes", ())]
         return "\n".join(out)
 
     def __repr__(self) -> str:

@@ -4,21 +4,22 @@ onnxruntime runs DQ(x uint8) -> Conv(DQ(w int8), DQ(bias int32)) -> [ReLU/clip] 
 QLinearConv: an exact integer accumulator plus the bias, requantized in float32 as
 round_half_even(float32(acc) * float32(float32(x_scale * w_scale) / y_scale)) + y_zero point. The
 emitted module calls its qconv helper for each such unit and must give the very same integers,
-wherever onnxruntime's own accumulator is exact (see ``EXACT_INT32``).
+on any CPU: where onnxruntime's u8s8 kernels would saturate (x86 without VNNI), ``quantize``
+writes 7-bit weights, which they sum exactly (slimgraph/cpu.py).
 """
 
 from __future__ import annotations
 
 import math
-import platform
-from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
 import slimgraph
 from slimgraph.backends import pytorch as pytorch_backend
 from slimgraph.backends.onnx import onnxruntime_kernels, run_onnxruntime
+from slimgraph.cpu import integer_isa, saturates_pairs
 from slimgraph.ir import Graph, Node
 from tests.conftest import perturb_bn, run_saved_model
 
@@ -26,20 +27,6 @@ PIPELINE = "fold-bn,quantize{progress=false},fold-int8"
 SHAPE = (2, 3, 24, 24)
 
 
-def onnxruntime_sums_int8_exactly() -> bool:
-    """Whether onnxruntime's u8s8 kernels accumulate exactly in int32 on this CPU: on x86 without
-    VNNI they multiply with VPMADDUBSW, which saturates each pair of products to int16 (its
-    documented "saturation issue"); VNNI (AVX512-VNNI, AVX-VNNI) and ARM's dot products do not."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
-EXACT_INT32 = onnxruntime_sums_int8_exactly()
 
 
 class Convs(nn.Module):
@@ -62,7 +49,7 @@ def batches(n: int, seed: int) -> list[tuple[torch.Tensor]]:
     return [(torch.randn(SHAPE, generator=gen),) for _ in range(n)]
 
 
-def int8_convs() -> Graph:
+def int8_convs(pipeline: str = PIPELINE) -> Graph:
     torch.manual_seed(0)
     model = perturb_bn(Convs().eval())
     graph = slimgraph.import_model(model, batches(1, 0)[0])
@@ -70,7 +57,7 @@ def int8_convs() -> Graph:
     head.attrs["pads"] = [0, 1, 2, 1]  # top 0, bottom 2: the same output size, onnxruntime pads as given
     graph.touch()
     data = batches(4, 0)
-    return slimgraph.optimize(graph, PIPELINE, example_inputs=data[0], calibration_data=data).graph
+    return slimgraph.optimize(graph, pipeline, example_inputs=data[0], calibration_data=data).graph
 
 
 def quantizer_after(conv: Node) -> Node:
@@ -106,8 +93,22 @@ def with_unit_outputs(graph: Graph) -> list[Node]:
     return quantizers
 
 
+def unit_level_differences(graph: Graph, module, quantizers: list[Node], inputs) -> dict[str, int]:
+    """The most levels by which the module's and onnxruntime's integers differ, per conv unit."""
+    proto = slimgraph.to_onnx(graph)
+    worst = {q.name: 0 for q in quantizers}
+    for x in inputs:
+        expected = run_onnxruntime(proto, [x])[1:]
+        with torch.no_grad():
+            got = module(x)[1:]
+        for q, e, g in zip(quantizers, expected, got):
+            assert g.dtype == e.dtype == torch.uint8
+            worst[q.name] = max(worst[q.name], int((g.int() - e.int()).abs().max()))
+    return worst
+
+
 def test_conv_units_give_onnxruntimes_integers_exactly(monkeypatch):
-    """Equal integers where onnxruntime sums exactly; within one level where its kernels saturate."""
+    """Equal integers on any CPU: cpu=auto gives 7-bit weights where onnxruntime's kernels saturate."""
     graph = int8_convs()
     near_ties(graph)
     quantizers = with_unit_outputs(graph)
@@ -128,10 +129,29 @@ def test_conv_units_give_onnxruntimes_integers_exactly(monkeypatch):
             got, floats = module(x)[1:], float_module(x)[1:]
         for q, e, g, f in zip(quantizers, expected, got, floats):
             assert g.dtype == e.dtype == torch.uint8
-            levels = int((g.int() - e.int()).abs().max())
-            assert levels <= (0 if EXACT_INT32 else 1), f"{q.name}: {int((g != e).sum())} of {e.numel()} outputs differ"
+            assert torch.equal(g, e), f"{q.name} ({integer_isa()}): {int((g != e).sum())} of {e.numel()} outputs differ"
             float_flips += int((f != e).sum())
     assert float_flips > 10  # the test reaches the cases where float arithmetic rounds the other way
+
+
+@pytest.mark.parametrize("cpu", ["vnni", "avx2"])
+def test_full_range_weights_are_exact_only_where_this_cpu_sums_exactly(cpu):
+    """What cpu=auto guards against, asserted for the CPU the test runs on. Built for a VNNI CPU
+    (full-range weights), the units match onnxruntime exactly where this CPU sums exactly, and are
+    off by many levels where its VPMADDUBSW saturates (the issue saw 120). Built for AVX2 (7-bit
+    weights), they match on every CPU."""
+    graph = int8_convs(PIPELINE.replace("quantize{", f"quantize{{cpu={cpu},"))
+    near_ties(graph)
+    weights = [n.inputs[0].const_value for n in graph.nodes if n.op == "dequantize_linear"
+               and n.inputs[0].is_constant and n.inputs[0].dtype.torch == torch.int8]
+    assert max(int(w.abs().max()) for w in weights) == (127 if cpu == "vnni" else 64)
+    quantizers = with_unit_outputs(graph)
+    worst = unit_level_differences(graph, slimgraph.to_torch(graph), quantizers, [x for x, in batches(2, 1)])
+    here = integer_isa()
+    if cpu == "vnni" and saturates_pairs(here):
+        assert max(worst.values()) > 1, f"{here}: full-range weights gave onnxruntime's integers exactly: {worst}"
+    else:
+        assert set(worst.values()) == {0}, f"{here}, weights for {cpu}: {worst}"
 
 
 def test_calibrated_int8_model_matches_onnxruntime_and_its_source_runs_without_slimgraph(tmp_path):
@@ -142,8 +162,7 @@ def test_calibrated_int8_model_matches_onnxruntime_and_its_source_runs_without_s
     module = slimgraph.to_torch(graph)
     with torch.no_grad():
         emitted = module(x)
-    step = float(graph.outputs[0].producer.inputs[1].const_value)  # the head's output is DQ of its uint8
-    assert torch.equal(emitted, expected) if EXACT_INT32 else float((emitted - expected).abs().max()) <= step * 1.001
+    assert torch.equal(emitted, expected)
     pytorch_backend.save_torch(graph, tmp_path / "out")
     code = (tmp_path / "out" / "model.py").read_text()
     assert "def qconv(" in code and "import slimgraph" not in code

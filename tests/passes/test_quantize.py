@@ -15,11 +15,11 @@ from torch import nn
 
 import slimgraph
 from slimgraph.backends.onnx import onnxruntime_kernels, run_onnxruntime
+from slimgraph.cpu import integer_isa
 from slimgraph.errors import PassError, SlimgraphError
 from slimgraph.ir import DType, Graph, print_graph, run
 from slimgraph.passes import PassContext, make_pass
 from slimgraph.passes.quantize import place
-from tests.backends.test_torch_int8 import EXACT_INT32
 from tests.conftest import perturb_bn
 
 PIPELINE = "fold-bn,quantize{progress=false},fold-int8"
@@ -231,7 +231,10 @@ def test_fake_quant_module_trains_with_straight_through_gradients(tiny):
     model, (x,) = tiny
     result = quantized(model, tuple(x.shape), 4, "fold-bn,quantize{progress=false}")
     module = result.to_torch().train()
-    assert "import slimgraph" not in module.code and ", -128, 127, axis=0)" in module.code
+    # the weights' range: int8's, or [-64, 64] where this CPU's integer kernels would saturate
+    full = result.trace[-1].pass_stats["weight_bits"] == 8
+    assert "import slimgraph" not in module.code and (", -128, 127, axis=0)" if full else ", -64, 64, axis=0)") \
+        in module.code
     assert any(name.endswith("_scale") for name, _ in module.named_parameters())  # scales learn too
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
     before = module(x).detach()
@@ -398,9 +401,9 @@ def build(name: str) -> nn.Module:
     return perturb_bn(getattr(torchvision.models, name)().eval())
 
 
-def ort_quantize_static(fp32_path, out_path, data) -> None:
+def ort_quantize_static(fp32_path, out_path, data, reduce_range: bool = False) -> None:
     """onnxruntime.quantization's documented flow: quant_pre_process, then QDQ quantize_static with
-    per-channel QInt8 weights, QUInt8 activations and MinMax calibration."""
+    per-channel QInt8 weights (7-bit with ``reduce_range``), QUInt8 activations and MinMax calibration."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -425,7 +428,7 @@ def ort_quantize_static(fp32_path, out_path, data) -> None:
     quant_pre_process(str(fp32_path), pre)
     quantize_static(pre, str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
+                    calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range)
 
 
 def check_int8_model(name: str, size: int, n: int, tmp_path, held_out: int = 2) -> dict:
@@ -462,16 +465,19 @@ def test_torchvision_models_become_int8_everywhere(name, tmp_path):
 @pytest.mark.parametrize("name", list(CONVS))
 def test_int8_model_matches_onnxruntime_quantizer(name, tmp_path):
     """The issue's check: 224x224, 32 calibration inputs; logits cosine against fp32 at least that of
-    onnxruntime's quantize_static on the same inputs; PyTorch and ONNX agree."""
+    onnxruntime's quantize_static on the same inputs, both as it comes (full-range weights) and as
+    onnxruntime advises for a CPU whose kernels saturate (reduce_range); PyTorch and ONNX agree.
+    On such a CPU (AVX2 without VNNI) ours has 7-bit weights too: GPTQ rounding makes up for the bit."""
     checked = check_int8_model(name, 224, 32, tmp_path, held_out=8)
-    theirs = tmp_path / "ort.onnx"
-    ort_quantize_static(checked["fp32"], theirs, checked["data"])
-    assert conv_kernels(theirs)[0] == CONVS[name]  # the baseline is a fair one: fully integer too
-    ort_int8 = ort_runner(theirs)
-    theirs_out = torch.cat([ort_int8(x) for x in checked["inputs"]])
     ours_cos = [cosine(a, b) for a, b in zip(checked["onnx"], checked["reference"])]
-    theirs_cos = [cosine(a, b) for a, b in zip(theirs_out, checked["reference"])]
-    assert sum(ours_cos) >= sum(theirs_cos), (ours_cos, theirs_cos)
+    for reduce_range in (False, True):
+        theirs = tmp_path / f"ort_{reduce_range}.onnx"
+        ort_quantize_static(checked["fp32"], theirs, checked["data"], reduce_range)
+        assert conv_kernels(theirs)[0] == CONVS[name]  # the baseline is a fair one: fully integer too
+        ort_int8 = ort_runner(theirs)
+        theirs_out = torch.cat([ort_int8(x) for x in checked["inputs"]])
+        theirs_cos = [cosine(a, b) for a, b in zip(theirs_out, checked["reference"])]
+        assert sum(ours_cos) >= sum(theirs_cos), (integer_isa(), reduce_range, ours_cos, theirs_cos)
 
     # The logits stay float (QGemm writes float): one step is that of uint8 over their range (what
     # minmax would give them). onnxruntime runs each conv unit as QLinearConv: an exact int32
@@ -483,11 +489,11 @@ def test_int8_model_matches_onnxruntime_quantizer(name, tmp_path):
     # emits each such unit as qconv, the integer kernel's arithmetic; input quantization, max pool,
     # QLinearAdd, QLinearGlobalAveragePool and QGemm agree exactly as they are. What is left is
     # QGemm's float output: at most 4.1e-5 steps on resnet18 (mean 6e-6), 5.0e-5 on mobilenet_v2.
-    # (Where onnxruntime's own int32 accumulator saturates, x86 without VNNI, only the issue's bound.)
+    # (On x86 without VNNI that holds because cpu=auto gave 7-bit weights, which its kernels sum exactly.)
     step = float(checked["reference"].max() - checked["reference"].min()) / 255
     diff = (checked["torch"] - checked["onnx"]).abs() / step
-    assert float(diff.mean()) < (1e-3 if EXACT_INT32 else 0.25)
-    assert float(diff.max()) <= (0.01 if EXACT_INT32 else 1.0)
+    assert float(diff.mean()) < 1e-3
+    assert float(diff.max()) <= 0.01
 
 
 # ---------------------------------------------------------------------------- linears on [B, L, E]
@@ -530,7 +536,7 @@ def test_a_linear_on_tokens_runs_as_an_integer_matmul_with_per_column_scales():
     torch.manual_seed(0)
     fq, folded = fake_quant_then_int8(Tokens().eval(), (2, 5, 16))
     linears = [n for n in fq.graph.nodes if n.op == "linear"]
-    assert all(n.inputs[1].producer.op == "fake_quant" and n.inputs[1].producer.attrs == {"axis": 0} for n in linears)
+    assert all(n.inputs[1].producer.op == "fake_quant" and n.inputs[1].producer.attrs["axis"] == 0 for n in linears)
     assert folded.trace[-1].pass_stats["biases"] == 2  # int32, as for 2-D linears
     proto = folded.to_onnx()
     # the int8 weight is stored transposed ([in, out], what MatMul reads) with its scales along axis 1

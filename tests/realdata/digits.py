@@ -1,6 +1,10 @@
-"""scikit-learn's digits as a small real task: 8x8 images upsampled to 32x32, a fixed split."""
+"""scikit-learn's digits as a small real task: 8x8 images upsampled to 32x32, a split per seed;
+and the experiments the real-data tests check, by seed, so that bench/digits_spread.py measures the
+spread of the very figures the tests assert on (over seeds and CPU float paths)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -70,3 +74,100 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: f
 def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean()) * 100
+
+
+def both_backends(graph, x, y) -> tuple[float, float]:
+    """Test accuracy of the emitted PyTorch module and of the emitted ONNX in onnxruntime."""
+    import slimgraph
+    from slimgraph.backends.onnx import run_onnxruntime
+
+    torch_acc = accuracy(slimgraph.to_torch(graph).eval(), x, y)
+    proto = slimgraph.to_onnx(graph)
+    for v in [*proto.graph.input, *proto.graph.output]:  # exported at batch 1: let the batch vary
+        v.type.tensor_type.shape.dim[0].dim_param = "batch"
+    del proto.graph.value_info[:]
+    (logits,) = run_onnxruntime(proto, [x])
+    return torch_acc, float((logits.argmax(1) == y).float().mean()) * 100
+
+
+# ---------------------------------------------------------------------------- the experiments
+@dataclass
+class Slimmed:
+    """Network slimming on the width-24 CNN, a 50% global bn_gamma prune and a 6-epoch fine-tune."""
+
+    model: nn.Module
+    base: float  # fp32 test accuracy, %
+    result: object  # slimgraph.iterative_prune's result
+    after: float  # pruned + fine-tuned test accuracy, %
+    data: tuple
+
+
+def slimming_prune(seed: int = 0) -> Slimmed:
+    import slimgraph
+
+    torch.manual_seed(seed)
+    xtr, ytr, xte, yte = digits_data(seed)
+    model = train(DigitsResNet(width=24), xtr, ytr, epochs=10, slimming=1e-3, seed=seed)
+    base = accuracy(model, xte, yte)
+
+    def finetune(module):
+        train(module, xtr, ytr, epochs=6, lr=0.02, seed=seed + 1)
+
+    result = slimgraph.iterative_prune(model, xtr[:1], finetune, ratio=0.5, steps=1, criterion="bn_gamma",
+                                       scope="global")
+    after = accuracy(slimgraph.to_torch(result.graph), xte, yte)
+    return Slimmed(model, base, result, after, (xtr, ytr, xte, yte))
+
+
+@dataclass
+class Trained:
+    """The width-16 CNN trained with slimming, and 32 calibration batches of 8 training images."""
+
+    model: nn.Module
+    base: float
+    data: tuple
+    calibration: list
+    seed: int
+
+
+def trained_for_int8(seed: int = 0) -> Trained:
+    torch.manual_seed(seed)
+    xtr, ytr, xte, yte = digits_data(seed)
+    model = train(DigitsResNet(width=16), xtr, ytr, epochs=8, slimming=1e-3, seed=seed)  # sparse gammas to prune
+    order = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(seed + 3))
+    calibration = [(b,) for b in xtr[order[:256]].split(8)]
+    return Trained(model, accuracy(model, xte, yte), (xtr, ytr, xte, yte), calibration, seed)
+
+
+def calibrate(t: Trained):
+    """fold-bn,quantize on the trained model: the fake-quant result, and the int8 accuracies
+    (torch, onnxruntime) after fold-int8."""
+    import slimgraph
+
+    fq = slimgraph.optimize(t.model, "fold-bn,quantize{progress=false}", example_inputs=t.data[0][:1],
+                            calibration_data=t.calibration)
+    return fq, both_backends(slimgraph.optimize(fq.graph, "fold-int8").graph, *t.data[2:])
+
+
+def quantization_aware_training(t: Trained, module: nn.Module) -> None:
+    """Two epochs of QAT at a small rate on the emitted fake-quant module (weights and scales)."""
+    train(module, t.data[0], t.data[1], epochs=2, lr=0.001, seed=t.seed + 2)
+
+
+def prune_then_int8(t: Trained) -> tuple[float, float, float]:
+    """A 50% bn_gamma prune + 6-epoch fine-tune, then fold-bn,quantize,fold-int8: the pruned fp32
+    accuracy and the int8 accuracies (torch, onnxruntime)."""
+    import slimgraph
+
+    xtr, ytr, xte, yte = t.data
+
+    def finetune(module):
+        train(module, xtr, ytr, epochs=6, lr=0.02, seed=t.seed + 1)
+
+    pruned = slimgraph.iterative_prune(t.model, xtr[:1], finetune, ratio=0.5, steps=1, criterion="bn_gamma",
+                                       scope="global")
+    pruned_acc = accuracy(slimgraph.to_torch(pruned.graph), xte, yte)
+    result = slimgraph.optimize(pruned.graph, "fold-bn,quantize{progress=false},fold-int8",
+                                calibration_data=t.calibration)
+    assert any(n.op == "dequantize_linear" for n in result.graph.nodes)
+    return (pruned_acc, *both_backends(result.graph, xte, yte))

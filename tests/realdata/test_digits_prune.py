@@ -5,33 +5,29 @@ import torch
 
 import slimgraph
 from slimgraph.ir import graph_stats
-from tests.realdata.digits import DigitsResNet, accuracy, digits_data, train
+from tests.realdata.digits import DigitsResNet, digits_data, slimming_prune
 
 pytest.importorskip("sklearn")
 
+# Accuracy points lost from the fp32 model: the largest bench/digits_spread.py measured over 5 seeds x
+# 2 CPU float paths (bench/results/digits_spread.md; at most 1.39), plus two test images (0.56
+# points). A pruner that keeps the wrong channels loses several points more.
+PRUNE_DROP = 2.0
+
 
 def test_slimming_prune_finetune_keeps_accuracy(one_thread):
-    torch.manual_seed(0)
-    xtr, ytr, xte, yte = digits_data()
-    model = train(DigitsResNet(width=24), xtr, ytr, epochs=10, slimming=1e-3)
-    base = accuracy(model, xte, yte)
-    assert base > 90
-
-    def finetune(module):
-        train(module, xtr, ytr, epochs=6, lr=0.02, seed=1)
-
-    result = slimgraph.iterative_prune(model, xtr[:1], finetune, ratio=0.5, steps=1, criterion="bn_gamma",
-                                       scope="global")
-    pruned = slimgraph.to_torch(result.graph)
-    after = accuracy(pruned, xte, yte)
-    kept = graph_stats(result.graph)["params"] / graph_stats(slimgraph.import_model(model, xtr[:1]))["params"]
-    print(f"digits: fp32 {base:.2f}% -> pruned 50% + fine-tune {after:.2f}% (params kept {kept:.2f})")
+    run = slimming_prune(seed=0)
+    assert run.base > 90
+    xte = run.data[2]
+    pruned = slimgraph.to_torch(run.result.graph)
+    kept = graph_stats(run.result.graph)["params"] / graph_stats(slimgraph.import_model(run.model, xte[:1]))["params"]
+    print(f"digits: fp32 {run.base:.2f}% -> pruned 50% + fine-tune {run.after:.2f}% (params kept {kept:.2f})")
     assert kept < 0.6
-    assert after >= base - 1.0
+    assert run.after >= run.base - PRUNE_DROP
     # the ONNX backend computes the same pruned model
     from slimgraph.backends.onnx import run_onnxruntime
 
-    (logits,) = run_onnxruntime(result.to_onnx(), [xte[:1]])
+    (logits,) = run_onnxruntime(run.result.to_onnx(), [xte[:1]])
     assert torch.allclose(logits, pruned(xte[:1]).detach(), atol=1e-4)
 
 

@@ -6,44 +6,41 @@ import pytest
 import torch
 
 import slimgraph
-from tests.realdata.digits import DigitsResNet, accuracy, digits_data, train
+from tests.realdata.digits import (
+    accuracy,
+    both_backends,
+    calibrate,
+    prune_then_int8,
+    quantization_aware_training,
+    trained_for_int8,
+)
 
 pytest.importorskip("sklearn")
 pytest.importorskip("onnxruntime")
 
 
+# Bars, in accuracy points lost from the fp32 model: the largest bench/digits_spread.py measured over
+# 5 seeds x 2 CPU float paths (bench/results/digits_spread.md), plus two test images (0.56 points).
+# Broken calibration, QAT or int8 folding loses far more than that; a 50% prune of this width-16
+# net is what varies most (one seed lost 5 points to it), so the pipeline's int8 step is bounded
+# on its own, from the pruned model, and the prune only loosely.
+PTQ_DROP = 1.0  # measured at most 0.28
+QAT_DROP = 1.7  # measured at most 1.11 (two epochs at a small rate move the model a little either way)
+PIPELINE_PRUNE_DROP = 5.6  # measured at most 5.0
+PIPELINE_INT8_DROP = 1.4  # measured at most 0.83, from the pruned model
+
+
 @pytest.fixture(scope="module")
 def trained(one_thread):
-    torch.manual_seed(0)
-    xtr, ytr, xte, yte = digits_data()
-    model = train(DigitsResNet(width=16), xtr, ytr, epochs=8, slimming=1e-3)  # sparse BN gammas to prune
-    base = accuracy(model, xte, yte)
-    assert base > 90
-    # 32 calibration batches of 8 training images
-    calibration = [(b,) for b in xtr[torch.randperm(len(xtr), generator=torch.Generator().manual_seed(3))[:256]]
-                   .split(8)]
-    return model, base, (xtr, ytr, xte, yte), calibration
-
-
-def both_backends(graph, x, y) -> tuple[float, float]:
-    """Test accuracy of the emitted PyTorch module and of the emitted ONNX in onnxruntime."""
-    from slimgraph.backends.onnx import run_onnxruntime
-
-    torch_acc = accuracy(slimgraph.to_torch(graph).eval(), x, y)
-    proto = slimgraph.to_onnx(graph)
-    for v in [*proto.graph.input, *proto.graph.output]:  # exported at batch 1: let the batch vary
-        v.type.tensor_type.shape.dim[0].dim_param = "batch"
-    del proto.graph.value_info[:]
-    (logits,) = run_onnxruntime(proto, [x])
-    return torch_acc, float((logits.argmax(1) == y).float().mean()) * 100
+    t = trained_for_int8(seed=0)
+    assert t.base > 90
+    return t
 
 
 def test_calibration_and_qat(trained):
-    model, base, (xtr, ytr, xte, yte), calibration = trained
-    fq = slimgraph.optimize(model, "fold-bn,quantize", example_inputs=xtr[:1], calibration_data=calibration)
+    base, (xtr, ytr, xte, yte) = trained.base, trained.data
+    fq, (ptq_torch, ptq_ort) = calibrate(trained)
     assert any(n.op == "fake_quant" for n in fq.graph.nodes)
-    int8 = slimgraph.optimize(fq.graph, "fold-int8")
-    ptq_torch, ptq_ort = both_backends(int8.graph, xte, yte)
     drop = base - min(ptq_torch, ptq_ort)
 
     # QAT: fine-tune the fake-quant module (straight-through gradients), weights and scales (LSQ),
@@ -59,7 +56,7 @@ def test_calibration_and_qat(trained):
     before = fq.to_torch()(xte[:4]).detach()
     calibrated = {v.name: v.const_value for v in fq.graph.constants.values() if v.name in scales}
     assert len(calibrated) == len(scales)
-    train(module, xtr, ytr, epochs=2, lr=0.001, seed=2)
+    quantization_aware_training(trained, module)
     qat_fq = accuracy(module, xte, yte)
     assert slimgraph.load_weights(fq.graph, module) > 0
     assert not torch.allclose(fq.to_torch()(xte[:4]), before)  # the graph now holds the trained weights
@@ -72,24 +69,13 @@ def test_calibration_and_qat(trained):
     print(f"\ndigits int8: fp32 {base:.2f}% | calibration only: torch {ptq_torch:.2f}%, onnxruntime {ptq_ort:.2f}%"
           f" | QAT (learned scales, largest change {max(change):.1%}): fake-quant module {qat_fq:.2f}%, "
           f"int8 torch {qat_torch:.2f}%, onnxruntime {qat_ort:.2f}%")
-    assert ptq_torch >= base - 1.0 and ptq_ort >= base - 1.0
-    qat_drop = base - min(qat_torch, qat_ort)
-    # QAT recovers at least half of a drop over 1 point; where calibration lost less, QAT loses at most 1 point
-    assert qat_drop <= (drop / 2 if drop > 1.0 else 1.0)
+    assert drop <= PTQ_DROP
+    assert base - min(qat_torch, qat_ort) <= QAT_DROP
 
 
 def test_prune_finetune_quantize_pipeline(trained):
-    model, base, (xtr, ytr, xte, yte), calibration = trained
-
-    def finetune(module):
-        train(module, xtr, ytr, epochs=6, lr=0.02, seed=1)
-
-    pruned = slimgraph.iterative_prune(model, xtr[:1], finetune, ratio=0.5, steps=1, criterion="bn_gamma",
-                                       scope="global")
-    pruned_acc = accuracy(slimgraph.to_torch(pruned.graph), xte, yte)
-    result = slimgraph.optimize(pruned.graph, "fold-bn,quantize,fold-int8", calibration_data=calibration)
-    assert any(n.op == "dequantize_linear" for n in result.graph.nodes)
-    q_torch, q_ort = both_backends(result.graph, xte, yte)
-    print(f"\ndigits pipeline: fp32 {base:.2f}% -> pruned 50% + fine-tune {pruned_acc:.2f}% -> int8 torch "
+    pruned_acc, q_torch, q_ort = prune_then_int8(trained)
+    print(f"\ndigits pipeline: fp32 {trained.base:.2f}% -> pruned 50% + fine-tune {pruned_acc:.2f}% -> int8 torch "
           f"{q_torch:.2f}%, onnxruntime {q_ort:.2f}%")
-    assert q_torch >= base - 2.0 and q_ort >= base - 2.0
+    assert trained.base - pruned_acc <= PIPELINE_PRUNE_DROP
+    assert pruned_acc - min(q_torch, q_ort) <= PIPELINE_INT8_DROP

@@ -7,7 +7,9 @@ and ``zero_point`` travel as separate inputs, per tensor (0-d) or per axis (1-D 
   quantize_linear(x, scale, zero_point)    q = saturate(round_half_even(x / scale) + zero_point)
   dequantize_linear(q, scale[, zero_point]) x = (q - zero_point) * scale
   fake_quant(x, scale, zero_point)          dequantize_linear(quantize_linear(x)) in one float op,
-                                            the form quantization-aware training differentiates
+                                            the form quantization-aware training differentiates;
+                                            attrs qmin/qmax narrow its saturation range (7-bit
+                                            weights, for CPUs whose int8 kernels saturate)
 """
 
 from __future__ import annotations
@@ -35,10 +37,16 @@ def along(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tenso
     return param.reshape(shape)
 
 
+def qrange(dtype: torch.dtype, attrs: dict) -> tuple[int, int]:
+    """The saturation range: the integer type's, or the narrower one fake_quant's qmin/qmax give."""
+    lo, hi = QRANGE[dtype]
+    return attrs.get("qmin", lo), attrs.get("qmax", hi)
+
+
 def quantize_ref(xs, a) -> torch.Tensor:
     x, scale, zero_point = xs[0], xs[1], xs[2] if len(xs) > 2 else None
     dtype = zero_point.dtype if zero_point is not None else torch.uint8
-    lo, hi = QRANGE[dtype]
+    lo, hi = qrange(dtype, a)
     axis = a.get("axis")
     q = torch.round(x.float() / along(scale, x, axis))  # torch.round rounds half to even, as ONNX does
     if zero_point is not None:
@@ -93,6 +101,10 @@ def dequantize_infer(node) -> list:
 
 def fake_quant_infer(node) -> list:
     quantize_infer(node)
+    lo, hi = QRANGE[node.inputs[2].dtype.torch]
+    qmin, qmax = qrange(node.inputs[2].dtype.torch, node.attrs)
+    if not all(isinstance(q, int) and not isinstance(q, bool) for q in (qmin, qmax)) or not lo <= qmin < qmax <= hi:
+        raise ValueError(f"qmin {qmin!r} and qmax {qmax!r} must be integers with {lo} <= qmin < qmax <= {hi}")
     return [(tuple(node.inputs[0].shape), node.inputs[0].dtype)]
 
 
