@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from slimgraph.ir import Graph, Node, run
 from slimgraph.ir.opdefs.nn import torch_pad_arg
 
-MAX_COLUMNS = 6144  # inputs per output: the float64 Hessian and its inverse stay under 300 MB each
+MAX_COLUMNS = 6144  # inputs per output: the Hessian and its inverse factor stay under 150 MB each
+ROWS_PER_INPUT = 8  # rows kept per layer input (evenly spaced positions): the Hessian costs K / C_out
+# times the layer's own MACs per row, and beyond a few rows per input a better estimate gains little
 DAMPING = 0.01  # of the Hessian's mean diagonal, as GPTQ does (times inputs / rows where that is more than 1)
 MIN_ROWS_FRACTION = 1 / 16  # fewer rows per input than this: the damping would leave little to gain
 
@@ -55,7 +57,8 @@ def _columns(node: Node, x: torch.Tensor) -> torch.Tensor:
 
 def input_hessians(graph: Graph, nodes: list[Node], batches: list[tuple[torch.Tensor, ...]]
                    ) -> dict[int, tuple[torch.Tensor, int]]:
-    """id(node) -> (sum of X Xᵀ over the calibration batches [groups, K, K], rows seen)."""
+    """id(node) -> (sum of X Xᵀ over the calibration batches [groups, K, K], rows used): at most
+    ``ROWS_PER_INPUT`` x K rows per layer, spread evenly over the batches and their positions."""
     nodes = [n for n in nodes if supported(n) and _inputs_per_output(n) <= MAX_COLUMNS]
     sums: dict[int, tuple[torch.Tensor, int]] = {}
     inputs = list({id(n.inputs[0]): n.inputs[0] for n in nodes}.values())
@@ -63,6 +66,9 @@ def input_hessians(graph: Graph, nodes: list[Node], batches: list[tuple[torch.Te
         _, captured = run(graph, list(batch), capture=inputs)
         for node in nodes:
             cols = _columns(node, captured[node.inputs[0]].float())
+            keep = -(-ROWS_PER_INPUT * cols.shape[1] // len(batches))  # this batch's share, rounded up
+            if cols.shape[2] > keep:
+                cols = cols[:, :, torch.linspace(0, cols.shape[2] - 1, keep).round().long()]
             h, rows = sums.get(id(node), (0, 0))
             sums[id(node)] = (h + cols @ cols.transpose(1, 2), rows + cols.shape[2])
     return sums
@@ -92,9 +98,10 @@ def round_weight(w: torch.Tensor, hessian: torch.Tensor, rows: int, scale: torch
     groups, k, _ = hessian.shape
     if rows < MIN_ROWS_FRACTION * k:
         return None
-    W = w.detach().double().reshape(groups, w.shape[0] // groups, k).clone()
-    s = scale.double().reshape(groups, -1, 1)
-    h = hessian.double().clone()
+    # float32, as GPTQ's own code: the damping keeps the factorizations well within its precision
+    W = w.detach().float().reshape(groups, w.shape[0] // groups, k).clone()
+    s = scale.float().reshape(groups, -1, 1)
+    h = hessian.float().clone()
     diag = torch.diagonal(h, dim1=1, dim2=2)
     diag[diag == 0] = 1.0  # inputs always zero: nothing to compensate with; rounded to nearest
     upper = None

@@ -207,8 +207,9 @@ def weight_range(target: str, cpu: str = "auto") -> WeightRange:
     u8s8 kernels add pairs of products into a saturating int16 (x86 without VNNI).
 
     There, uint8 weights (u8u8 kernels) would avoid the saturation too, with one bit more; measured
-    on resnet18 (bench/results/quantize.md) they ran 1.38x slower than 7-bit u8s8 for a logits
-    cosine 0.99987 against 0.99964: 7 bits is the better trade for a deployment format."""
+    with onnxruntime's own quantizer (bench/results/quantize.md) they ran 1.36x (resnet18) and 1.44x
+    (mobilenet_v2) slower than 7-bit u8s8, about as slow as fp32 on mobilenet_v2, while GPTQ rounding
+    gives 7-bit weights the accuracy back: 7 bits is the better trade for a deployment format."""
     if target == "trt":
         return WeightRange(127, "gpu", "TensorRT's int8 kernels sum in int32: full-range int8 weights")
     isa = integer_isa() if cpu == "auto" else cpu
