@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from slimgraph.errors import SlimgraphError, UnsupportedError
 from slimgraph.ir import OPAQUE, DType, Graph, Node, Value
+from slimgraph.ir.opdefs.quant import QRANGE, qrange
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13
@@ -544,8 +545,6 @@ def emit_quantize_dequantize(b, node):
 def emit_fake_quant(b, node):
     """A QuantizeLinear -> DequantizeLinear pair sharing scale and zero point (what QDQ runtimes fuse);
     a range narrower than the integer type's (qmin/qmax: 7-bit weights) clips the integers between."""
-    from slimgraph.ir.opdefs.quant import QRANGE, qrange
-
     params = [b.inp(1), b.inp(2)]
     q = b.add("QuantizeLinear", [b.inp(0), *params], 1, **_axis_attr(node))[0]
     dtype = node.inputs[2].dtype.torch

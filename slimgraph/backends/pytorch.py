@@ -472,10 +472,11 @@ def _resolves(path: str, fn: Any) -> bool:
 # product with 1 / scale), round half to even, saturate. fake_quant is the helper below, the same
 # arithmetic in float with straight-through gradients; a scale the graph marks trainable (as
 # ``quantize`` does) becomes an nn.Parameter it learns (LSQ), which load_weights brings back.
-def _qrange(zero_point: Value | None) -> tuple[int, int]:
-    from slimgraph.ir.opdefs.quant import QRANGE
+def _qrange(zero_point: Value | None, attrs: dict | None = None) -> tuple[int, int]:
+    """The saturation range: the zero point's integer type's, or fake_quant's narrower qmin/qmax."""
+    from slimgraph.ir.opdefs.quant import qrange
 
-    return QRANGE[zero_point.dtype.torch if zero_point is not None else torch.uint8]
+    return qrange(zero_point.dtype.torch if zero_point is not None else torch.uint8, attrs or {})
 
 
 def _scalar_literal(v: Value | None) -> str | None:
@@ -538,10 +539,8 @@ _SCALED_OPS = ("fake_quant", "quantize_linear", "dequantize_linear")  # input 1 
 
 @emitter("fake_quant")
 def emit_fake_quant(ctx, node, a):
-    from slimgraph.ir.opdefs.quant import qrange
-
     _, scale, zero_point = node.inputs
-    lo, hi = qrange(zero_point.dtype.torch, node.attrs)  # 7-bit weights saturate at +-64
+    lo, hi = _qrange(zero_point, node.attrs)  # 7-bit weights saturate at +-64
     ctx.uses_helpers.add("fake_quant")
     s = ctx.register(scale, trainable=True) if _learned(scale) else _scalar_literal(scale) or a[1]
     z = "0" if _is_zero(zero_point) else _scalar_literal(zero_point) or a[2]

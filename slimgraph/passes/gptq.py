@@ -19,6 +19,8 @@ inputs / rows, so that the rounding leans less on the directions the data could 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -75,8 +77,7 @@ def input_hessians(graph: Graph, nodes: list[Node], batches: list[tuple[torch.Te
 
 
 def _inputs_per_output(node: Node) -> int:
-    w = node.inputs[1]
-    return int(torch.tensor(w.shape[1:]).prod())
+    return math.prod(node.inputs[1].shape[1:])
 
 
 def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor | None:
