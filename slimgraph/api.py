@@ -20,7 +20,7 @@ def import_model(model: Any, example_inputs: Any = None) -> Graph:
     """A torch.nn.Module (with example_inputs), an ONNX file path or ModelProto, or a Graph (copied)
     as an IR Graph. The model is never modified."""
     if isinstance(model, torch.nn.Module):
-        from slimgraph.frontends.pytorch import import_torch
+        from slimgraph.frontends.torch import import_torch
 
         return import_torch(model, example_inputs)
     if isinstance(model, Graph):

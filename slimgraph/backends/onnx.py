@@ -143,13 +143,26 @@ def emit_dropout(b, node):
 @emitter("add", "sub", "mul", "div", "pow")
 def emit_binary(b, node):
     op = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow"}[node.op]
+    out, mode = node.outputs[0].dtype, node.attrs.get("rounding_mode")
+    # an integer division rounded down is computed in double (ONNX's integer Div truncates)
+    compute = DType.float64 if mode == "floor" and not out.is_float else out
     names = []
     for v in node.inputs:  # ONNX does not promote types: cast the odd operand
         name = b.name(v)
-        if node.op != "pow" and v.dtype != node.outputs[0].dtype:
-            name = b.add("Cast", [name], 1, to=_ONNX_DTYPE[node.outputs[0].dtype])[0]
+        if node.op != "pow" and v.dtype != compute:
+            name = b.add("Cast", [name], 1, to=_ONNX_DTYPE[compute])[0]
         names.append(name)
-    b.add(op, names, [b.out()])
+    if not mode or (mode == "trunc" and not out.is_float):
+        b.add(op, names, [b.out()])
+        return
+    quotient = b.add("Div", names, 1)[0]
+    if mode == "floor":
+        rounded = b.add("Floor", [quotient], 1 if compute != out else [b.out()])[0]
+        if compute != out:
+            b.add("Cast", [rounded], [b.out()], to=_ONNX_DTYPE[out])
+    else:  # trunc of a float quotient
+        b.add("Mul", [b.add("Sign", [quotient], 1)[0], b.add("Floor", [b.add("Abs", [quotient], 1)[0]], 1)[0]],
+              [b.out()])
 
 
 @emitter("conv")
@@ -597,6 +610,8 @@ def _batch_symbols(graph: Graph, dynamic_batch: bool) -> tuple[list[str | None],
 
 def build_model(graph: Graph, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False) -> onnx.ModelProto:
     """The graph as a checked ModelProto. Raises UnsupportedError listing nodes without an ONNX form."""
+    from slimgraph.backends import onnx_extended  # noqa: F401  (registers the wider op surface)
+
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
         raise SlimgraphError(f"opset {opset} is outside the supported range {MIN_OPSET}..{newest}")
@@ -604,7 +619,7 @@ def build_model(graph: Graph, opset: int = DEFAULT_OPSET, dynamic_batch: bool = 
     missing = [n for n in graph.nodes if n.op != OPAQUE and n.op not in EMITTERS]
     if torch_only or missing:
         listed = ", ".join(f"{n.name} ({n.attrs['impl'].target})" for n in torch_only)
-        listed += ", ".join(f"{n.name} ({n.op})" for n in missing)
+        listed = ", ".join(filter(None, [listed, ", ".join(f"{n.name} ({n.op})" for n in missing)]))
         raise UnsupportedError(f"{len(torch_only) + len(missing)} node(s) have no ONNX form: {listed}")
     model = onnx.ModelProto(ir_version=min(onnx.IR_VERSION, 10), producer_name="slimgraph")  # 10: current ORT
     b = _Builder(graph, opset, model)

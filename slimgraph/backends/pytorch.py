@@ -802,6 +802,7 @@ def _emit_body(ctx: _Ctx, graph: Graph) -> tuple[list[str], list[str], str]:
 
 def generate(graph: Graph, class_name: str = "Model") -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
     """Source of model.py, its state dict, and the external objects (opaque modules) it needs."""
+    from slimgraph.backends import pytorch_extended  # noqa: F401  (registers the wider op surface)
     ctx = _Ctx(graph)
     params, body, ret = _emit_body(ctx, graph)
 

@@ -6,7 +6,7 @@ import torch
 import slimgraph
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import DType, Graph
-from tests.conftest import perturb_bn, run_saved_model
+from tests.conftest import HostRoundTrip, perturb_bn, run_saved_model
 
 
 def test_emitted_module_reads_like_hand_written_code(tiny):
@@ -114,14 +114,13 @@ def test_saved_fake_quant_model_learns_its_scales_without_slimgraph(tiny, tmp_pa
 
 
 def test_opaque_module_with_parameters_loads_its_weights():
-    class WithBilinear(torch.nn.Module):  # nn.Bilinear has no canonical op: it stays an opaque module
+    class WithBilinear(torch.nn.Module):  # the host round trip cannot be traced: an opaque module
         def __init__(self):
             super().__init__()
-            self.fc, self.bil = torch.nn.Linear(4, 4), torch.nn.Bilinear(4, 4, 3)
+            self.fc, self.bil = torch.nn.Linear(4, 4), HostRoundTrip(4)
 
         def forward(self, x):
-            y = self.fc(x)
-            return self.bil(y, y)
+            return self.bil(self.fc(x))
 
     torch.manual_seed(0)
     model, x = WithBilinear().eval(), torch.randn(2, 4)

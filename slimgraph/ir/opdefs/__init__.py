@@ -1,3 +1,3 @@
 """Canonical op definitions; importing this package registers them all."""
 
-from slimgraph.ir.opdefs import elementwise, nn, quant, shape  # noqa: F401
+from slimgraph.ir.opdefs import elementwise, indexing, nn, quant, shape  # noqa: F401

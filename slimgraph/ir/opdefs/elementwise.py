@@ -93,6 +93,12 @@ UNARY = {
     "neg": (lambda x, a: torch.neg(x), "-x"),
     "abs": (lambda x, a: torch.abs(x), "|x|"),
 }
+# math functions torch and ONNX share by name: op name = torch function name
+for _name in ("sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh", "ceil",
+              "floor", "round", "trunc", "sign", "reciprocal", "expm1", "log1p", "log2", "log10", "bitwise_not",
+              "softsign", "mish", "logsigmoid"):
+    _fn = getattr(torch, _name, None) or getattr(F, _name)
+    UNARY[_name] = ((lambda fn: lambda x, a: fn(x))(_fn), f"torch.{_name}" if hasattr(torch, _name) else f"F.{_name}")
 
 for _name, (_fn, _doc) in UNARY.items():
     register_op(
@@ -107,20 +113,46 @@ BINARY = {
     "add": (torch.add, "a + b (broadcasting)"),
     "sub": (torch.sub, "a - b (broadcasting)"),
     "mul": (torch.mul, "a * b (broadcasting)"),
-    "div": (torch.div, "a / b (broadcasting)"),
+    "div": (lambda a, b, mode=None: torch.div(a, b, rounding_mode=mode),
+            "a / b (broadcasting); attr rounding_mode None, 'trunc' or 'floor'"),
     "pow": (torch.pow, "a ** b (broadcasting)"),
     "maximum": (torch.maximum, "element-wise max"),
     "minimum": (torch.minimum, "element-wise min"),
 }
 
+# results of another element type than the operands' (bool): shapes and dtypes from the reference
+PREDICATES = {
+    "isnan": (torch.isnan, "x != x"), "isinf": (torch.isinf, "|x| == inf"),
+    "logical_not": (torch.logical_not, "not x (bool)"),
+}
+for _name, (_fn, _doc) in PREDICATES.items():
+    register_op(_name, (lambda fn: lambda xs, a: fn(xs[0]))(_fn), description=_doc, coupling=elementwise_coupling)
+
+BINARY.update({
+    "fmod": (torch.fmod, "C-style remainder (sign of a)"),
+    "remainder": (torch.remainder, "Python-style remainder (sign of b)"),
+    "atan2": (torch.atan2, "atan(a / b) in the right quadrant"),
+    "bitwise_and": (torch.bitwise_and, "a & b"), "bitwise_or": (torch.bitwise_or, "a | b"),
+    "bitwise_xor": (torch.bitwise_xor, "a ^ b"),
+})
+COMPARISONS = {
+    "eq": (torch.eq, "a == b"), "ne": (torch.ne, "a != b"), "lt": (torch.lt, "a < b"), "le": (torch.le, "a <= b"),
+    "gt": (torch.gt, "a > b"), "ge": (torch.ge, "a >= b"), "logical_and": (torch.logical_and, "a and b (bool)"),
+    "logical_or": (torch.logical_or, "a or b (bool)"), "logical_xor": (torch.logical_xor, "a xor b (bool)"),
+}
+for _name, (_fn, _doc) in COMPARISONS.items():
+    register_op(_name, (lambda fn: lambda xs, a: fn(xs[0], xs[1]))(_fn), description=_doc, num_inputs=(2, 2),
+                coupling=elementwise_coupling)
+
 for _name, (_fn, _doc) in BINARY.items():
     register_op(
         _name,
-        (lambda fn: lambda xs, a: fn(xs[0], xs[1]))(_fn),
+        (lambda fn: lambda xs, a: fn(xs[0], xs[1], a["rounding_mode"]) if a.get("rounding_mode")
+         else fn(xs[0], xs[1]))(_fn),
         description=_doc,
         num_inputs=(2, 2),
         coupling=elementwise_coupling,
-        infer=broadcast_type if _name != "pow" else None,
+        infer=broadcast_type if _name in ("add", "sub", "mul", "maximum", "minimum") else None,
     )
 
 register_op(
@@ -157,3 +189,6 @@ register_op("prelu", prelu_ref, description="x if x >= 0 else slope * x (slope b
 register_op("softplus", lambda xs, a: F.softplus(xs[0]), description="log(1 + exp(x))",
             coupling=elementwise_coupling)
 register_op("selu", lambda xs, a: F.selu(xs[0]), description="scaled ELU", coupling=elementwise_coupling)
+
+register_op("where", lambda xs, a: torch.where(xs[0], xs[1], xs[2]),
+            description="cond ? a : b (broadcasting)", num_inputs=(3, 3), coupling=elementwise_coupling)

@@ -106,6 +106,35 @@ register_op(
 )
 
 
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def conv_transpose_ref(xs, a):
+    x, w, b = xs[0], xs[1], xs[2] if len(xs) > 2 else None
+    return _CONV_T[w.dim() - 2](x, w, b, a["stride"], a["padding"], a["output_padding"], a["groups"], a["dilation"])
+
+
+def conv_transpose_coupling(node) -> list[Coupling]:
+    """weight [in, out / groups, k...]: the input's channels are the weight's rows, the output's
+    its columns (times the groups)."""
+    groups = node.attrs["groups"]
+    bias = [inp(2, 0)] if len(node.inputs) > 2 and node.inputs[2] is not None else []
+    batch = same(inp(0, 0), out(0, 0))
+    if groups == 1:
+        return [batch, same(inp(0, 1), inp(1, 0)), same(out(0, 1), inp(1, 1), *bias)]
+    return [batch, frozen(inp(0, 1), out(0, 1), inp(1, 0), inp(1, 1), *bias)]
+
+
+register_op(
+    "conv_transpose",
+    conv_transpose_ref,
+    description="N-d transposed convolution; attrs stride, padding, output_padding, dilation, groups (torch's)",
+    num_inputs=(2, 3),
+    coupling=conv_transpose_coupling,
+    macs=lambda node: node.inputs[0].numel * _prod(node.inputs[1].shape[1:]),
+)
+
+
 # ---------------------------------------------------------------------------- linear / matmul
 def linear_coupling(node) -> list[Coupling]:
     rank = node.inputs[0].rank
@@ -321,6 +350,34 @@ register_op(
     description="adaptive max pooling to output_size",
     coupling=spatial_coupling,
     infer=adaptive_infer,
+)
+
+
+# ---------------------------------------------------------------------------- resampling
+_INTERPOLATE = {"nearest": "nearest", "linear": {1: "linear", 2: "bilinear", 3: "trilinear"}, "cubic": "bicubic"}
+
+
+def resize_ref(xs, a):
+    x, mode = xs[0], a["mode"]
+    torch_mode = _INTERPOLATE[mode] if mode != "linear" else _INTERPOLATE["linear"][x.dim() - 2]
+    align = a.get("align_corners") if mode != "nearest" else None
+    if a.get("scales"):
+        return F.interpolate(x, scale_factor=a["scales"], mode=torch_mode, align_corners=align)
+    return F.interpolate(x, size=a["size"], mode=torch_mode, align_corners=align)
+
+
+register_op(
+    "resize",
+    resize_ref,
+    description="F.interpolate: attrs mode nearest|linear|cubic, size (spatial) or scales, align_corners",
+    coupling=spatial_coupling,
+)
+register_op(
+    "grid_sample",
+    lambda xs, a: F.grid_sample(xs[0], xs[1], a["mode"], a["padding_mode"], a["align_corners"]),
+    description="sample input 0 at the normalized coordinates of input 1 (F.grid_sample)",
+    num_inputs=(2, 2),
+    coupling=lambda node: [same(inp(0, 0), inp(1, 0), out(0, 0)), same(inp(0, 1), out(0, 1))],
 )
 
 

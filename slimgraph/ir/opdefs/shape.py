@@ -313,6 +313,33 @@ register_op("mean", lambda xs, a: xs[0].mean(a["axes"], keepdim=a.get("keepdim",
 register_op("sum", lambda xs, a: xs[0].sum(a["axes"], keepdim=a.get("keepdim", False)),
             description="sum over axes", coupling=reduce_coupling, infer=reduce_infer)
 
+
+
+def _reduce_all(fn):
+    """torch reductions that take one dim at a time (prod, any): applied axis by axis."""
+    def ref(xs, a):
+        x, keep = xs[0], a.get("keepdim", False)
+        for axis in sorted((d % x.dim() for d in a["axes"]), reverse=True):
+            x = fn(x, axis, keepdim=keep)
+        return x
+    return ref
+
+
+register_op("amax", lambda xs, a: torch.amax(xs[0], a["axes"], keepdim=a.get("keepdim", False)),
+            description="max over axes", coupling=reduce_coupling)
+register_op("amin", lambda xs, a: torch.amin(xs[0], a["axes"], keepdim=a.get("keepdim", False)),
+            description="min over axes", coupling=reduce_coupling)
+register_op("prod", _reduce_all(torch.prod), description="product over axes", coupling=reduce_coupling)
+register_op("any", _reduce_all(torch.any), description="logical or over axes (bool result)",
+            coupling=reduce_coupling)
+register_op("var", lambda xs, a: torch.var(xs[0], a["axes"], correction=a.get("correction", 1),
+                                           keepdim=a.get("keepdim", False)),
+            description="variance over axes; attr correction (1: unbiased)", coupling=reduce_coupling)
+register_op("argmax", lambda xs, a: torch.argmax(xs[0], a["axes"][0], keepdim=a.get("keepdim", False)),
+            description="index of the max along axes[0] (int64)", coupling=reduce_coupling)
+register_op("argmin", lambda xs, a: torch.argmin(xs[0], a["axes"][0], keepdim=a.get("keepdim", False)),
+            description="index of the min along axes[0] (int64)", coupling=reduce_coupling)
+
 register_op(
     "cast",
     lambda xs, a: xs[0].to(getattr(torch, a["dtype"])),

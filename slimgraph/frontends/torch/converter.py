@@ -1,213 +1,33 @@
-"""torch.nn.Module -> IR Graph, through torch.fx (torch.export when fx cannot trace).
+"""The torch converter: walks a traced fx graph and builds the IR Graph.
 
-The frontend walks the traced graph once, evaluating every node on the example inputs as it
-goes: tensors become IR Values (shapes recorded), Python ints stay Python ints (except a
-tensor's batch size, kept symbolic as ``BatchDim`` so reshapes work at any batch), and every
-call is mapped to a canonical op by the handler tables in ``torch_ops``. Anything without a
-handler becomes an opaque node that calls the original code.
-
-The user's model is never touched: we trace a deep copy in eval mode (import captures
-inference semantics; the PyTorch backend restores trainable modules). The copy's parameters
-are private, so the graph adopts them as constants without cloning them a second time.
+It evaluates every fx node on the example inputs as it goes: tensors become IR Values (shapes
+recorded), Python ints stay Python ints (except a tensor's batch size, kept symbolic as
+``BatchDim`` so reshapes work at any batch), and every call goes to its handler in ``ops``
+(modules, functions and Tensor methods for torch.fx; Core ATen for torch.export). A call with no
+handler is exported on its own and its Core ATen decomposition converted in its place; what
+cannot be converted either way becomes an opaque node that calls the original code.
 """
 
 from __future__ import annotations
 
-import copy
-import copyreg
-import types
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
+from torch.utils import _pytree as pytree
 
 from slimgraph.errors import ModelImportError, SlimgraphError, UnsupportedError
+from slimgraph.frontends.torch import ops, tracing
+from slimgraph.frontends.torch.dims import BatchDim
+from slimgraph.frontends.torch.ops.registry import Unhandled
 from slimgraph.ir import OPAQUE, DType, Graph, OpaqueImpl, Value
 from slimgraph.ir.opaque import Slot
 
-
-@dataclass(frozen=True)
-class BatchDim:
-    """An int that is ``factor`` times the batch size of ``source`` (its dim 0).
-
-    A reshape target keeps it symbolic: "N" in front when the factor is 1, else -1 (e.g. the
-    batch times the number of windows in shifted-window attention).
-    """
-
-    value: int
-    source: Value
-    factor: int = 1
-
-    def __index__(self) -> int:
-        return self.value
-
-    def scaled(self, multiplier: int) -> BatchDim:
-        return BatchDim(self.value * multiplier, self.source, self.factor * multiplier)
-
-    def divided(self, divisor: int) -> BatchDim | int:
-        if self.factor % divisor:
-            return self.value // divisor  # no longer a whole multiple of the batch: concrete
-        return BatchDim(self.value // divisor, self.source, self.factor // divisor)
+DEFAULT = object()  # a placeholder fed nothing: its default value is used
 
 
-def concrete(x: Any) -> Any:
-    """Python value of an IR-side argument (BatchDim -> int), recursively."""
-    if isinstance(x, BatchDim):
-        return x.value
-    if isinstance(x, (list, tuple)):
-        return type(x)(concrete(v) for v in x)
-    return x
-
-
-class Unhandled(Exception):
-    """A handler declines a call it cannot map exactly; the caller falls back to opaque."""
-
-
-def import_torch(model: torch.nn.Module, example_inputs: Any) -> Graph:
-    if not isinstance(model, torch.nn.Module):
-        raise ModelImportError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    inputs = _check_example_inputs(example_inputs)
-    graph = _import(model, inputs, adopt_parameters=True)
-    if graph is None:  # the model's forward wrote to a parameter the graph adopted: import again, cloning
-        graph = _import(model, inputs, adopt_parameters=False)
-    return graph
-
-
-def _import(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], adopt_parameters: bool) -> Graph | None:
-    model, private = _private_copy(model)  # ours to trace and run; the user's stays bit-identical
-    model.eval()
-    try:
-        # torch.fx.symbolic_trace without wrapping the result in a GraphModule: its generated
-        # code is never run here, and the submodules it would hold are the copy's own
-        fx_graph = torch.fx.Tracer().trace(model)
-        root, source = model, "torch.fx"
-    except Exception as fx_error:  # data-dependent Python control flow, unsupported builtins...
-        root = _export(model, inputs, fx_error)
-        fx_graph, source = root.graph, "torch.export"
-    converter = _Converter(root, source, fx_graph=fx_graph)
-    if adopt_parameters:
-        converter.private = private
-    graph = converter.convert(inputs)
-    if not converter.finish():
-        return None
-    graph.meta["source"] = source
-    return graph
-
-
-# Values copy.deepcopy returns as they are (besides tuples of them).
-_ATOMIC = frozenset({type(None), int, float, bool, complex, str, bytes, type, range, types.FunctionType,
-                     types.BuiltinFunctionType, torch.dtype, torch.device, torch.layout, torch.memory_format})
-
-
-def _plain_module_class(cls: type) -> bool:
-    """Whether copy.deepcopy copies instances of ``cls`` through nn.Module's default state (the
-    instance dict, less ``_compiled_call_impl``), which ``_private_copy`` reproduces directly."""
-    return (getattr(cls, "__deepcopy__", None) is None and cls not in copyreg.dispatch_table
-            and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
-            and cls.__getstate__ is torch.nn.Module.__getstate__
-            and not hasattr(cls, "__getnewargs_ex__") and not hasattr(cls, "__getnewargs__")
-            and all("__slots__" not in vars(k) for k in cls.__mro__))
-
-
-def _private_copy(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[int, torch.nn.Parameter]]:
-    """``copy.deepcopy(model)``, and the copy's own parameters (id -> parameter).
-
-    The same copy, made faster: a module of a plain class (see ``_plain_module_class``) is rebuilt
-    from its state with immutable attributes kept and empty containers (hook dicts) made anew,
-    which is what deepcopy makes of them; everything else (parameters, buffers, other
-    attributes, modules of other classes) goes through copy.deepcopy with one shared memo, so
-    shared and tied objects stay shared in the copy.
-    """
-    memo: dict[int, Any] = {}
-    plain: dict[type, bool] = {}
-
-    def copy_module(module: torch.nn.Module) -> torch.nn.Module:
-        done = memo.get(id(module))
-        if done is not None:
-            return done
-        cls = type(module)
-        if cls not in plain:
-            plain[cls] = _plain_module_class(cls)
-        if not plain[cls]:
-            return copy.deepcopy(module, memo)
-        new = cls.__new__(cls)
-        memo[id(module)] = new
-        state = {}
-        for key, value in module.__dict__.items():
-            kind = type(value)
-            if key == "_compiled_call_impl":
-                continue  # not part of nn.Module's state
-            if kind in _ATOMIC or (kind is tuple and all(type(v) in _ATOMIC for v in value)):
-                state[key] = value
-            elif id(value) in memo:  # an object met before (deepcopy keeps it shared)
-                state[key] = memo[id(value)]
-            elif key in ("_modules", "_buffers") and kind is dict:
-                state[key] = memo[id(value)] = {}
-                for k, v in value.items():
-                    state[key][k] = None if v is None else copy_module(v) if key == "_modules" else \
-                        _copy_buffer(v, memo)
-            elif kind in (dict, OrderedDict, set, list) and not value:
-                state[key] = memo[id(value)] = kind()
-            else:
-                state[key] = copy.deepcopy(value, memo)
-        new.__setstate__(state)
-        return new
-
-    private = copy_module(model)
-    owned = {id(v): v for k, v in memo.items()
-             if isinstance(v, torch.Tensor) and isinstance(v, torch.nn.Parameter) and k != id(v)}
-    return private, owned
-
-
-def _copy_buffer(t: Any, memo: dict[int, Any]) -> Any:
-    """copy.deepcopy(t, memo). A plain dense CPU tensor that spans its whole storage (nearly every
-    buffer) is cloned directly: the same result as Tensor.__deepcopy__'s storage copy, without its
-    Python overhead, and the storage is entered in the memo as deepcopy does, so a later view of it
-    still shares the copied storage."""
-    done = memo.get(id(t))
-    if done is not None:
-        return done
-    if type(t) is not torch.Tensor or not t.is_leaf or t.requires_grad or t.layout is not torch.strided \
-            or t.device.type != "cpu" or t.is_quantized or t.is_conj() or t.is_neg() or t.storage_offset() \
-            or not t.is_contiguous():
-        return copy.deepcopy(t, memo)
-    storage, storages = t.untyped_storage(), memo.setdefault("torch", {})
-    if storage.nbytes() != t.numel() * t.element_size() or storage._cdata in storages:
-        return copy.deepcopy(t, memo)  # a view, or a storage already copied: shared as deepcopy shares it
-    new = t.detach().clone()
-    memo[id(t)] = new
-    storages[storage._cdata] = new.untyped_storage()
-    memo.setdefault(id(memo), []).append(t)  # deepcopy's keep-alive: ids in the memo stay unique
-    return new
-
-
-def _check_example_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    if example_inputs is None:
-        raise ModelImportError("a torch.nn.Module needs example_inputs (a tensor or a tuple of tensors)")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, (tuple, list)) or not all(
-        isinstance(t, torch.Tensor) for t in example_inputs
-    ):
-        raise ModelImportError("example_inputs must be a tensor or a tuple of tensors")
-    return tuple(t.detach() for t in example_inputs)
-
-
-def _export(model: torch.nn.Module, inputs: tuple, fx_error: Exception) -> torch.fx.GraphModule:
-    try:
-        exported = torch.export.export(model, inputs, strict=False)
-        return exported.module()
-    except Exception as export_error:
-        raise ModelImportError(
-            f"cannot trace the model: torch.fx said: {_first_line(fx_error)}; "
-            f"torch.export said: {_first_line(export_error)}"
-        ) from export_error
-
-
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
@@ -218,7 +38,7 @@ VALUE_FREE = {"new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "f
 RANDOM = ("rand", "bernoulli", "normal", "uniform", "multinomial", "dropout", "empty")
 
 
-class _Converter:
+class Converter:
     def __init__(self, gm: torch.nn.Module, source: str, graph: Graph | None = None,
                  prefix: str = "", fx_graph: torch.fx.Graph | None = None) -> None:
         self.gm = gm  # the module the fx graph's targets name (a GraphModule, or the traced root)
@@ -236,54 +56,60 @@ class _Converter:
         self.private: dict[int, torch.nn.Parameter] = {}
         self.adopted: dict[int, tuple[torch.Tensor, int, Value]] = {}
         self.opaque_modules: list[torch.nn.Module] = []
+        self.decomposed: list[str] = []  # calls converted through their Core ATen decomposition
 
     # ------------------------------------------------------------------ driver
-    def convert(self, inputs: tuple[torch.Tensor, ...]) -> Graph:
-        from slimgraph.frontends import torch_ops
-
+    def convert(self, feeds: list[Any], output_names: list[str | None] | None = None) -> Graph:
+        """Walk the fx graph: ``feeds`` holds one entry per placeholder, in order: a tensor (a graph
+        input named after the placeholder), another Python value (baked in), or ``DEFAULT``."""
         placeholders = [n for n in self.fx_graph.nodes if n.op == "placeholder"]
-        required = [n for n in placeholders if not n.args]
-        if not (len(required) <= len(inputs) <= len(placeholders)):
-            raise ModelImportError(
-                f"the model takes {len(required)}..{len(placeholders)} inputs, "
-                f"example_inputs has {len(inputs)}"
-            )
-        it = iter(inputs)
+        if len(feeds) != len(placeholders):
+            raise ModelImportError(f"the traced model takes {len(placeholders)} inputs, got {len(feeds)}")
+        feed = dict(zip(placeholders, feeds))
         for fx_node in self.fx_graph.nodes:
             self.current = fx_node
             if fx_node.op == "placeholder":
-                tensor = next(it, None)
-                if tensor is None:  # a defaulted argument: baked in as a constant
-                    self.ir[fx_node] = self.real[fx_node] = fx_node.args[0]
-                    continue
-                value = self.graph.add_input(fx_node.name, tuple(tensor.shape), DType.from_torch(tensor.dtype))
-                self.ir[fx_node], self.real[fx_node] = value, tensor
+                given = feed[fx_node]
+                if given is DEFAULT:
+                    if not fx_node.args:
+                        raise ModelImportError(f"the model's input {fx_node.target!r} has no example and no default")
+                    given = fx_node.args[0]
+                if isinstance(given, torch.Tensor):
+                    value = self.graph.add_input(str(fx_node.target).lstrip("*"), tuple(given.shape),
+                                                 DType.from_torch(given.dtype))
+                    self.ir[fx_node], self.real[fx_node] = value, given
+                else:  # a flag or a default: baked in as a constant
+                    self.ir[fx_node] = self.real[fx_node] = given
             elif fx_node.op == "get_attr":
                 obj = _fetch_attr(self.gm, fx_node.target)
                 self.real[fx_node] = obj
                 self.ir[fx_node] = self.constant(obj, fx_node.target) if isinstance(obj, torch.Tensor) else obj
             elif fx_node.op == "output":
-                self.graph.set_outputs(self._outputs(fx_node.args[0]))
+                self._set_outputs(fx_node.args[0], output_names)
             else:
-                self._call(fx_node, torch_ops)
+                self._call(fx_node)
         return self.graph
 
-    def _outputs(self, result: Any) -> list[Value]:
-        if isinstance(result, torch.fx.Node):
-            flat = [result]
-        elif isinstance(result, (tuple, list)):
-            flat = list(result)
-        else:
-            raise UnsupportedError(f"model output of type {type(result).__name__} is not supported")
+    def _set_outputs(self, result: Any, names: list[str | None] | None) -> None:
+        """Tensors of the output structure (tuples, lists, dicts, ModelOutputs) in pytree order; a
+        mapping's keys name its outputs."""
+        flat = pytree.tree_flatten_with_path(torch.fx.node.map_arg(result, lambda n: self.ir[n]))[0]
+        flat = [(path, item) for path, item in flat if item is not None]
+        if names is None:
+            names = tracing.output_names([path for path, _ in flat])
         outs = []
-        for item in flat:
-            value = self.ir.get(item) if isinstance(item, torch.fx.Node) else None
-            if isinstance(value, torch.fx.Node) or not isinstance(value, Value):
-                raise UnsupportedError(f"model output {item} is not a tensor")
+        for (path, value), name in zip(flat, names):
+            if not isinstance(value, Value):
+                where = pytree.keystr(path) or ""
+                raise UnsupportedError(f"model output {where} is {type(value).__name__}, not a tensor")
+            if name and value.producer is not None and value not in outs and value.name != name:
+                value.name = self.graph.unique_name(name)
             outs.append(value)
-        return outs
+        if not outs:
+            raise UnsupportedError("the model returns no tensor")
+        self.graph.set_outputs(outs)
 
-    def _call(self, fx_node: torch.fx.Node, torch_ops: Any) -> None:
+    def _call(self, fx_node: torch.fx.Node) -> None:
         args = torch.fx.node.map_arg(fx_node.args, lambda n: self.real[n])
         kwargs = torch.fx.node.map_arg(fx_node.kwargs, lambda n: self.real[n])
         ir_args = torch.fx.node.map_arg(fx_node.args, lambda n: self.ir[n])
@@ -303,11 +129,11 @@ class _Converter:
         except Exception as exc:
             raise ModelImportError(
                 f"node {fx_node.name} ({_describe(fx_node)}) failed on the example inputs "
-                f"(wrong shape or dtype?): {_first_line(exc)}"
+                f"(wrong shape or dtype?): {first_line(exc)}"
             ) from exc
         self.real[fx_node] = real
         result = self._fold(fx_node, target, ir_args, ir_kwargs, real)
-        handler = torch_ops.find_handler(fx_node.op, target) if result is None else None
+        handler = ops.find_handler(fx_node.op, target) if result is None else None
         if handler is not None:
             try:
                 result = handler(self, ir_args, ir_kwargs, real)
@@ -315,8 +141,17 @@ class _Converter:
                 result = None
         if result is None and self.prefix:  # inside an inlined function: better folded than opaque
             result = self._fold(fx_node, target, ir_args, ir_kwargs, real, trainable=True)
-        if result is None and fx_node.op == "call_function" and _is_python_function(target):
-            result = self._inline(fx_node, target, ir_args, ir_kwargs, args, kwargs, real)
+        if result is None and fx_node.op != "call_module":  # torch.cumsum(x, 1) is aten.cumsum(x, 1)
+            same = ops.registry.aten_equivalent(fx_node.op, target, args, kwargs, real)
+            if same is not None:
+                try:
+                    result = ops.find_handler("call_function", same)(self, ir_args, ir_kwargs, real)
+                except Unhandled:
+                    result = None
+        if result is None and not isinstance(target, torch._ops.OpOverload):
+            # a call with no handler (a functional, a Tensor method, a module whose forward fx did
+            # not enter, a wrapped Python function): its Core ATen decomposition, converted
+            result = self._inline(fx_node, call, ir_args, ir_kwargs, args, kwargs, real)
         if result is None:
             result = self.opaque(fx_node, target, ir_args, ir_kwargs, real)
         self._check(fx_node, result, real)
@@ -351,9 +186,9 @@ class _Converter:
 
     def _inline(self, fx_node: torch.fx.Node, fn: Any, ir_args: Any, ir_kwargs: Any, args: Any, kwargs: Any,
                 real: Any) -> Any:
-        """Trace a function fx left as one call (torch.fx.wrap) with torch.export and convert its body.
+        """Export one call fx left whole, decompose it to Core ATen and convert its body in place.
 
-        Returns None when it cannot be traced; the call then stays opaque.
+        Returns None when it cannot be exported; the call then stays opaque.
         """
         values: list[Value] = []
         tensors: list[torch.Tensor] = []
@@ -369,18 +204,41 @@ class _Converter:
 
         args_t = template(tuple(ir_args), tuple(args))
         kwargs_t = {k: template(v, kwargs[k]) for k, v in ir_kwargs.items()}
-        exported = _export_call(fn, args_t, kwargs_t, values, tensors)
-        if exported is None:
-            return None
-        sub = _Converter(exported, "torch.export", graph=self.graph, prefix=fx_node.name)
-        sub.params, sub.const_cache = self.params, self.const_cache
-        sub.private, sub.adopted, sub.opaque_modules = self.private, self.adopted, self.opaque_modules
-        outputs = sub.convert_inline(values, tensors)
-        return outputs[0] if isinstance(real, torch.Tensor) else tuple(outputs)
+        batched = [v.rank > 0 and _reads_graph_inputs(v) for v in values]  # not tables made from weights
+        # with the batch dynamic (dim 0 of what reads the graph inputs), else static: dim 0 is not
+        # always the batch (a sequence-first RNN), and a wrong guess fails when converted
+        for dynamic in ([True, False] if any(batched) else [False]):
+            flags = batched if dynamic else [False] * len(values)
+            exported = tracing.export_call(fn, args_t, kwargs_t, tensors, flags)
+            if exported is None:
+                continue
+            nodes, constants = len(self.graph), set(self.graph.constants)
+            sub = Converter(exported, "torch.export", graph=self.graph, prefix=fx_node.name)
+            sub.params, sub.const_cache = self.params, self.const_cache
+            sub.private, sub.adopted, sub.opaque_modules = self.private, self.adopted, self.opaque_modules
+            sub.decomposed = self.decomposed
+            try:
+                outputs = sub.convert_inline(values, tensors)
+            except SlimgraphError:
+                self._roll_back(nodes, constants)
+                continue
+            self.decomposed.append(_describe(fx_node))
+            return pytree.tree_unflatten(outputs, pytree.tree_structure(real))
+        return None
+
+    def _roll_back(self, nodes: int, constants: set[str]) -> None:
+        """Remove what a failed conversion added after the graph had ``nodes`` nodes and ``constants``."""
+        for node in reversed(self.graph.nodes[nodes:]):
+            for v in node.outputs:
+                for use in list(v.uses):
+                    use.node.set_input(use.index, None)
+            self.graph.remove_node(node)
+        for name in set(self.graph.constants) - constants:
+            self.graph.constants.pop(name)
+        for key in [k for k, v in self.const_cache.items() if v.name not in self.graph.constants]:
+            del self.const_cache[key]
 
     def convert_inline(self, values: list[Value], tensors: list[torch.Tensor]) -> list[Any]:
-        from slimgraph.frontends import torch_ops
-
         placeholders = iter(zip(values, tensors))
         outputs: list[Any] = []
         for fx_node in self.fx_graph.nodes:
@@ -397,7 +255,7 @@ class _Converter:
                 flat = list(result) if isinstance(result, (tuple, list)) else [result]
                 outputs = [self.ir[n] if isinstance(n, torch.fx.Node) else n for n in flat]
             else:
-                self._call(fx_node, torch_ops)
+                self._call(fx_node)
         return outputs
 
     def _check(self, fx_node: torch.fx.Node, result: Any, real: Any) -> None:
@@ -510,37 +368,6 @@ class _Converter:
         return tuple(outs) if isinstance(outs, tuple) else (outs,)
 
 
-class _Call(torch.nn.Module):
-    """A function call with its tensor arguments as the module's inputs (for torch.export)."""
-
-    def __init__(self, fn: Any, args: tuple, kwargs: dict) -> None:
-        super().__init__()
-        self.fn, self.args, self.kwargs = fn, args, kwargs
-
-    def forward(self, *tensors: torch.Tensor) -> Any:
-        from slimgraph.ir.opaque import fill
-
-        return self.fn(*fill(self.args, list(tensors)), **fill(self.kwargs, list(tensors)))
-
-
-def _export_call(fn: Any, args: tuple, kwargs: dict, values: list[Value], tensors: list[torch.Tensor]
-                 ) -> torch.fx.GraphModule | None:
-    """torch.export of one call with the batch dim of its activations dynamic, so the traced body
-    keeps the batch symbolic (traced at batch + 1: export specializes sizes 0 and 1)."""
-    from torch.export import Dim
-
-    dynamic = [v.rank > 0 and _reads_graph_inputs(v) for v in values]  # not tables made from weights
-    examples = tuple(torch.cat([t, t[:1]]) if d else t for t, d in zip(tensors, dynamic))
-    specs = tuple({0: Dim.AUTO} if d else None for d in dynamic)
-    module = _Call(fn, args, kwargs)
-    for attempt in ((examples, (specs,)), (tuple(tensors), None)):  # fall back to static shapes
-        try:
-            return torch.export.export(module, attempt[0], dynamic_shapes=attempt[1], strict=False).module()
-        except Exception:
-            continue
-    return None
-
-
 def _reads_graph_inputs(value: Value) -> bool:
     """Whether ``value`` is computed from a graph input (so its leading dim is the batch)."""
     seen, stack = set(), [value]
@@ -566,13 +393,6 @@ def _leaves(x: Any, out: list[Any]) -> None:
             _leaves(item, out)
     else:
         out.append(x)
-
-
-def _is_python_function(fn: Any) -> bool:
-    import types
-
-    module = getattr(fn, "__module__", "") or ""
-    return isinstance(fn, types.FunctionType) and module != "torch" and not module.startswith("torch.")
 
 
 def _is_tensor_seq(x: Any) -> bool:

@@ -1,8 +1,7 @@
-"""Handlers mapping torch calls (modules, functions, tensor methods, aten ops) to canonical IR ops.
+"""Handlers for what torch.fx records: torch.* and torch.nn.functional calls, Tensor methods and
+Python operators (which also do the int arithmetic on shapes).
 
-Each handler gets the converter, the call's IR-side args/kwargs (Values, Python values,
-BatchDims) and torch's concrete result; it returns the IR-side result or raises Unhandled,
-which makes the call an opaque node.
+Calls without a handler here are not lost: the converter decomposes them to Core ATen (aten.py).
 """
 
 from __future__ import annotations
@@ -13,100 +12,26 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from slimgraph.frontends.pytorch import BatchDim, Unhandled, concrete
-from slimgraph.ir import Value
+from slimgraph.frontends.torch.dims import BatchDim, concrete
+from slimgraph.frontends.torch.ops.registry import (
+    FUNCTIONS,
+    METHODS,
+    Handler,
+    Unhandled,
+    arg,
+    function,
+    ints,
+    method,
+    pads_from,
+    tensor_arg,
+)
+from slimgraph.ir import DType, Value
 from slimgraph.ir.opdefs.shape import BATCH
 
-Handler = Callable[..., Any]
-MODULES: dict[type, Handler] = {}
-FUNCTIONS: dict[Any, Handler] = {}
-METHODS: dict[str, Handler] = {}
 
-
-def find_handler(kind: str, target: Any) -> Handler | None:
-    if kind == "call_module":
-        return MODULES.get(type(target))
-    if kind == "call_method":
-        return METHODS.get(target)
-    try:
-        return FUNCTIONS.get(target)
-    except TypeError:  # unhashable target
-        return None
-
-
-def module(*types: type):
-    def deco(fn: Handler) -> Handler:
-        for t in types:
-            MODULES[t] = fn
-        return fn
-
-    return deco
-
-
-def function(*targets: Any):
-    def deco(fn: Handler) -> Handler:
-        for t in targets:
-            FUNCTIONS[t] = fn
-        return fn
-
-    return deco
-
-
-def method(*names: str):
-    def deco(fn: Handler) -> Handler:
-        for n in names:
-            METHODS[n] = fn
-        return fn
-
-    return deco
-
-
-def arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
-    if len(args) > index:
-        return args[index]
-    return kwargs.get(name, default)
-
-
-def tensor_arg(x: Any) -> Value:
-    if not isinstance(x, Value):
-        raise Unhandled
-    return x
-
-
-def ints(x: Any, n: int) -> list[int]:
-    x = concrete(x)
-    return list(x) if isinstance(x, (list, tuple)) else [x] * n
-
-
-def pads_from(padding: Any, n: int) -> list[int]:
-    p = ints(padding, n)
-    return p + p
-
-
-# ============================================================================ modules
-def _module_params(cv, mod: nn.Module, names: list[str], path: str | None = None) -> list[Value | None]:
-    path = path or cv.module_path()
-    out = []
-    for n in names:
-        t = getattr(mod, n, None)
-        out.append(None if t is None else cv.constant(t, f"{path}.{n}"))
-    return out
-
-
-@module(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def conv_module(cv, args, kwargs, real):
-    mod = cv.gm.get_submodule(cv.current.target)
-    if mod.padding_mode != "zeros":
-        raise Unhandled
-    x = tensor_arg(args[0])
-    nd = x.rank - 2
-    w, b = _module_params(cv, mod, ["weight", "bias"])
-    return cv.emit("conv", [x, w, b], conv_attrs(mod.stride, mod.padding, mod.dilation, mod.groups, w, nd))
-
-
+# ============================================================================ layers (shared with modules and aten)
 def conv_attrs(stride, padding, dilation, groups, w: Value, nd: int) -> dict:
     dilation = ints(dilation, nd)
     if isinstance(padding, str):
@@ -120,95 +45,12 @@ def conv_attrs(stride, padding, dilation, groups, w: Value, nd: int) -> dict:
     return {"stride": ints(stride, nd), "pads": pads, "dilation": dilation, "groups": int(groups)}
 
 
-@module(nn.Linear)
-def linear_module(cv, args, kwargs, real):
-    mod = cv.gm.get_submodule(cv.current.target)
-    w, b = _module_params(cv, mod, ["weight", "bias"])
-    return cv.emit("linear", [tensor_arg(args[0]), w, b])
-
-
-@module(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-def batch_norm_module(cv, args, kwargs, real):
-    mod = cv.gm.get_submodule(cv.current.target)
-    if mod.running_mean is None:  # batch statistics even at inference: not a fixed affine map
-        raise Unhandled
-    w, b, m, v = _module_params(cv, mod, ["weight", "bias", "running_mean", "running_var"])
-    if w is None:
-        w = cv.constant(torch.ones_like(mod.running_mean), f"{cv.module_path()}.weight")
-        b = cv.constant(torch.zeros_like(mod.running_mean), f"{cv.module_path()}.bias")
-    momentum = mod.momentum if mod.momentum is not None else 0.1
-    attrs = {"eps": float(mod.eps), "momentum": float(momentum)}
-    return cv.emit("batch_norm", [tensor_arg(args[0]), w, b, m, v], attrs)
-
-
-@module(nn.LayerNorm)
-def layer_norm_module(cv, args, kwargs, real):
-    mod = cv.gm.get_submodule(cv.current.target)
-    w, b = _module_params(cv, mod, ["weight", "bias"])
-    return cv.emit("layer_norm", [tensor_arg(args[0]), w, b],
-                   {"normalized_shape": list(mod.normalized_shape), "eps": float(mod.eps)})
-
-
-@module(nn.GroupNorm)
-def group_norm_module(cv, args, kwargs, real):
-    mod = cv.gm.get_submodule(cv.current.target)
-    w, b = _module_params(cv, mod, ["weight", "bias"])
-    return cv.emit("group_norm", [tensor_arg(args[0]), w, b], {"num_groups": mod.num_groups, "eps": float(mod.eps)})
-
-
-def _simple_module(op: str, attrs: Callable[[nn.Module], dict] = lambda m: {}):
-    def handler(cv, args, kwargs, real):
-        mod = cv.gm.get_submodule(cv.current.target)
-        return cv.emit(op, [tensor_arg(args[0])], attrs(mod))
-
-    return handler
-
-
-MODULES.update({
-    nn.ReLU: _simple_module("relu"),
-    nn.ReLU6: _simple_module("clip", lambda m: {"min": 0.0, "max": 6.0}),
-    nn.Hardtanh: _simple_module("clip", lambda m: {"min": float(m.min_val), "max": float(m.max_val)}),
-    nn.Sigmoid: _simple_module("sigmoid"),
-    nn.Tanh: _simple_module("tanh"),
-    nn.GELU: _simple_module("gelu", lambda m: {"approximate": m.approximate}),
-    nn.SiLU: _simple_module("silu"),
-    nn.Hardswish: _simple_module("hardswish"),
-    nn.Hardsigmoid: _simple_module("hardsigmoid"),
-    nn.LeakyReLU: _simple_module("leaky_relu", lambda m: {"negative_slope": float(m.negative_slope)}),
-    nn.ELU: _simple_module("elu", lambda m: {"alpha": float(m.alpha)}),
-    nn.Identity: _simple_module("identity"),
-    nn.Softmax: _simple_module("softmax", lambda m: {"axis": m.dim}),
-    nn.LogSoftmax: _simple_module("log_softmax", lambda m: {"axis": m.dim}),
-    nn.Dropout: _simple_module("dropout", lambda m: {"p": float(m.p)}),
-    nn.Dropout1d: _simple_module("dropout", lambda m: {"p": float(m.p), "channelwise": True}),
-    nn.Dropout2d: _simple_module("dropout", lambda m: {"p": float(m.p), "channelwise": True}),
-    nn.LocalResponseNorm: _simple_module(
-        "lrn", lambda m: {"size": m.size, "alpha": float(m.alpha), "beta": float(m.beta), "k": float(m.k)}),
-})
-
-
-@module(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-def max_pool_module(cv, args, kwargs, real):
-    m = cv.gm.get_submodule(cv.current.target)
-    if m.return_indices:
-        raise Unhandled
-    return max_pool(cv, tensor_arg(args[0]), m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
-
-
 def max_pool(cv, x: Value, kernel, stride, padding, dilation, ceil_mode):
     nd = x.rank - 2
     stride = stride if stride not in (None, []) else kernel
     return cv.emit("max_pool", [x], {"kernel": ints(kernel, nd), "stride": ints(stride, nd),
                                      "pads": pads_from(padding, nd), "dilation": ints(dilation, nd),
                                      "ceil_mode": bool(ceil_mode)})
-
-
-@module(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-def avg_pool_module(cv, args, kwargs, real):
-    m = cv.gm.get_submodule(cv.current.target)
-    if getattr(m, "divisor_override", None):
-        raise Unhandled
-    return avg_pool(cv, tensor_arg(args[0]), m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
 
 
 def avg_pool(cv, x: Value, kernel, stride, padding, ceil_mode, count_include_pad):
@@ -224,67 +66,6 @@ def adaptive(op: str, cv, x: Value, output_size) -> Value:
     size = ints(output_size, nd)
     size = [x.shape[2 + i] if s is None else s for i, s in enumerate(size)]
     return cv.emit(op, [x], {"output_size": size})
-
-
-@module(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-def adaptive_avg_module(cv, args, kwargs, real):
-    m = cv.gm.get_submodule(cv.current.target)
-    return adaptive("adaptive_avg_pool", cv, tensor_arg(args[0]), m.output_size)
-
-
-@module(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-def adaptive_max_module(cv, args, kwargs, real):
-    m = cv.gm.get_submodule(cv.current.target)
-    if m.return_indices:
-        raise Unhandled
-    return adaptive("adaptive_max_pool", cv, tensor_arg(args[0]), m.output_size)
-
-
-def _in_projection(cv, m: nn.MultiheadAttention, i: int, path: str) -> list[Value | None]:
-    """Rows i*E:(i+1)*E of the packed in-projection, as the weight and bias of a linear (cached
-    per parameter, so a module called twice keeps one copy; the parameter outlives the cache)."""
-    rows = slice(i * m.embed_dim, (i + 1) * m.embed_dim)
-    values = []
-    for kind in ("weight", "bias"):
-        packed = getattr(m, f"in_proj_{kind}")
-        if packed is None:
-            values.append(None)
-            continue
-        key = (id(packed), i)
-        if key not in cv.const_cache:
-            cv.const_cache[key] = cv.graph.add_constant(f"{path}.{'qkv'[i]}_proj.{kind}", packed.detach()[rows].clone(),
-                                                        trainable=id(packed) in cv.params)
-        values.append(cv.const_cache[key])
-    return values
-
-
-@module(nn.MultiheadAttention)
-def mha_module(cv, args, kwargs, real):
-    m = cv.gm.get_submodule(cv.current.target)
-    q, k, v = (tensor_arg(arg(args, kwargs, i, n)) for i, n in enumerate(["query", "key", "value"]))
-    extras = {n: arg(args, kwargs, i, n) for i, n in
-              [(3, "key_padding_mask"), (5, "attn_mask"), (6, "average_attn_weights"), (7, "is_causal")]}
-    need_weights = arg(args, kwargs, 4, "need_weights", True)
-    if (not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn or need_weights
-            or extras["key_padding_mask"] is not None or extras["attn_mask"] is not None or extras["is_causal"]):
-        raise Unhandled
-    path = cv.module_path()
-    if not m.batch_first:  # [L, B, E] -> [B, L, E]: the attention op wants batch first
-        moved: dict[int, Value] = {}
-        for t in (q, k, v):  # self-attention: one permute for the shared input
-            if id(t) not in moved:
-                moved[id(t)] = cv.emit("permute", [t], {"perm": [1, 0, 2]})
-        q, k, v = (moved[id(t)] for t in (q, k, v))
-    projected = [cv.emit("linear", [t, *_in_projection(cv, m, i, path)], name=f"{cv.name}_{'qkv'[i]}_proj")
-                 for i, t in enumerate((q, k, v))]
-    head_dim = m.embed_dim // m.num_heads
-    context = cv.emit("attention", projected, {"num_heads": m.num_heads, "scale": 1.0 / math.sqrt(head_dim),
-                                               "dropout": float(m.dropout)}, name=f"{cv.name}_attention")
-    w_out, b_out = _module_params(cv, m.out_proj, ["weight", "bias"], f"{path}.out_proj")
-    y = cv.emit("linear", [context, w_out, b_out], name=f"{cv.name}_out_proj")
-    if not m.batch_first:
-        y = cv.emit("permute", [y], {"perm": [1, 0, 2]})
-    return (y, None)
 
 
 # ============================================================================ element-wise functions
@@ -397,13 +178,122 @@ def _batch_arithmetic(op: Any, args: tuple, real: Any) -> Any:
 for _t in list(FUNCTIONS):
     if getattr(_t, "__module__", None) in ("_operator", "operator"):
         FUNCTIONS[_t] = _host_or(FUNCTIONS[_t])
-def _tensor_unhandled(cv, args, kwargs, real):
-    raise Unhandled
 
 
-for _t in (operator.floordiv, operator.mod, operator.eq, operator.ne, operator.lt, operator.gt,
-           operator.le, operator.ge):
-    FUNCTIONS[_t] = _host_or(_tensor_unhandled)
+def _compare(op: str):
+    """Comparisons and logic on tensors (bool operands use the logical ops)."""
+    plain = _binary(op)
+
+    def handler(cv, args, kwargs, real):
+        a, b = args[0], args[1]
+        if op in ("bitwise_and", "bitwise_or", "bitwise_xor") and real.dtype == torch.bool:
+            return _binary("logical" + op.removeprefix("bitwise"))(cv, args, kwargs, real)
+        return plain(cv, (a, b), {}, real)
+
+    return handler
+
+
+for _t, _op in {operator.eq: "eq", operator.ne: "ne", operator.lt: "lt", operator.gt: "gt", operator.le: "le",
+                operator.ge: "ge", operator.and_: "bitwise_and", operator.or_: "bitwise_or",
+                operator.xor: "bitwise_xor", operator.mod: "remainder"}.items():
+    FUNCTIONS[_t] = _host_or(_compare(_op))
+    METHODS[f"__{_t.__name__.rstrip('_')}__"] = _compare(_op)
+
+
+def _floordiv(cv, args, kwargs, real):
+    a, b = args[0], args[1]
+    like = a if isinstance(a, Value) else b
+    return cv.emit("div", [cv.as_value(a, like), cv.as_value(b, like)], {"rounding_mode": "floor"})
+
+
+FUNCTIONS[operator.floordiv] = _host_or(_floordiv)
+
+
+@function(F.batch_norm)
+def batch_norm_fn(cv, args, kwargs, real):
+    """F.batch_norm as a subclass of nn.BatchNorm2d calls it (timm's BatchNormAct2d): the running
+    statistics in eval mode make it a fixed per-channel affine map."""
+    x, mean, var = tensor_arg(args[0]), arg(args, kwargs, 1, "running_mean"), arg(args, kwargs, 2, "running_var")
+    w, b = arg(args, kwargs, 3, "weight"), arg(args, kwargs, 4, "bias")
+    training, eps = arg(args, kwargs, 5, "training", False), arg(args, kwargs, 7, "eps", 1e-5)
+    if training or not isinstance(mean, Value) or not isinstance(var, Value):
+        raise Unhandled
+    if w is None:
+        w = cv.graph.add_constant(f"{cv.name}_weight", torch.ones(mean.shape, dtype=mean.dtype.torch))
+    if b is None:
+        b = cv.graph.add_constant(f"{cv.name}_bias", torch.zeros(mean.shape, dtype=mean.dtype.torch))
+    momentum = arg(args, kwargs, 6, "momentum", 0.1)
+    return cv.emit("batch_norm", [x, w, b, mean, var], {"eps": float(eps), "momentum": float(momentum or 0.1)})
+
+
+@function(F.group_norm)
+def group_norm_fn(cv, args, kwargs, real):
+    attrs = {"num_groups": int(arg(args, kwargs, 1, "num_groups")), "eps": float(arg(args, kwargs, 4, "eps", 1e-5))}
+    return cv.emit("group_norm", [tensor_arg(args[0]), arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")],
+                   attrs)
+
+
+def interpolate(cv, x: Value, real: torch.Tensor, mode: str, align_corners: Any, scale_factor: Any,
+                recompute: Any, antialias: bool) -> Value:
+    """F.interpolate as one resize op (torch's sizes and coordinate rules, kept as attributes)."""
+    kinds = {"nearest": "nearest", "linear": "linear", "bilinear": "linear", "trilinear": "linear",
+             "bicubic": "cubic"}
+    if mode not in kinds or antialias:
+        raise Unhandled  # nearest-exact, area, antialiased: decomposed instead
+    attrs = {"mode": kinds[mode], "size": list(real.shape[2:])}
+    if mode != "nearest":
+        attrs["align_corners"] = bool(align_corners)
+    if scale_factor is not None and not recompute:
+        attrs["scales"] = [float(s) for s in ints(scale_factor, x.rank - 2)] if not isinstance(scale_factor, float) \
+            else [float(scale_factor)] * (x.rank - 2)
+    return cv.emit("resize", [x], attrs)
+
+
+@function(F.interpolate, F.upsample)
+def interpolate_fn(cv, args, kwargs, real):
+    return interpolate(cv, tensor_arg(args[0]), real, arg(args, kwargs, 3, "mode", "nearest"),
+                       arg(args, kwargs, 4, "align_corners"), arg(args, kwargs, 2, "scale_factor"),
+                       arg(args, kwargs, 5, "recompute_scale_factor"), arg(args, kwargs, 6, "antialias", False))
+
+
+@function(F.embedding)
+def embedding_fn(cv, args, kwargs, real):
+    if arg(args, kwargs, 3, "max_norm") is not None:
+        raise Unhandled  # renormalizes the table in place
+    return cv.emit("embedding", [tensor_arg(arg(args, kwargs, 1, "weight")), tensor_arg(args[0])])
+
+
+@function(torch.flip)
+@method("flip")
+def flip_fn(cv, args, kwargs, real):
+    x = tensor_arg(args[0])
+    dims = args[1:] if len(args) > 1 else (kwargs.get("dims"),)
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    return cv.emit("flip", [x], {"dims": [int(d) % x.rank for d in dims]})
+
+
+@function(torch.cumsum)
+@method("cumsum")
+def cumsum_fn(cv, args, kwargs, real):
+    x = tensor_arg(args[0])
+    if arg(args, kwargs, 2, "dtype") is not None:
+        raise Unhandled
+    return cv.emit("cumsum", [x], {"axis": arg(args, kwargs, 1, "dim") % max(x.rank, 1)})
+
+
+@function(torch.where)
+@method("where")
+def where_fn(cv, args, kwargs, real):
+    if len(args) + len(kwargs) < 3:
+        raise Unhandled  # the one-argument form is nonzero: data-dependent
+    cond, a, b = (arg(args, kwargs, i, n) for i, n in enumerate(("condition", "input", "other")))
+    if cv.current.op == "call_method":  # x.where(cond, other)
+        a, cond = cond, a
+    like = a if isinstance(a, Value) else b if isinstance(b, Value) else None
+    if like is None or not isinstance(cond, Value):
+        raise Unhandled
+    return cv.emit("where", [cond, cv.as_value(a, like), cv.as_value(b, like)])
 
 
 @function(torch.softmax, F.softmax)
@@ -425,7 +315,12 @@ def sdpa_fn(cv, args, kwargs, real):
     causal, scale = arg(args, kwargs, 5, "is_causal", False), kwargs.get("scale")
     if dropout or kwargs.get("enable_gqa") or min(q.rank, k.rank, v.rank) < 2:
         raise Unhandled  # dropout (a functional call: it drops in eval mode too) stays opaque
-    bias = _attention_bias(cv, mask, causal, q, k)
+    return attention(cv, q, k, v, mask, causal, scale)
+
+
+def attention(cv, q: Value, k: Value, v: Value, mask: Any, causal: bool, scale: float | None) -> Value:
+    """softmax(q @ k^T * scale + bias) @ v over heads already split ([..., heads, L, dim])."""
+    bias = attention_bias(cv, mask, causal, q, k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     swap = list(range(k.rank))
     swap[-2], swap[-1] = swap[-1], swap[-2]
@@ -435,21 +330,30 @@ def sdpa_fn(cv, args, kwargs, real):
     return cv.emit("matmul", [cv.emit("softmax", [scores], {"axis": -1}), v])
 
 
-def _attention_bias(cv, mask: Any, causal: bool, q: Value, k: Value) -> Value | None:
-    """sdpa's mask as an additive bias: a float mask as it is; a boolean one, or is_causal, as a
-    constant of 0 (attend) and -inf (masked), as torch computes it."""
+def attention_bias(cv, mask: Any, causal: bool, q: Value, k: Value) -> Value | None:
+    """sdpa's mask as an additive bias: a float mask as it is; a boolean one as 0 (attend) and -inf
+    (masked), as torch computes it: a constant when the mask is, else a where() on the mask."""
+    bias = None
     if causal:
-        if mask is not None:
-            raise Unhandled
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
-    elif isinstance(mask, Value) and mask.is_constant:
-        mask = mask.const_value
-    if mask is None or (isinstance(mask, Value) and mask.dtype.is_float):
-        return mask
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        tril = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+        bias = cv.graph.add_constant(f"{cv.name}_causal", torch.zeros(tril.shape, dtype=q.dtype.torch)
+                                     .masked_fill(~tril, float("-inf")))
+    if mask is None:
+        return bias
+    if isinstance(mask, torch.Tensor):
+        mask = cv.graph.add_constant(f"{cv.name}_mask", mask.detach().clone())
+    if not isinstance(mask, Value):
         raise Unhandled
-    bias = torch.zeros(mask.shape, dtype=q.dtype.torch).masked_fill(~mask, float("-inf"))
-    return cv.graph.add_constant(f"{cv.name}_mask", bias)
+    if mask.dtype == DType.bool and mask.is_constant:
+        mask = cv.graph.add_constant(f"{cv.name}_bias", torch.zeros(mask.shape, dtype=q.dtype.torch)
+                                     .masked_fill(~mask.const_value, float("-inf")))
+    elif mask.dtype == DType.bool:
+        zero = cv.graph.add_constant(f"{cv.name}_attend", torch.tensor(0.0, dtype=q.dtype.torch))
+        masked = cv.graph.add_constant(f"{cv.name}_masked", torch.tensor(float("-inf"), dtype=q.dtype.torch))
+        mask = cv.emit("where", [mask, zero, masked], name=f"{cv.name}_bias")
+    elif not mask.dtype.is_float:
+        raise Unhandled
+    return mask if bias is None else cv.emit("add", [bias, mask], name=f"{cv.name}_bias")
 
 
 @function(F.log_softmax, torch.log_softmax)
@@ -682,11 +586,6 @@ def reshape_as(cv, args, kwargs, real):
     return cv.emit("reshape", [x], {"shape": reshape_target(x, _shape_of(other))})
 
 
-@module(nn.Flatten)
-def flatten_module(cv, args, kwargs, real):
-    m = cv.gm.get_submodule(cv.current.target)
-    return flatten_fn(cv, (args[0], m.start_dim, m.end_dim), {}, real)
-
 
 @function(torch.flatten)
 @method("flatten")
@@ -760,7 +659,7 @@ def stack_fn(cv, args, kwargs, real):
     return cv.emit("concat", parts, {"axis": axis})
 
 
-def _split(cv, x: Value, sizes: list[int], axis: int) -> tuple:
+def split_outputs(cv, x: Value, sizes: list[int], axis: int) -> tuple:
     outs = cv.emit("split", [x], {"axis": axis % x.rank, "sizes": sizes})
     return outs if isinstance(outs, tuple) else (outs,)
 
@@ -770,7 +669,7 @@ def _split(cv, x: Value, sizes: list[int], axis: int) -> tuple:
 def split_fn(cv, args, kwargs, real):
     x = tensor_arg(args[0])
     axis = arg(args, kwargs, 2, "dim", 0)
-    return _split(cv, x, [t.shape[axis] for t in real], axis)
+    return split_outputs(cv, x, [t.shape[axis] for t in real], axis)
 
 
 @function(torch.chunk)
@@ -778,7 +677,7 @@ def split_fn(cv, args, kwargs, real):
 def chunk_fn(cv, args, kwargs, real):
     x = tensor_arg(args[0])
     axis = arg(args, kwargs, 2, "dim", 0)
-    return _split(cv, x, [t.shape[axis] for t in real], axis)
+    return split_outputs(cv, x, [t.shape[axis] for t in real], axis)
 
 
 @function(torch.unbind)
@@ -786,7 +685,7 @@ def chunk_fn(cv, args, kwargs, real):
 def unbind_fn(cv, args, kwargs, real):
     x = tensor_arg(args[0])
     axis = arg(args, kwargs, 1, "dim", 0) % x.rank
-    parts = _split(cv, x, [1] * x.shape[axis], axis)
+    parts = split_outputs(cv, x, [1] * x.shape[axis], axis)
     return tuple(cv.emit("squeeze", [p], {"axes": [axis]}, name=f"{cv.name}_squeeze") for p in parts)
 
 
@@ -817,126 +716,3 @@ def _reduce(op: str):
 
 FUNCTIONS[torch.mean] = METHODS["mean"] = _reduce("mean")
 FUNCTIONS[torch.sum] = METHODS["sum"] = _reduce("sum")
-
-
-# ============================================================================ aten ops (torch.export)
-def _aten(*names: str) -> list:
-    """OpOverloads by "name.overload", skipping ones this torch does not have."""
-    found = []
-    for full in names:
-        name, _, overload = full.partition(".")
-        packet = getattr(torch.ops.aten, name, None)
-        op = getattr(packet, overload or "default", None) if packet is not None else None
-        if op is not None:
-            found.append(op)
-    return found
-
-
-def _alias(handler: Handler, *names: str) -> None:
-    for op in _aten(*names):
-        FUNCTIONS[op] = handler
-
-
-_alias(conv_fn, "conv1d", "conv2d", "conv3d")
-_alias(linear_fn, "linear")
-_alias(FUNCTIONS[F.relu], "relu", "relu_")
-_alias(FUNCTIONS[torch.sigmoid], "sigmoid", "sigmoid_")
-_alias(FUNCTIONS[torch.tanh], "tanh")
-_alias(FUNCTIONS[F.silu], "silu", "silu_")
-_alias(FUNCTIONS[F.hardswish], "hardswish", "hardswish_")
-_alias(FUNCTIONS[F.hardsigmoid], "hardsigmoid", "hardsigmoid_")
-_alias(FUNCTIONS[F.gelu], "gelu")
-_alias(FUNCTIONS[F.hardtanh], "hardtanh", "hardtanh_")
-_alias(_binary("add"), "add.Tensor", "add_.Tensor")
-_alias(_binary("sub"), "sub.Tensor")
-_alias(_binary("mul"), "mul.Tensor", "mul_.Tensor")
-_alias(_binary("div"), "div.Tensor")
-_alias(_binary("matmul"), "matmul", "bmm")
-_alias(max_pool_fn, "max_pool1d", "max_pool2d", "max_pool3d")
-_alias(avg_pool_fn, "avg_pool1d", "avg_pool2d", "avg_pool3d")
-_alias(adaptive_avg_fn, "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d")
-_alias(_reduce("mean"), "mean.dim")
-_alias(_reduce("sum"), "sum.dim_IntList")
-_alias(flatten_fn, "flatten.using_ints")
-_alias(reshape_fn, "view", "reshape", "_unsafe_view")
-_alias(cat_fn, "cat")
-_alias(permute_fn, "permute")
-_alias(transpose_fn, "transpose.int")
-_alias(t_method, "t")
-_alias(softmax_fn, "softmax.int", "_softmax")
-_alias(sdpa_fn, "scaled_dot_product_attention")
-_alias(layer_norm_fn, "layer_norm")
-_alias(dropout_fn, "dropout")
-_alias(_unary("identity"), "clone", "contiguous", "detach", "alias")
-_alias(unsqueeze_fn, "unsqueeze")
-_alias(squeeze_fn, "squeeze.dim", "squeeze.dims")
-
-
-def _aten_batch_norm(training_index: int, eps_index: int, momentum_index: int, returns_tuple: bool):
-    def handler(cv, args, kwargs, real):
-        if training_index >= 0 and args[training_index]:
-            raise Unhandled
-        x, w, b, m, v = (args[i] for i in range(5))
-        if not all(isinstance(t, Value) for t in (w, b, m, v)):
-            raise Unhandled
-        y = cv.emit("batch_norm", [tensor_arg(x), w, b, m, v],
-                    {"eps": float(args[eps_index]), "momentum": float(args[momentum_index] or 0.1)})
-        return (y, None, None) if returns_tuple else y
-
-    return handler
-
-
-_alias(_aten_batch_norm(5, 7, 6, False), "batch_norm")
-_alias(_aten_batch_norm(-1, 6, 5, True), "_native_batch_norm_legit_no_training")
-
-
-def _aten_select(cv, args, kwargs, real):
-    x = tensor_arg(args[0])
-    return cv.emit("select", [x], {"axis": args[1] % x.rank, "index": int(args[2]) % x.shape[args[1]]})
-
-
-def _aten_slice(cv, args, kwargs, real):
-    x = tensor_arg(args[0])
-    dim = arg(args, kwargs, 1, "dim", 0) % x.rank
-    end = arg(args, kwargs, 3, "end")
-    if isinstance(end, BatchDim) and end.value >= x.shape[dim]:
-        end = None  # up to a batch size that is the whole dim: to the end, at any batch
-    start, step = concrete(arg(args, kwargs, 2, "start")), concrete(arg(args, kwargs, 4, "step", 1))
-    if (start or 0) == 0 and step == 1 and (end is None or concrete(end) >= x.shape[dim]):
-        return cv.emit("identity", [x])  # the whole dim (at any batch size): nothing to slice
-    s, e, st = slice(start, concrete(end), step).indices(x.shape[dim])
-    return cv.emit("slice", [x], {"axes": [dim], "starts": [s], "ends": [e], "steps": [st]})
-
-
-def _aten_index(cv, args, kwargs, real):  # x[idx]: a list with None for the dims not indexed
-    return gather_index(cv, tensor_arg(args[0]), tuple(slice(None) if i is None else i for i in args[1]))
-
-
-_alias(_aten_index, "index.Tensor")
-_alias(_aten_select, "select.int")
-_alias(_aten_slice, "slice.Tensor")
-
-
-@function(torch.roll)
-@method("roll")
-def roll_fn(cv, args, kwargs, real):
-    x = tensor_arg(args[0])
-    shifts, dims = arg(args, kwargs, 1, "shifts"), arg(args, kwargs, 2, "dims")
-    if dims is None or dims == []:
-        raise Unhandled  # a roll of the flattened tensor
-    shifts, dims = ints(shifts, 1), ints(dims, 1)
-    return cv.emit("roll", [x], {"shifts": shifts, "dims": [d % x.rank for d in dims]})
-
-
-_alias(roll_fn, "roll")
-_alias(pad_fn, "pad", "constant_pad_nd")
-
-
-def _aten_sym_size(cv, args, kwargs, real):
-    x, dim = args[0], args[1]
-    if isinstance(x, Value) and dim % x.rank == 0 and not x.is_constant:
-        return BatchDim(int(real), x)
-    return int(real)
-
-
-_alias(_aten_sym_size, "sym_size.int")

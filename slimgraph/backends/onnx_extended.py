@@ -1,0 +1,323 @@
+"""ONNX forms of the wider op surface: math functions, comparisons and logic, reductions, indexing
+(gathers, scatters, sorting) and resampling. Registered into ``onnx.EMITTERS`` on import.
+
+ONNX does not promote types the way torch does, so operands are cast to the dtype torch computes
+in before comparing or combining them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from slimgraph.backends.onnx import _ONNX_DTYPE, EMITTERS, _Builder, _reduce_mean, _simple, emitter
+from slimgraph.errors import UnsupportedError
+from slimgraph.ir import DType, Node, Value
+
+for _op, _onnx in {"sin": "Sin", "cos": "Cos", "tan": "Tan", "asin": "Asin", "acos": "Acos", "atan": "Atan",
+                   "sinh": "Sinh", "cosh": "Cosh", "asinh": "Asinh", "acosh": "Acosh", "atanh": "Atanh",
+                   "ceil": "Ceil", "floor": "Floor", "round": "Round", "sign": "Sign", "reciprocal": "Reciprocal",
+                   "isnan": "IsNaN", "isinf": "IsInf", "logical_not": "Not", "softsign": "Softsign"}.items():
+    EMITTERS[_op] = _simple(_onnx)
+
+
+def _cast(b: _Builder, name: str, have: DType, want: DType) -> str:
+    return name if have == want else b.add("Cast", [name], 1, to=_ONNX_DTYPE[want])[0]
+
+
+def _common(node: Node) -> DType:
+    """The dtype torch computes a binary op's operands in."""
+    a, c = node.inputs[0], node.inputs[1]
+    if a.rank == 0 and c.rank > 0 and a.dtype.is_float == c.dtype.is_float:
+        return c.dtype
+    if c.rank == 0 and a.rank > 0 and a.dtype.is_float == c.dtype.is_float:
+        return a.dtype
+    return DType.from_torch(torch.promote_types(a.dtype.torch, c.dtype.torch))
+
+
+def _operands(b: _Builder, node: Node, dtype: DType | None = None) -> list[str]:
+    dtype = dtype or _common(node)
+    return [_cast(b, b.name(v), v.dtype, dtype) for v in node.inputs[:2]]
+
+
+@emitter("trunc")
+def emit_trunc(b, node):
+    x = b.inp(0)
+    b.add("Mul", [b.add("Sign", [x], 1)[0], b.add("Floor", [b.add("Abs", [x], 1)[0]], 1)[0]], [b.out()])
+
+
+@emitter("expm1", "log1p", "log2", "log10", "logsigmoid", "mish")
+def emit_log_family(b, node):
+    x, v = b.inp(0), node.inputs[0]
+    one = b.scalar_like(1.0, v, "one")
+    if node.op == "expm1":
+        b.add("Sub", [b.add("Exp", [x], 1)[0], one], [b.out()])
+    elif node.op == "log1p":
+        b.add("Log", [b.add("Add", [x, one], 1)[0]], [b.out()])
+    elif node.op in ("log2", "log10"):
+        base = b.scalar_like(math.log(2.0 if node.op == "log2" else 10.0), v, "ln_base")
+        b.add("Div", [b.add("Log", [x], 1)[0], base], [b.out()])
+    elif node.op == "logsigmoid":  # -softplus(-x)
+        b.add("Neg", [b.add("Softplus", [b.add("Neg", [x], 1)[0]], 1)[0]], [b.out()])
+    else:  # mish: x * tanh(softplus(x))
+        b.add("Mul", [x, b.add("Tanh", [b.add("Softplus", [x], 1)[0]], 1)[0]], [b.out()])
+
+
+_COMPARE = {"eq": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual",
+            "logical_and": "And", "logical_or": "Or", "logical_xor": "Xor"}
+
+
+@emitter(*_COMPARE, "ne")
+def emit_compare(b, node):
+    logical = node.op.startswith("logical")
+    operands = _operands(b, node, DType.bool if logical else None)
+    if node.op == "ne":
+        b.add("Not", [b.add("Equal", operands, 1)[0]], [b.out()])
+    else:
+        b.add(_COMPARE[node.op], operands, [b.out()])
+
+
+@emitter("bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not")
+def emit_bitwise(b, node):
+    if b.opset < 18:
+        raise UnsupportedError(f"node {node.name}: integer {node.op} needs ONNX opset 18 or newer (asked for "
+                               f"{b.opset}); pass opset=18")
+    onnx_op = {"bitwise_and": "BitwiseAnd", "bitwise_or": "BitwiseOr", "bitwise_xor": "BitwiseXor",
+               "bitwise_not": "BitwiseNot"}[node.op]
+    b.add(onnx_op, _operands(b, node) if node.op != "bitwise_not" else [b.inp(0)], [b.out()])
+
+
+@emitter("fmod", "remainder")
+def emit_mod(b, node):
+    out = node.outputs[0]
+    a, c = _operands(b, node, out.dtype)
+    if node.op == "fmod" or not out.dtype.is_float:  # ONNX Mod: fmod=1 is C's, fmod=0 Python's (integers)
+        b.add("Mod", [a, c], [b.out()], fmod=int(node.op == "fmod" or out.dtype.is_float))
+        return
+    floor = b.add("Floor", [b.add("Div", [a, c], 1)[0]], 1)[0]  # a - floor(a / b) * b
+    b.add("Sub", [a, b.add("Mul", [floor, c], 1)[0]], [b.out()])
+
+
+@emitter("atan2")
+def emit_atan2(b, node):
+    """atan(y / x), moved by +-pi into the left half-plane (x < 0), as torch.atan2."""
+    out = node.outputs[0]
+    y, x = _operands(b, node, out.dtype)
+    base = b.add("Atan", [b.add("Div", [y, x], 1)[0]], 1)[0]
+    zero = b.scalar_like(0.0, out, "zero")
+    pi = b.add("Where", [b.add("Less", [y, zero], 1)[0], b.scalar_like(-math.pi, out, "minus_pi"),
+                         b.scalar_like(math.pi, out, "pi")], 1)[0]
+    shift = b.add("Where", [b.add("Less", [x, zero], 1)[0], pi, zero], 1)[0]
+    b.add("Add", [base, shift], [b.out()])
+
+
+@emitter("where")
+def emit_where(b, node):
+    out = node.outputs[0]
+    a, c = (_cast(b, b.name(v), v.dtype, out.dtype) for v in node.inputs[1:])
+    b.add("Where", [b.inp(0), a, c], [b.out()])
+
+
+# ---------------------------------------------------------------------------- reductions
+def _reduce(b: _Builder, onnx_op: str, x: str, axes: list[int], keep: int, outputs) -> str:
+    if b.opset >= 18:
+        return b.add(onnx_op, [x, b.ints(axes, "axes")], outputs, keepdims=keep)[0]
+    return b.add(onnx_op, [x], outputs, axes=axes, keepdims=keep)[0]
+
+
+@emitter("amax", "amin", "prod")
+def emit_minmax(b, node):
+    onnx_op = {"amax": "ReduceMax", "amin": "ReduceMin", "prod": "ReduceProd"}[node.op]
+    _reduce(b, onnx_op, b.inp(0), node.attrs["axes"], int(node.attrs.get("keepdim", False)), [b.out()])
+
+
+@emitter("any")
+def emit_any(b, node):
+    as_int = b.add("Cast", [b.inp(0)], 1, to=_ONNX_DTYPE[DType.int32])[0]
+    top = _reduce(b, "ReduceMax", as_int, node.attrs["axes"], int(node.attrs.get("keepdim", False)), 1)
+    b.add("Cast", [top], [b.out()], to=_ONNX_DTYPE[DType.bool])
+
+
+@emitter("var")
+def emit_var(b, node):
+    x, a = node.inputs[0], node.attrs
+    axes, keep = a["axes"], int(a.get("keepdim", False))
+    count = math.prod(x.shape[i] for i in axes)
+    centered = b.add("Sub", [b.inp(0), _reduce_mean(b, b.inp(0), axes, 1)], 1)[0]
+    squares = _reduce(b, "ReduceSum", b.add("Mul", [centered, centered], 1)[0], axes, keep, 1)
+    denominator = b.scalar_like(max(count - a.get("correction", 1), 0), node.outputs[0], "count")
+    b.add("Div", [squares, denominator], [b.out()])
+
+
+@emitter("argmax", "argmin")
+def emit_argmax(b, node):
+    b.add("ArgMax" if node.op == "argmax" else "ArgMin", [b.inp(0)], [b.out()], axis=node.attrs["axes"][0],
+          keepdims=int(node.attrs.get("keepdim", False)))
+
+
+@emitter("cumsum")
+def emit_cumsum(b, node):
+    b.add("CumSum", [b.inp(0), b.const(np.asarray(node.attrs["axis"], dtype=np.int64), "axis")], [b.out()])
+
+
+# ---------------------------------------------------------------------------- indexing
+def _int64(b: _Builder, v: Value) -> str:
+    return _cast(b, b.name(v), v.dtype, DType.int64)
+
+
+@emitter("embedding")
+def emit_embedding(b, node):
+    b.add("Gather", [b.inp(0), _int64(b, node.inputs[1])], [b.out()], axis=0)
+
+
+@emitter("take")
+def emit_take(b, node):
+    b.add("Gather", [b.inp(0), _int64(b, node.inputs[1])], [b.out()], axis=node.attrs["axis"])
+
+
+@emitter("gather_elements")
+def emit_gather_elements(b, node):
+    b.add("GatherElements", [b.inp(0), _int64(b, node.inputs[1])], [b.out()], axis=node.attrs["axis"])
+
+
+@emitter("index")
+def emit_index(b, node):
+    """Integer tensors at some axes: transpose those axes to the front, GatherND on the broadcast
+    indices stacked last, then put the result dims where torch does (in place when adjacent)."""
+    x, axes = node.inputs[0], node.attrs["axes"]
+    indices = [_int64(b, v) for v in node.inputs[1:]]
+    rest = [a for a in range(x.rank) if a not in axes]
+    front = b.add("Transpose", [b.inp(0)], 1, perm=axes + rest)[0] if axes != list(range(len(axes))) else b.inp(0)
+    shape = torch.broadcast_shapes(*[tuple(v.shape) for v in node.inputs[1:]])
+    target = b.ints(list(shape) + [1], "index_shape")
+    stacked = b.add("Concat", [b.add("Expand", [b.add("Unsqueeze", [i, b.ints([-1], "last")], 1)[0], target], 1)[0]
+                               for i in indices], 1, axis=-1)[0]
+    gathered = b.add("GatherND", [front, stacked], 1)[0]  # [*shape, *rest dims]
+    adjacent = axes == list(range(axes[0], axes[0] + len(axes)))
+    if not adjacent or axes[0] == 0:
+        b.add("Identity", [gathered], [b.out()])
+        return
+    k, n = len(shape), axes[0]  # torch puts the index dims at the first indexed axis
+    perm = list(range(k, k + n)) + list(range(k)) + list(range(k + n, k + len(rest)))
+    b.add("Transpose", [gathered], [b.out()], perm=perm)
+
+
+@emitter("index_put")
+def emit_index_put(b, node):
+    """x[..., idx, ...] = values along one axis: ScatterElements with the index broadcast to the
+    updates' shape (the values broadcast to what x[..., idx, ...] selects)."""
+    x, values, axes = node.inputs[0], node.inputs[1], node.attrs["axes"]
+    if len(axes) != 1:
+        raise UnsupportedError(f"node {node.name}: index_put at several axes {axes} has no ONNX form yet")
+    axis, index = axes[0], node.inputs[2]
+    if index.rank != 1:
+        raise UnsupportedError(f"node {node.name}: index_put with a {index.rank}-d index has no ONNX form yet")
+    updates_shape = list(x.shape)
+    updates_shape[axis] = index.shape[0]
+    idx = b.add("Reshape", [_int64(b, index), b.ints([1] * axis + [-1] + [1] * (x.rank - axis - 1), "idx_shape")],
+                1)[0]
+    idx = b.add("Expand", [idx, b.ints(updates_shape, "updates_shape")], 1)[0]
+    updates = b.add("Expand", [_cast(b, b.name(values), values.dtype, x.dtype), b.ints(updates_shape, "values")],
+                    1)[0]
+    reduction = {"reduction": "add"} if node.attrs.get("accumulate") else {}
+    if reduction and b.opset < 16:
+        raise UnsupportedError(f"node {node.name}: index_put with accumulate needs ONNX opset 16 or newer")
+    b.add("ScatterElements", [b.inp(0), idx, updates], [b.out()], axis=axis, **reduction)
+
+
+@emitter("scatter")
+def emit_scatter(b, node):
+    reduce = node.attrs.get("reduce", "none")
+    onnx_reduce = {"none": None, "sum": "add", "prod": "mul", "amax": "max", "amin": "min"}[reduce]
+    needed = 18 if reduce in ("amax", "amin") else 16 if onnx_reduce else 13
+    if b.opset < needed:
+        raise UnsupportedError(f"node {node.name}: scatter with reduce={reduce} needs ONNX opset {needed} or newer")
+    extra = {"reduction": onnx_reduce} if onnx_reduce else {}
+    src = node.inputs[2]
+    b.add("ScatterElements", [b.inp(0), _int64(b, node.inputs[1]), _cast(b, b.name(src), src.dtype,
+                                                                         node.inputs[0].dtype)],
+          [b.out()], axis=node.attrs["axis"], **extra)
+
+
+@emitter("flip")
+def emit_flip(b, node):
+    dims = node.attrs["dims"]
+    big = np.iinfo(np.int64).max
+    b.add("Slice", [b.inp(0), b.ints([-1] * len(dims), "starts"), b.ints([-big] * len(dims), "ends"),
+                    b.ints(dims, "axes"), b.ints([-1] * len(dims), "steps")], [b.out()])
+
+
+@emitter("tile")
+def emit_tile(b, node):
+    x, repeats = node.inputs[0], node.attrs["repeats"]
+    name = b.inp(0)
+    if len(repeats) > x.rank:  # Tensor.repeat adds leading dims
+        name = b.add("Unsqueeze", [name, b.ints(list(range(len(repeats) - x.rank)), "lead")], 1)[0]
+    b.add("Tile", [name, b.ints(repeats, "repeats")], [b.out()])
+
+
+@emitter("topk", "sort")
+def emit_topk(b, node):
+    x, a = node.inputs[0], node.attrs
+    axis = a["axis"]
+    k = a["k"] if node.op == "topk" else x.shape[axis]
+    largest = a.get("largest", True) if node.op == "topk" else a.get("descending", False)
+    b.add("TopK", [b.inp(0), b.ints([k], "k")], [b.out(0), b.out(1)], axis=axis, largest=int(largest), sorted=1)
+
+
+@emitter("diagonal")
+def emit_diagonal(b, node):
+    """Move dim1, dim2 last, flatten them, and gather the diagonal's flat positions."""
+    x, a = node.inputs[0], node.attrs
+    d1, d2, offset = a["dim1"], a["dim2"], a.get("offset", 0)
+    rest = [d for d in range(x.rank) if d not in (d1, d2)]
+    moved = b.add("Transpose", [b.inp(0)], 1, perm=rest + [d1, d2])[0]
+    rows, cols = x.shape[d1], x.shape[d2]
+    flat = b.add("Reshape", [moved, b.ints([0] * len(rest) + [rows * cols], "flat")], 1)[0]
+    positions = [i * cols + i + offset for i in range(rows) if 0 <= i + offset < cols] if offset >= 0 else \
+        [(i - offset) * cols + i for i in range(cols) if 0 <= i - offset < rows]
+    b.add("Gather", [flat, b.ints(positions, "positions")], [b.out()], axis=len(rest))
+
+
+# ---------------------------------------------------------------------------- layers
+@emitter("conv_transpose")
+def emit_conv_transpose(b, node):
+    a, w = node.attrs, node.inputs[1]
+    inputs = [b.inp(0), b.inp(1)] + ([b.inp(2)] if len(node.inputs) > 2 and node.inputs[2] is not None else [])
+    b.add("ConvTranspose", inputs, [b.out()], kernel_shape=list(w.shape[2:]), strides=a["stride"],
+          pads=list(a["padding"]) * 2, dilations=a["dilation"], group=a["groups"],
+          output_padding=a["output_padding"])
+
+
+@emitter("resize")
+def emit_resize(b, node):
+    """torch's interpolate rules as Resize attributes: nearest is floor(dst / scale) ("asymmetric",
+    "floor"); linear and cubic use half-pixel centres (or align_corners), cubic with a = -0.75."""
+    a = node.attrs
+    mode = a["mode"]
+    if mode == "nearest":
+        coords, extra = "asymmetric", {"nearest_mode": "floor"}
+    else:
+        coords = "align_corners" if a.get("align_corners") else "pytorch_half_pixel"
+        extra = {"cubic_coeff_a": -0.75} if mode == "cubic" else {}
+    if a.get("scales"):
+        scales = b.const(np.asarray([1.0, 1.0] + list(a["scales"]), dtype=np.float32), "scales")
+        b.add("Resize", [b.inp(0), "", scales], [b.out()], mode=mode, coordinate_transformation_mode=coords,
+              **extra)
+        return
+    lead = b.add("Shape", [b.inp(0)], 1, start=0, end=2)[0] if b.opset >= 15 else b.add(
+        "Slice", [b.add("Shape", [b.inp(0)], 1)[0], b.ints([0], "s"), b.ints([2], "e")], 1)[0]
+    sizes = b.add("Concat", [lead, b.ints(a["size"], "size")], 1, axis=0)[0]
+    b.add("Resize", [b.inp(0), "", "", sizes], [b.out()], mode=mode, coordinate_transformation_mode=coords, **extra)
+
+
+@emitter("grid_sample")
+def emit_grid_sample(b, node):
+    if b.opset < 16:
+        raise UnsupportedError(f"node {node.name}: grid_sample needs ONNX opset 16 or newer")
+    a = node.attrs
+    mode = a["mode"] if b.opset < 20 else {"bilinear": "linear", "bicubic": "cubic"}.get(a["mode"], a["mode"])
+    b.add("GridSample", [b.inp(0), b.inp(1)], [b.out()], mode=mode, padding_mode=a["padding_mode"],
+          align_corners=int(a["align_corners"]))

@@ -1,0 +1,111 @@
+"""PyTorch source for the wider op surface: math functions, comparisons, reductions, indexing and
+resampling, each one torch call. Registered into ``pytorch.EMITTERS`` on import."""
+
+from __future__ import annotations
+
+from slimgraph.backends.pytorch import EMITTERS, _lit, emitter
+
+for _name in ("sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh", "ceil",
+              "floor", "round", "trunc", "sign", "reciprocal", "expm1", "log1p", "log2", "log10", "isnan", "isinf",
+              "logical_not", "bitwise_not"):
+    EMITTERS[_name] = (lambda name: lambda ctx, node, a: f"torch.{name}({a[0]})")(_name)
+for _name in ("softsign", "mish", "logsigmoid"):
+    EMITTERS[_name] = (lambda name: lambda ctx, node, a: f"F.{name}({a[0]})")(_name)
+for _name in ("eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor", "bitwise_and",
+              "bitwise_or", "bitwise_xor", "fmod", "remainder", "atan2"):
+    EMITTERS[_name] = (lambda name: lambda ctx, node, a: f"torch.{name}({a[0]}, {a[1]})")(_name)
+
+
+def _keep(node) -> str:
+    return f"keepdim={bool(node.attrs.get('keepdim', False))}"
+
+
+EMITTERS["where"] = lambda ctx, node, a: f"torch.where({a[0]}, {a[1]}, {a[2]})"
+EMITTERS["amax"] = lambda ctx, node, a: f"torch.amax({a[0]}, {_lit(node.attrs['axes'])}, {_keep(node)})"
+EMITTERS["amin"] = lambda ctx, node, a: f"torch.amin({a[0]}, {_lit(node.attrs['axes'])}, {_keep(node)})"
+EMITTERS["var"] = lambda ctx, node, a: (
+    f"torch.var({a[0]}, {_lit(node.attrs['axes'])}, correction={node.attrs.get('correction', 1)!r}, {_keep(node)})")
+EMITTERS["argmax"] = lambda ctx, node, a: f"torch.argmax({a[0]}, {node.attrs['axes'][0]}, {_keep(node)})"
+EMITTERS["argmin"] = lambda ctx, node, a: f"torch.argmin({a[0]}, {node.attrs['axes'][0]}, {_keep(node)})"
+EMITTERS["cumsum"] = lambda ctx, node, a: f"torch.cumsum({a[0]}, {node.attrs['axis']})"
+EMITTERS["flip"] = lambda ctx, node, a: f"torch.flip({a[0]}, {_lit(node.attrs['dims'])})"
+EMITTERS["tile"] = lambda ctx, node, a: f"{a[0]}.repeat({_lit(node.attrs['repeats'])})"
+EMITTERS["embedding"] = lambda ctx, node, a: f"F.embedding({a[1]}, {a[0]})"
+EMITTERS["gather_elements"] = lambda ctx, node, a: f"torch.gather({a[0]}, {node.attrs['axis']}, {a[1]}.long())"
+EMITTERS["diagonal"] = lambda ctx, node, a: (
+    f"torch.diagonal({a[0]}, {node.attrs.get('offset', 0)}, {node.attrs['dim1']}, {node.attrs['dim2']})")
+EMITTERS["topk"] = lambda ctx, node, a: (
+    f"torch.topk({a[0]}, {node.attrs['k']}, {node.attrs['axis']}, {bool(node.attrs.get('largest', True))})")
+EMITTERS["sort"] = lambda ctx, node, a: (
+    f"torch.sort({a[0]}, dim={node.attrs['axis']}, descending={bool(node.attrs.get('descending', False))}, "
+    f"stable=True)")
+EMITTERS["grid_sample"] = lambda ctx, node, a: (
+    f"F.grid_sample({a[0]}, {a[1]}, {node.attrs['mode']!r}, {node.attrs['padding_mode']!r}, "
+    f"{bool(node.attrs['align_corners'])})")
+
+
+@emitter("prod", "any")
+def emit_reduce_by_axis(ctx, node, a):
+    expr, keep = a[0], bool(node.attrs.get("keepdim", False))
+    rank = node.inputs[0].rank
+    for axis in sorted((d % rank for d in node.attrs["axes"]), reverse=True):
+        expr = f"torch.{node.op}({expr}, {axis}, keepdim={keep})"
+    return expr
+
+
+def _index_expr(a0: str, axes: list[int], indices: list[str]) -> str:
+    parts = [":"] * (max(axes) + 1)
+    for axis, idx in zip(axes, indices):
+        parts[axis] = f"{idx}.long()"
+    return f"{a0}[{', '.join(parts)}]"
+
+
+EMITTERS["take"] = lambda ctx, node, a: _index_expr(a[0], [node.attrs["axis"]], [a[1]])
+EMITTERS["index"] = lambda ctx, node, a: _index_expr(a[0], node.attrs["axes"], [a[i] for i in range(1, len(a))])
+
+
+@emitter("index_put")
+def emit_index_put(ctx, node, a):
+    axes = node.attrs["axes"]
+    slots = ["None"] * (max(axes) + 1)
+    for axis, i in zip(axes, range(2, len(a))):
+        slots[axis] = f"{a[i]}.long()"
+    return (f"{a[0]}.index_put(({', '.join(slots)},), {a[1]}, "
+            f"accumulate={bool(node.attrs.get('accumulate', False))})")
+
+
+@emitter("scatter")
+def emit_scatter(ctx, node, a):
+    reduce, axis = node.attrs.get("reduce", "none"), node.attrs["axis"]
+    if reduce == "none":
+        return f"torch.scatter({a[0]}, {axis}, {a[1]}.long(), {a[2]})"
+    return f"torch.scatter_reduce({a[0]}, {axis}, {a[1]}.long(), {a[2]}, {reduce!r}, include_self=True)"
+
+
+@emitter("conv_transpose")
+def emit_conv_transpose(ctx, node, a):
+    at = node.attrs
+    nd = node.inputs[1].rank - 2
+    bias = a[2] if len(node.inputs) > 2 and node.inputs[2] is not None else "None"
+    return (f"F.conv_transpose{nd}d({a[0]}, {a[1]}, {bias}, {_lit(at['stride'])}, {_lit(at['padding'])}, "
+            f"{_lit(at['output_padding'])}, {at['groups']}, {_lit(at['dilation'])})")
+
+
+_MODES = {"nearest": "nearest", "cubic": "bicubic"}
+
+
+@emitter("resize")
+def emit_resize(ctx, node, a):
+    at = node.attrs
+    nd = node.inputs[0].rank - 2
+    mode = _MODES.get(at["mode"]) or {1: "linear", 2: "bilinear", 3: "trilinear"}[nd]
+    align = f", align_corners={bool(at.get('align_corners'))}" if at["mode"] != "nearest" else ""
+    if at.get("scales"):
+        return f"F.interpolate({a[0]}, scale_factor={_lit(list(at['scales']))}, mode={mode!r}{align})"
+    return f"F.interpolate({a[0]}, size={_lit(list(at['size']))}, mode={mode!r}{align})"
+
+
+@emitter("div")
+def emit_div(ctx, node, a):
+    mode = node.attrs.get("rounding_mode")
+    return f"torch.div({a[0]}, {a[1]}, rounding_mode={mode!r})" if mode else f"{a[0]} / {a[1]}"
