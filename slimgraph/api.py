@@ -16,13 +16,15 @@ from slimgraph.passes import NumericalCheck, Pass, PassContext, PassManager, Tra
 from slimgraph.passes.instruments import Instrument
 
 
-def import_model(model: Any, example_inputs: Any = None) -> Graph:
+def import_model(model: Any, example_inputs: Any = None, dynamic_dims: dict | None = None) -> Graph:
     """A torch.nn.Module (with example_inputs), an ONNX file path or ModelProto, or a Graph (copied)
-    as an IR Graph. The model is never modified."""
+    as an IR Graph. The model is never modified. ``dynamic_dims`` names the dims that stay symbolic,
+    by the forward's argument names, as torch.onnx.export's dynamic_axes:
+    ``{"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}``."""
     if isinstance(model, torch.nn.Module):
         from slimgraph.frontends.torch import import_torch
 
-        return import_torch(model, example_inputs)
+        return import_torch(model, example_inputs, dynamic_dims)
     if isinstance(model, Graph):
         return model.clone()
     import onnx
@@ -38,7 +40,8 @@ def import_model(model: Any, example_inputs: Any = None) -> Graph:
 
 
 def sample_inputs(graph: Graph, seed: int = 0) -> list[torch.Tensor]:
-    """Deterministic random inputs matching the graph's input types."""
+    """Deterministic random inputs matching the graph's input types; integers stay within the
+    tables they index (token ids below the vocabulary size, token types below 2)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for v in graph.inputs:
@@ -46,8 +49,25 @@ def sample_inputs(graph: Graph, seed: int = 0) -> list[torch.Tensor]:
         if v.dtype.is_float:
             out.append(torch.randn(shape, generator=gen).to(v.dtype.torch))
         else:
-            out.append(torch.randint(0, 8, shape, generator=gen).to(v.dtype.torch))
+            out.append(torch.randint(0, _index_bound(v, 8), shape, generator=gen).to(v.dtype.torch))
     return out
+
+
+_SHAPE_ONLY = {"cast", "identity", "reshape", "unsqueeze", "squeeze", "expand", "slice", "flatten"}
+
+
+def _index_bound(value, default: int, depth: int = 4) -> int:
+    """The smallest size ``value`` indexes (embedding ids, take indices), through shape-only ops."""
+    bound = default
+    for use in value.uses:
+        node = use.node
+        if node.op == "embedding" and use.index == 1:
+            bound = min(bound, node.inputs[0].shape[0])
+        elif node.op == "take" and use.index == 1:
+            bound = min(bound, node.inputs[0].shape[node.attrs["axis"]])
+        elif node.op in _SHAPE_ONLY and depth > 0:
+            bound = min(bound, _index_bound(node.outputs[0], default, depth - 1))
+    return max(bound, 1)
 
 
 @dataclass
@@ -110,6 +130,7 @@ def optimize(
     instruments: Sequence[Instrument] = (),
     rtol: float = 1e-4,
     calibration_data: Any = None,
+    dynamic_dims: dict | None = None,
 ) -> OptimizeResult:
     """Import ``model`` (never modified), run ``passes`` and return the graph and its trace.
 
@@ -117,11 +138,14 @@ def optimize(
     numerically against its input on sample inputs: exact passes must stay within ``rtol``,
     lossy ones report ``max_abs_error`` in the trace. ``calibration_data`` is an iterable of
     input tuples (or single tensors) for passes that observe activations, e.g. ``quantize``.
+    ``dynamic_dims`` keeps dims symbolic (see ``import_model``).
     """
     pipeline = to_passes(passes)  # bad names and options fail before any work
-    graph = import_model(model, example_inputs)
+    graph = import_model(model, example_inputs, dynamic_dims)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if isinstance(example_inputs, dict):  # by argument name, as the graph's inputs are named
+        example_inputs = tuple(example_inputs[v.name] for v in graph.inputs if v.name in example_inputs)
     inputs = tuple(example_inputs) if example_inputs is not None else tuple(sample_inputs(graph))
     if len(inputs) != len(graph.inputs):
         raise SlimgraphError(f"the graph takes {len(graph.inputs)} inputs, example_inputs has {len(inputs)}")

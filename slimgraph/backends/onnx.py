@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from slimgraph.errors import SlimgraphError, UnsupportedError
 from slimgraph.ir import OPAQUE, DType, Graph, Node, Value
 from slimgraph.ir.opdefs.quant import QRANGE, qrange
+from slimgraph.ir.symbolic import SymDim, python_expr
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13
@@ -57,6 +58,7 @@ class _Builder:
         self.used: set[str] = set()
         self.extra_opsets: dict[str, int] = {}
         self.node: Node | None = None
+        self.symbols: dict[str, str] = {}  # symbol -> its size tensor, read once from an input's shape
 
     def fresh(self, base: str) -> str:
         name, i = base, 1
@@ -81,6 +83,41 @@ class _Builder:
 
     def ints(self, values: Sequence[int], base: str) -> str:
         return self.const(np.asarray(list(values), dtype=np.int64), base)
+
+    def sizes(self, values: Sequence[Any], base: str) -> str:
+        """A 1-D int64 tensor of sizes: a constant, or computed at run time from the graph inputs'
+        shapes where some are symbolic (SymDim)."""
+        if not any(isinstance(v, SymDim) for v in values):
+            return self.ints(values, base)
+        parts = [self.size(v) if isinstance(v, SymDim) else self.ints([v], base) for v in values]
+        return self.add("Concat", parts, 1, axis=0)[0]
+
+    def size(self, value: Any) -> str:
+        """One size as a 1-element int64 tensor: symbols read off the inputs' shapes, then the
+        expression's arithmetic (+, *, floor division)."""
+        import sympy
+
+        expr = value.expr if isinstance(value, SymDim) else sympy.sympify(value)
+        if expr.is_Integer:
+            return self.ints([int(expr)], "size")
+        if expr.is_Symbol:
+            if expr.name not in self.symbols:
+                source = next(((v, a) for v in self.graph.inputs for a, e in enumerate(v.sym or ())
+                               if e is not None and e == expr), None)
+                if source is None:
+                    raise UnsupportedError(f"symbol {expr.name} is not a dim of any graph input")
+                shape = self.add("Shape", [self.name(source[0])], 1)[0]
+                self.symbols[expr.name] = self.add("Gather", [shape, self.ints([source[1]], "axis")], 1)[0]
+            return self.symbols[expr.name]
+        if isinstance(expr, sympy.floor):
+            num, den = sympy.fraction(sympy.together(expr.args[0]))
+            return self.add("Div", [self.size(num), self.size(den)], 1)[0]  # int64 Div of sizes >= 0 floors
+        if expr.is_Add or expr.is_Mul:
+            acc = self.size(expr.args[0])
+            for term in expr.args[1:]:
+                acc = self.add("Add" if expr.is_Add else "Mul", [acc, self.size(term)], 1)[0]
+            return acc
+        raise UnsupportedError(f"size {expr} has no ONNX form")
 
     def scalar_like(self, number: float, value: Value, base: str) -> str:
         dtype = value.dtype.torch if value.dtype is not None else torch.float32
@@ -347,7 +384,7 @@ def emit_softmax(b, node):
 @emitter("reshape")
 def emit_reshape(b, node):
     target = [0 if d == "N" else d for d in node.attrs["shape"]]
-    b.add("Reshape", [b.inp(0), b.ints(target, "shape")], [b.out()])
+    b.add("Reshape", [b.inp(0), b.sizes(target, "shape")], [b.out()])
 
 
 @emitter("flatten")
@@ -385,8 +422,8 @@ def emit_split(b, node):
 @emitter("slice")
 def emit_slice(b, node):
     a = node.attrs
-    ends = [e if e >= 0 or st > 0 else -(2**62) for e, st in zip(a["ends"], a["steps"])]
-    b.add("Slice", [b.inp(0), b.ints(a["starts"], "starts"), b.ints(ends, "ends"), b.ints(a["axes"], "axes"),
+    ends = [e if isinstance(e, SymDim) or e >= 0 or st > 0 else -(2**62) for e, st in zip(a["ends"], a["steps"])]
+    b.add("Slice", [b.inp(0), b.sizes(a["starts"], "starts"), b.sizes(ends, "ends"), b.ints(a["axes"], "axes"),
                     b.ints(a["steps"], "steps")], [b.out()])
 
 
@@ -404,7 +441,7 @@ def emit_gather(b, node):
 @emitter("expand")
 def emit_expand(b, node):
     # ONNX Expand broadcasts like numpy: a 1 keeps the input's dim where torch writes -1
-    b.add("Expand", [b.inp(0), b.ints([1 if d == -1 else d for d in node.attrs["shape"]], "shape")], [b.out()])
+    b.add("Expand", [b.inp(0), b.sizes([1 if d == -1 else d for d in node.attrs["shape"]], "shape")], [b.out()])
 
 
 @emitter("expand_batch")
@@ -595,6 +632,9 @@ def _value_info(name: str, value: Value, symbolic_batch: str | None = None) -> o
     shape: list[Any] = list(value.shape)
     if symbolic_batch and shape:
         shape[0] = symbolic_batch
+    for axis, expr in enumerate(value.sym or ()):
+        if expr is not None:  # dim_param: the symbol's name, or the expression
+            shape[axis] = python_expr(expr).replace(" ", "")
     return helper.make_tensor_value_info(name, _ONNX_DTYPE[value.dtype], shape)
 
 

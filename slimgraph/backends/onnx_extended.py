@@ -11,10 +11,12 @@ import math
 
 import numpy as np
 import torch
+from onnx import helper as onnx_helper
 
 from slimgraph.backends.onnx import _ONNX_DTYPE, EMITTERS, _Builder, _reduce_mean, _simple, emitter
 from slimgraph.errors import UnsupportedError
 from slimgraph.ir import DType, Node, Value
+from slimgraph.ir.symbolic import SymDim
 
 for _op, _onnx in {"sin": "Sin", "cos": "Cos", "tan": "Tan", "asin": "Asin", "acos": "Acos", "atan": "Atan",
                    "sinh": "Sinh", "cosh": "Cosh", "asinh": "Asinh", "acosh": "Acosh", "atanh": "Atanh",
@@ -191,7 +193,11 @@ def emit_index(b, node):
     rest = [a for a in range(x.rank) if a not in axes]
     front = b.add("Transpose", [b.inp(0)], 1, perm=axes + rest)[0] if axes != list(range(len(axes))) else b.inp(0)
     shape = torch.broadcast_shapes(*[tuple(v.shape) for v in node.inputs[1:]])
-    target = b.ints(list(shape) + [1], "index_shape")
+    # the indices broadcast together, at run time (their sizes may be symbolic): the shape of their sum
+    total = indices[0]
+    for i in indices[1:]:
+        total = b.add("Add", [total, i], 1)[0]
+    target = b.add("Concat", [b.add("Shape", [total], 1)[0], b.ints([1], "one")], 1, axis=0)[0]
     stacked = b.add("Concat", [b.add("Expand", [b.add("Unsqueeze", [i, b.ints([-1], "last")], 1)[0], target], 1)[0]
                                for i in indices], 1, axis=-1)[0]
     gathered = b.add("GatherND", [front, stacked], 1)[0]  # [*shape, *rest dims]
@@ -214,13 +220,14 @@ def emit_index_put(b, node):
     axis, index = axes[0], node.inputs[2]
     if index.rank != 1:
         raise UnsupportedError(f"node {node.name}: index_put with a {index.rank}-d index has no ONNX form yet")
-    updates_shape = list(x.shape)
-    updates_shape[axis] = index.shape[0]
+    # the updates' shape, x's with the index's length at axis, read at run time (sizes may be symbolic)
+    dims = [x.dim(a) for a in range(x.rank)]
+    dims[axis] = index.dim(0)
+    updates_shape = b.sizes(dims, "updates_shape")
     idx = b.add("Reshape", [_int64(b, index), b.ints([1] * axis + [-1] + [1] * (x.rank - axis - 1), "idx_shape")],
                 1)[0]
-    idx = b.add("Expand", [idx, b.ints(updates_shape, "updates_shape")], 1)[0]
-    updates = b.add("Expand", [_cast(b, b.name(values), values.dtype, x.dtype), b.ints(updates_shape, "values")],
-                    1)[0]
+    idx = b.add("Expand", [idx, updates_shape], 1)[0]
+    updates = b.add("Expand", [_cast(b, b.name(values), values.dtype, x.dtype), updates_shape], 1)[0]
     reduction = {"reduction": "add"} if node.attrs.get("accumulate") else {}
     if reduction and b.opset < 16:
         raise UnsupportedError(f"node {node.name}: index_put with accumulate needs ONNX opset 16 or newer")
@@ -321,3 +328,25 @@ def emit_grid_sample(b, node):
     mode = a["mode"] if b.opset < 20 else {"bilinear": "linear", "bicubic": "cubic"}.get(a["mode"], a["mode"])
     b.add("GridSample", [b.inp(0), b.inp(1)], [b.out()], mode=mode, padding_mode=a["padding_mode"],
           align_corners=int(a["align_corners"]))
+
+
+@emitter("arange")
+def emit_arange(b, node):
+    a, out = node.attrs, node.outputs[0]
+    bounds = []
+    for key in ("start", "end", "step"):
+        scalar = b.add("Squeeze", [b.size(a[key]) if isinstance(a[key], SymDim) else b.ints([a[key]], key)], 1)[0]
+        bounds.append(_cast(b, scalar, DType.int64, out.dtype))
+    b.add("Range", bounds, [b.out()])
+
+
+@emitter("full")
+def emit_full(b, node):
+    out = node.outputs[0]
+    value = onnx_helper.make_tensor("value", _ONNX_DTYPE[out.dtype], [1], [node.attrs["value"]])
+    b.add("ConstantOfShape", [b.sizes(node.attrs["shape"], "shape")], [b.out()], value=value)
+
+
+@emitter("sizes")
+def emit_sizes(b, node):
+    b.add("Reshape", [b.sizes(node.attrs["values"], "values"), b.ints(node.attrs["shape"], "shape")], [b.out()])

@@ -28,6 +28,7 @@ from slimgraph.backends import ort_fusion
 from slimgraph.errors import SlimgraphError, UnsupportedError
 from slimgraph.ir import OPAQUE, DType, Graph, Node, OpaqueImpl, Value, clean_name
 from slimgraph.ir.opaque import Slot
+from slimgraph.ir.symbolic import SymDim
 
 RESERVED = {"self", "torch", "nn", "F", "os", "math", "importlib", "stochastic_depth", "fake_quant", "qconv", "load",
             "Model"}
@@ -89,7 +90,10 @@ def _ident(name: str) -> str:
 
 
 def _lit(x: Any) -> str:
-    """A Python literal for attribute data; anything else is refused (names are data, not code)."""
+    """A Python literal for attribute data; anything else is refused (names are data, not code).
+    A symbolic size is its expression over the symbol variables forward binds first."""
+    if isinstance(x, SymDim):
+        return f"({x})"
     if x is None or isinstance(x, (bool, int)):
         return repr(x)
     if isinstance(x, float):
@@ -352,7 +356,7 @@ EMITTERS["adaptive_max_pool"] = lambda ctx, node, a: (
 
 
 def _shape_expr(shape: list, source: str) -> str:
-    return ", ".join(f"{source}.shape[0]" if d == "N" else str(d) for d in shape)
+    return ", ".join(f"{source}.shape[0]" if d == "N" else _lit(d) for d in shape)
 
 
 EMITTERS["reshape"] = lambda ctx, node, a: f"{a[0]}.reshape({_shape_expr(node.attrs['shape'], a[0])})"
@@ -360,7 +364,7 @@ EMITTERS["flatten"] = lambda ctx, node, a: (
     f"torch.flatten({a[0]}, {node.attrs['start']})" if node.attrs["end"] == node.inputs[0].rank - 1
     else f"torch.flatten({a[0]}, {node.attrs['start']}, {node.attrs['end']})")
 EMITTERS["permute"] = lambda ctx, node, a: f"{a[0]}.permute({', '.join(map(str, node.attrs['perm']))})"
-EMITTERS["expand"] = lambda ctx, node, a: f"{a[0]}.expand({', '.join(map(str, node.attrs['shape']))})"
+EMITTERS["expand"] = lambda ctx, node, a: f"{a[0]}.expand({', '.join(map(_lit, node.attrs['shape']))})"
 EMITTERS["expand_batch"] = lambda ctx, node, a: f"{a[0]}.expand({_shape_expr(node.attrs['shape'], a[1])})"
 EMITTERS["concat"] = lambda ctx, node, a: f"torch.cat([{', '.join(a)}], {node.attrs['axis']})"
 EMITTERS["split"] = lambda ctx, node, a: f"torch.split({a[0]}, {_lit(node.attrs['sizes'])}, {node.attrs['axis']})"
@@ -397,7 +401,7 @@ def emit_slice(ctx, node, a):
     at = node.attrs
     parts = [":"] * node.inputs[0].rank
     for axis, s, e, st in zip(at["axes"], at["starts"], at["ends"], at["steps"]):
-        parts[axis] = f"{s}:{e}" + (f":{st}" if st != 1 else "")
+        parts[axis] = f"{_lit(s)}:{_lit(e)}" + (f":{st}" if st != 1 else "")
     while parts and parts[-1] == ":":
         parts.pop()
     return f"{a[0]}[{', '.join(parts)}]"
@@ -753,6 +757,16 @@ def stochastic_depth(x, p, mode, training):
 }
 
 
+def _symbol_sources(graph: Graph) -> dict[str, tuple[Value, int]]:
+    """Each symbol of the graph and the input dim forward reads it from."""
+    sources: dict[str, tuple[Value, int]] = {}
+    for v in graph.inputs:
+        for axis, expr in enumerate(v.sym or ()):
+            if expr is not None and expr.is_Symbol:
+                sources.setdefault(expr.name, (v, axis))
+    return sources
+
+
 def _emit_body(ctx: _Ctx, graph: Graph) -> tuple[list[str], list[str], str]:
     """forward's parameters, statements and return expression; fills ctx (modules, state)."""
     used_names: set[str] = set()
@@ -765,6 +779,8 @@ def _emit_body(ctx: _Ctx, graph: Graph) -> tuple[list[str], list[str], str]:
         ctx.names[id(v)] = name
         return name
 
+    symbols = _symbol_sources(graph)
+    used_names.update(symbols)  # symbol variables keep their names: size expressions use them
     params = [local(v) for v in graph.inputs]
     # one statement per node, but one for each int8 conv unit (at its conv): (node, reads, writes)
     units, fused = _int8_conv_units(graph)
@@ -779,7 +795,7 @@ def _emit_body(ctx: _Ctx, graph: Graph) -> tuple[list[str], list[str], str]:
             if v is not None and not v.is_constant:
                 last_use[id(v)] = node
     keep = {id(v) for v in graph.outputs}
-    body: list[str] = []
+    body: list[str] = [f"{name} = {ctx.names[id(v)]}.shape[{axis}]" for name, (v, axis) in symbols.items()]
     for node, reads, writes in statements:
         if id(node) in units:
             expr = _emit_qconv(ctx, units[id(node)])

@@ -109,3 +109,12 @@ def emit_resize(ctx, node, a):
 def emit_div(ctx, node, a):
     mode = node.attrs.get("rounding_mode")
     return f"torch.div({a[0]}, {a[1]}, rounding_mode={mode!r})" if mode else f"{a[0]} / {a[1]}"
+
+
+EMITTERS["arange"] = lambda ctx, node, a: (
+    f"torch.arange({_lit(node.attrs['start'])}, {_lit(node.attrs['end'])}, {_lit(node.attrs['step'])}, "
+    f"dtype=torch.{node.attrs['dtype']})")
+EMITTERS["full"] = lambda ctx, node, a: (
+    f"torch.full({_lit(list(node.attrs['shape']))}, {_lit(node.attrs['value'])}, dtype=torch.{node.attrs['dtype']})")
+EMITTERS["sizes"] = lambda ctx, node, a: (
+    f"torch.tensor({_lit(list(node.attrs['values']))}, dtype=torch.int64).reshape({_lit(list(node.attrs['shape']))})")

@@ -24,7 +24,7 @@ import torch
 from onnx import helper
 
 from slimgraph.errors import ModelImportError, UnsupportedError
-from slimgraph.ir import OPAQUE, DType, Graph, OpaqueImpl, Value
+from slimgraph.ir import OPAQUE, DType, Graph, OpaqueImpl, Value, clean_name
 from slimgraph.ir.opaque import Slot
 
 MIN_OPSET = 6
@@ -181,29 +181,47 @@ class _Converter:
         inputs = self.gs_graph.inputs
         if self.example_inputs is not None and len(self.example_inputs) != len(inputs):
             raise ModelImportError(f"the model has {len(inputs)} inputs, example_inputs has {len(self.example_inputs)}")
+        # A symbolic leading dim alone is the batch, kept symbolic by the "N" convention. Symbolic
+        # dims elsewhere (a sequence) become the IR's symbols, all of them, sized 2 (or as the
+        # example inputs say) for the passes that need numbers.
+        symbolic = any(not isinstance(d, int) or d < 0 for t in inputs for d in (t.shape or ())[1:])
         for i, tensor in enumerate(inputs):
             dtype = _dtype_of(tensor)
+            declared = tuple(tensor.shape or ())
+            names = [None if isinstance(d, int) and d >= 0 else _symbol(d, tensor.name, a)
+                     for a, d in enumerate(declared)]
             if self.example_inputs is not None:
                 shape = tuple(self.example_inputs[i].shape)
+            elif symbolic:
+                shape = tuple(2 if n else d for n, d in zip(names, declared))
             else:
-                shape = tuple(tensor.shape or ())
-                if any(not isinstance(d, int) or d < 0 for d in shape[1:]):
-                    raise ModelImportError(
-                        f"input {tensor.name!r} has symbolic dims {tensor.shape}: pass example_inputs to fix them")
+                shape = declared
                 if shape and not (isinstance(shape[0], int) and shape[0] >= 0):
                     shape = (1, *shape[1:])  # a symbolic batch is imported at batch 1 and kept symbolic
-            value = self.graph.add_input(tensor.name, shape, dtype)
+            value = self.graph.add_input(tensor.name, shape, dtype, names if symbolic else None)
             value.meta["onnx_name"] = tensor.name
-            if tensor.shape and not isinstance(tensor.shape[0], int):
+            if tensor.shape and not isinstance(tensor.shape[0], int) and not symbolic:
                 value.meta["batch_symbol"] = str(tensor.shape[0])
             self.env[tensor.name] = value
 
     def _convert_node(self, node: gs.Node, onnx_ops: Any) -> None:
+        from slimgraph.frontends import onnx_shapes as shape_arith
+
         if (node.domain or "") not in ("", "ai.onnx"):
             self._opaque(node)
             return
         inputs = [self.env.get(t.name) if t.name else None for t in node.inputs]
-        if all(x is None or isinstance(x, np.ndarray) for x in inputs) and node.op not in onnx_ops.NEVER_FOLD:
+        if shape_arith.applies(node.op, inputs):
+            try:
+                arrays = shape_arith.evaluate(node, inputs, self.opset)
+            except (ValueError, IndexError, TypeError) as exc:
+                raise ModelImportError(f"node {self.name} ({node.op}): cannot compute sizes over the symbolic "
+                                       f"dims: {exc}") from None
+            for tensor, array in zip(node.outputs, arrays):
+                self.env[tensor.name] = array  # sizes over the graph's symbols (SymDims), computed now
+            return
+        if all(x is None or isinstance(x, np.ndarray) for x in inputs) and node.op not in onnx_ops.NEVER_FOLD \
+                and not any(isinstance(x, np.ndarray) and x.dtype == object for x in inputs):
             for tensor, array in zip(node.outputs, self._evaluate(node, inputs)):
                 self.env[tensor.name] = array
             return
@@ -252,6 +270,11 @@ class _Converter:
         x = self.env[name]
         if isinstance(x, Value):
             return x
+        if isinstance(x, np.ndarray) and x.dtype == object:  # sizes over symbols, read as a tensor
+            if name not in self.const_values:
+                self.const_values[name] = self.graph.create_node(
+                    "sizes", [], {"values": list(x.reshape(-1)), "shape": list(x.shape)}, name=label or name).output
+            return self.const_values[name]
         if name not in self.const_values:
             tensor = to_tensor(np.asarray(x))
             trainable = tensor.is_floating_point()
@@ -309,6 +332,12 @@ class _Converter:
             raise UnsupportedError(f"node {self.name} ({node.op}): unknown op whose output shape cannot be "
                                    f"determined: {exc}") from None
         return [(tuple(r.shape), DType.from_torch(r.dtype)) for r in results]
+
+
+def _symbol(dim: Any, tensor: str, axis: int) -> str:
+    """A dim_param as a symbol name (an identifier); an unnamed dim gets one from its place."""
+    name = clean_name(str(dim)) if isinstance(dim, str) and dim else f"{clean_name(tensor)}_dim{axis}"
+    return name if name.isidentifier() else f"d_{name}"
 
 
 def _dtype_of(tensor: gs.Tensor) -> DType:

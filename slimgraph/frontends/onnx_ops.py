@@ -13,8 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimgraph.ir import Value
+from slimgraph.frontends.onnx_shapes import sizes
+from slimgraph.ir import DType, Value
 from slimgraph.ir.opdefs.shape import BATCH
+from slimgraph.ir.symbolic import SymDim
 
 Handler = Callable[[Any], Any]
 HANDLERS: dict[str, Handler] = {}
@@ -43,8 +45,13 @@ def _x(cv) -> Value:
     return x
 
 
-def _ints(values: Any) -> list[int]:
-    return [int(v) for v in np.asarray(values).reshape(-1)]
+def _ints(values: Any) -> list:
+    """Ints from a static array; sizes over the graph's symbols stay SymDims."""
+    return [v if isinstance(v, SymDim) else int(v) for v in np.asarray(values).reshape(-1)]
+
+
+def _symbolic(values: list) -> bool:
+    return any(isinstance(v, SymDim) for v in values)
 
 
 def _window(cv, x: Value, kernel: list[int], strides: list[int], dilations: list[int]) -> list[int]:
@@ -69,6 +76,22 @@ def _window(cv, x: Value, kernel: list[int], strides: list[int], dilations: list
 
 
 # ============================================================================ layers
+@handles("ConvTranspose")
+def conv_transpose(cv):
+    """torch's attributes: symmetric pads; output_shape and asymmetric or automatic pads stay opaque."""
+    x, w, b = _x(cv), cv.tensor_input(1), cv.tensor_input(2)
+    if w is None or cv.attr("output_shape") is not None or cv.attr("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        raise Unhandled
+    nd = w.rank - 2
+    pads = _ints(cv.attr("pads", [0] * 2 * nd))
+    if pads[:nd] != pads[nd:]:
+        raise Unhandled
+    return cv.emit("conv_transpose", [x, w, b], {
+        "stride": _ints(cv.attr("strides", [1] * nd)), "padding": pads[:nd],
+        "dilation": _ints(cv.attr("dilations", [1] * nd)), "groups": int(cv.attr("group", 1)),
+        "output_padding": _ints(cv.attr("output_padding", [0] * nd))})
+
+
 @handles("Conv")
 def conv(cv):
     x, w, b = _x(cv), cv.tensor_input(1), cv.tensor_input(2)
@@ -416,6 +439,16 @@ def slice_(cv):
         axes = _ints(cv.static(3)) if cv.input(3) is not None else list(range(len(starts)))
         steps = _ints(cv.static(4)) if cv.input(4) is not None else [1] * len(starts)
     norm = {"axes": [], "starts": [], "ends": [], "steps": []}
+    if _symbolic([*starts, *ends]) or x.sym:  # bounds over the graph's symbols: as given, clamped at run time
+        for axis, start, end, step in zip(axes, starts, ends, steps):
+            axis %= x.rank
+            if not isinstance(end, SymDim) and end >= 2 ** 62:
+                end = x.dim(axis)  # "to the end"
+            if step < 0:
+                raise Unhandled
+            for key, v in zip(norm, (axis, start, end, step)):
+                norm[key].append(v)
+        return cv.emit("slice", [x], norm)
     for axis, start, end, step in zip(axes, starts, ends, steps):
         axis %= x.rank
         size = x.shape[axis]
@@ -433,9 +466,13 @@ def slice_(cv):
 @handles("Gather")
 def gather(cv):
     x, indices = _x(cv), cv.input(1)
-    if not isinstance(indices, np.ndarray):
-        raise Unhandled
     axis = int(cv.attr("axis", 0)) % x.rank
+    if isinstance(indices, Value):  # computed indices: a table lookup (embedding) or a take
+        if axis == 0 and x.rank == 2 and x.is_constant and not indices.dtype.is_float:
+            return cv.emit("embedding", [x, indices])
+        return cv.emit("take", [x, indices], {"axis": axis})
+    if not isinstance(indices, np.ndarray) or indices.dtype == object:
+        raise Unhandled
     size = x.shape[axis]
     flat = [int(i) % size for i in indices.reshape(-1)]
     if indices.ndim == 0:
@@ -451,6 +488,12 @@ def expand(cv):
     shape = _ints(cv.static(1))
     rank = max(len(shape), x.rank)
     full = [1] * (rank - len(shape)) + shape
+    if _symbolic(shape) or x.sym:  # sizes over the graph's symbols: a 1 keeps x's own dim
+        dims = [1] * (rank - x.rank) + [x.dim(a) for a in range(x.rank)]
+        if rank > x.rank:
+            x = cv.emit("reshape", [x], {"shape": dims}, suffix="_rank")
+        return cv.emit("expand", [x], {"shape": [d if not isinstance(t, SymDim) and t == 1 else t
+                                                 for t, d in zip(full, dims)]})
     padded = [1] * (rank - x.rank) + list(x.shape)
     target = [max(a, b) if a == 1 or b == 1 else a for a, b in zip(full, padded)]
     if rank > x.rank:
@@ -460,7 +503,10 @@ def expand(cv):
 
 @handles("Tile")
 def tile(cv):
-    raise Unhandled
+    repeats = _ints(cv.static(1))
+    if _symbolic(repeats):
+        raise Unhandled
+    return cv.emit("tile", [_x(cv)], {"repeats": repeats})
 
 
 @handles("Pad")
@@ -563,3 +609,71 @@ def dequantize_linear(cv):
         raise Unhandled
     params, attrs = _quant_params(cv, x, dequantize=True)
     return cv.emit("dequantize_linear", [x, *params], attrs)
+
+
+# ============================================================================ symbolic sizes
+@handles("Shape")
+def shape(cv):
+    """The sizes of a tensor with symbolic dims, as an array of SymDims and ints (onnx_shapes)."""
+    x = _x(cv)
+    if not x.sym:
+        raise Unhandled  # the legacy symbolic batch ("N") has no value at import
+    dims = [x.dim(a) for a in range(x.rank)]
+    start, end = int(cv.attr("start", 0)), cv.attr("end")
+    return sizes(dims[start:None if end is None else int(end)])
+
+
+@handles("Range")
+def range_(cv):
+    bounds = [_ints(cv.static(i))[0] for i in range(3)]
+    if not _symbolic(bounds):
+        raise Unhandled
+    dtype = str(torch.from_numpy(np.zeros(0, dtype=cv.node.outputs[0].dtype)).dtype).removeprefix("torch.")
+    return cv.emit("arange", [], {"start": bounds[0], "end": bounds[1], "step": bounds[2], "dtype": dtype})
+
+
+@handles("ConstantOfShape")
+def constant_of_shape(cv):
+    dims = _ints(cv.static(0))
+    value = cv.attr("value")
+    value = np.zeros(1, dtype=np.float32) if value is None else np.asarray(value).reshape(-1)
+    if not _symbolic(dims):
+        raise Unhandled
+    dtype = str(torch.from_numpy(value).dtype).removeprefix("torch.")
+    return cv.emit("full", [], {"shape": dims, "value": value[0].item(), "dtype": dtype})  # a Python number
+
+
+_COMPARE = {"Equal": "eq", "Less": "lt", "LessOrEqual": "le", "Greater": "gt", "GreaterOrEqual": "ge",
+            "And": "logical_and", "Or": "logical_or", "Xor": "logical_xor"}
+
+
+def _compare(cv, op: str) -> Value:
+    return cv.emit(op, [cv.tensor_input(0), cv.tensor_input(1)])
+
+
+for _onnx, _op in _COMPARE.items():
+    HANDLERS[_onnx] = (lambda op: lambda cv: _compare(cv, op))(_op)
+
+
+@handles("Not", "IsNaN", "IsInf")
+def predicate(cv):
+    x = _x(cv)
+    if cv.node.op == "IsInf" and (int(cv.attr("detect_negative", 1)) != 1 or int(cv.attr("detect_positive", 1)) != 1):
+        raise Unhandled
+    return cv.emit({"Not": "logical_not", "IsNaN": "isnan", "IsInf": "isinf"}[cv.node.op], [x])
+
+
+@handles("Where")
+def where(cv):
+    return cv.emit("where", [cv.tensor_input(0), cv.tensor_input(1), cv.tensor_input(2)])
+
+
+@handles("GatherND")
+def gather_nd(cv):
+    """data[indices[..., 0], indices[..., 1], ...] (batch_dims 0): advanced indexing of the first dims."""
+    x, indices = _x(cv), cv.tensor_input(1)
+    if int(cv.attr("batch_dims", 0)) != 0 or indices.shape[-1] > x.rank or indices.dtype != DType.int64:
+        raise Unhandled
+    parts = [cv.emit("select", [indices], {"axis": indices.rank - 1, "index": k}, suffix=f"_index{k}")
+             for k in range(indices.shape[-1])]
+    return cv.emit("index", [x, *parts], {"axes": list(range(len(parts)))})

@@ -19,6 +19,7 @@ from slimgraph.errors import VerificationError
 from slimgraph.ir.dtypes import DType
 from slimgraph.ir.node import Node
 from slimgraph.ir.ops import OPAQUE, TensorType, get_op, infer_types
+from slimgraph.ir.symbolic import has_symbols, infer_syms
 from slimgraph.ir.value import Shape, Value
 
 _NOT_IDENT = re.compile(r"[^0-9A-Za-z_]+")
@@ -84,8 +85,13 @@ class Graph:
         self.version += 1
 
     # ------------------------------------------------------------------ creation
-    def add_input(self, name: str, shape: Shape, dtype: DType) -> Value:
+    def add_input(self, name: str, shape: Shape, dtype: DType, sym: Sequence | None = None) -> Value:
+        """A graph input; ``sym`` names its symbolic dims (per dim: a symbol name or None)."""
         value = Value(self.unique_name(name), shape, dtype)
+        if sym is not None and any(s is not None for s in sym):
+            import sympy
+
+            value.sym = tuple(None if s is None else sympy.Symbol(s) if isinstance(s, str) else s for s in sym)
         self.inputs.append(value)
         self.touch()
         return value
@@ -138,6 +144,10 @@ class Graph:
             value.producer, value.output_index = node, i
             outs.append(value)
         node.outputs = tuple(outs)
+        if op != OPAQUE and (any(v is not None and v.sym for v in inputs) or has_symbols(node.attrs)):
+            syms = infer_syms(node, get_op(op).reference)
+            for value, sym in zip(outs, syms or ()):
+                value.sym = sym
         node.graph = self
         if before is not None:
             self._nodes.insert(self.index_of(before), node)
@@ -198,7 +208,7 @@ class Graph:
 
         def copy_value(v: Value) -> Value:
             c = Value(v.name, v.shape, v.dtype, v.const_value)
-            c.meta = dict(v.meta)
+            c.meta, c.sym = dict(v.meta), v.sym
             mapping[id(v)] = c
             return c
 

@@ -10,6 +10,7 @@ import torch
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.graph import Graph
 from slimgraph.ir.ops import run_reference
+from slimgraph.ir.symbolic import graph_bindings
 from slimgraph.ir.value import Value
 
 
@@ -32,13 +33,18 @@ def run(graph, inputs, capture=None):
         env[id(value)] = tensor
     for value in graph.constants.values():
         env[id(value)] = value.const_value
+    symbolic = any(v.sym for v in graph.inputs)
+    try:
+        bindings = graph_bindings(graph.inputs, [tuple(t.shape) for t in inputs]) if symbolic else None
+    except ValueError as exc:
+        raise SlimgraphError(f"graph {graph.name}: {exc}") from None
     remaining = {id(v): len(v.uses) for v in graph.values()}
     keep = {id(v) for v in graph.outputs} | {id(v) for v in capture or ()}
     with torch.no_grad():
         for node in graph.nodes:
             args = [None if v is None else env[id(v)] for v in node.inputs]
             try:
-                results = run_reference(node, args)
+                results = run_reference(node, args, bindings)
             except SlimgraphError:
                 raise
             except Exception as exc:

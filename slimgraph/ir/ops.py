@@ -20,6 +20,7 @@ import torch
 from slimgraph.errors import VerificationError
 from slimgraph.ir.coupling import Coupling
 from slimgraph.ir.dtypes import DType
+from slimgraph.ir.symbolic import has_symbols, resolve
 
 if TYPE_CHECKING:
     from slimgraph.ir.node import Node
@@ -77,15 +78,18 @@ def _ensure_loaded() -> None:
         import slimgraph.ir.opdefs  # noqa: F401  (registers every canonical op)
 
 
-def run_reference(node: Node, inputs: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
-    """Execute one node; always returns a tuple of output tensors."""
+def run_reference(node: Node, inputs: Sequence[torch.Tensor | None], bindings: dict[str, int] | None = None
+                  ) -> tuple[torch.Tensor, ...]:
+    """Execute one node; always returns a tuple of output tensors. Symbolic sizes in its attributes
+    take their values from ``bindings`` (their traced values, the hints, without)."""
     if node.op == OPAQUE:
         result = node.attrs["impl"](list(inputs))
     else:
         opdef = get_op(node.op)
         if opdef is None:
             raise VerificationError(f"node {node.name}: unknown op {node.op!r}")
-        result = opdef.reference(list(inputs), node.attrs)
+        attrs = resolve(node.attrs, bindings) if has_symbols(node.attrs) else node.attrs
+        result = opdef.reference(list(inputs), attrs)
     if isinstance(result, torch.Tensor):
         return (result,)
     return tuple(result)

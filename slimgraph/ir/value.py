@@ -26,7 +26,7 @@ class Value:
     ``uses`` is maintained by Graph and Node mutation methods; never edit it by hand.
     """
 
-    __slots__ = ("name", "shape", "dtype", "producer", "output_index", "uses", "const_value", "meta")
+    __slots__ = ("name", "shape", "dtype", "producer", "output_index", "uses", "const_value", "meta", "sym")
 
     def __init__(
         self,
@@ -43,6 +43,9 @@ class Value:
         self.uses: list[Use] = []
         self.const_value = const_value
         self.meta: dict = {}
+        # per dim, its expression over the graph's symbols (None where static); see ir/symbolic.py.
+        # ``shape`` keeps the sizes of the traced example (the hints) either way.
+        self.sym: tuple | None = None
 
     @property
     def is_constant(self) -> bool:
@@ -68,7 +71,20 @@ class Value:
         dt = self.dtype.short if self.dtype else "?"
         if self.shape is None:
             return f"{dt}[?]"
+        if self.sym:
+            from slimgraph.ir.symbolic import python_expr
+
+            dims = [python_expr(e).replace(" ", "") if e is not None else str(d) for e, d in zip(self.sym, self.shape)]
+            return f"{dt}[{','.join(dims)}]"
         return f"{dt}[{','.join(str(d) for d in self.shape)}]"
+
+    def dim(self, axis: int):
+        """Dim ``axis`` as a SymDim where it is symbolic, else its int size."""
+        if self.sym and self.sym[axis] is not None:
+            from slimgraph.ir.symbolic import SymDim
+
+            return SymDim(self.sym[axis], self.shape[axis])
+        return self.shape[axis]
 
     def users(self) -> list[Node]:
         """Distinct consumer nodes, in order of first use."""

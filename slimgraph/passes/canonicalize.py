@@ -15,6 +15,7 @@ import torch
 from slimgraph.errors import PassError
 from slimgraph.ir import Graph, Node, Value, get_op, is_canonical
 from slimgraph.ir.ops import run_reference
+from slimgraph.ir.symbolic import has_symbols
 from slimgraph.passes.base import Pass, PassContext, PassResult, register_pass
 from slimgraph.passes.cleanup import DeadCodeElimination, RemoveIdentity
 
@@ -263,6 +264,8 @@ def _foldable(node: Node, graph: Graph) -> bool:
     present = [v for v in node.inputs if v is not None]
     if not present or not all(v.is_constant for v in present):
         return False
+    if any(v.sym for v in node.outputs) or has_symbols(node.attrs):
+        return False  # its size follows the graph's symbols (a slice of a position table up to seq)
     # a graph output that is a bare constant has no producer for backends to emit
     return not any(o is v for v in node.outputs for o in graph.outputs)
 

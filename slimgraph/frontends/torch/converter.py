@@ -23,6 +23,7 @@ from slimgraph.frontends.torch.dims import BatchDim
 from slimgraph.frontends.torch.ops.registry import Unhandled
 from slimgraph.ir import OPAQUE, DType, Graph, OpaqueImpl, Value
 from slimgraph.ir.opaque import Slot
+from slimgraph.ir.symbolic import SymDim
 
 DEFAULT = object()  # a placeholder fed nothing: its default value is used
 
@@ -59,13 +60,18 @@ class Converter:
         self.decomposed: list[str] = []  # calls converted through their Core ATen decomposition
 
     # ------------------------------------------------------------------ driver
-    def convert(self, feeds: list[Any], output_names: list[str | None] | None = None) -> Graph:
+    def convert(self, feeds: list[Any], output_names: list[str | None] | None = None,
+                input_names: list[str | None] | None = None, input_syms: list[Any] | None = None) -> Graph:
         """Walk the fx graph: ``feeds`` holds one entry per placeholder, in order: a tensor (a graph
-        input named after the placeholder), another Python value (baked in), or ``DEFAULT``."""
+        input named after the placeholder, or ``input_names``), another Python value (baked in),
+        or ``DEFAULT``. ``input_syms``: per placeholder, the symbol name of each dim (or None)."""
+        names = dict(zip(range(len(feeds)), input_names or []))
+        syms = dict(zip(range(len(feeds)), input_syms or []))
         placeholders = [n for n in self.fx_graph.nodes if n.op == "placeholder"]
         if len(feeds) != len(placeholders):
             raise ModelImportError(f"the traced model takes {len(placeholders)} inputs, got {len(feeds)}")
         feed = dict(zip(placeholders, feeds))
+        index = {n: i for i, n in enumerate(placeholders)}
         for fx_node in self.fx_graph.nodes:
             self.current = fx_node
             if fx_node.op == "placeholder":
@@ -75,8 +81,9 @@ class Converter:
                         raise ModelImportError(f"the model's input {fx_node.target!r} has no example and no default")
                     given = fx_node.args[0]
                 if isinstance(given, torch.Tensor):
-                    value = self.graph.add_input(str(fx_node.target).lstrip("*"), tuple(given.shape),
-                                                 DType.from_torch(given.dtype))
+                    name = names.get(index[fx_node]) or str(fx_node.target).lstrip("*")
+                    value = self.graph.add_input(name, tuple(given.shape), DType.from_torch(given.dtype),
+                                                 syms.get(index[fx_node]))
                     self.ir[fx_node], self.real[fx_node] = value, given
                 else:  # a flag or a default: baked in as a constant
                     self.ir[fx_node] = self.real[fx_node] = given
@@ -172,9 +179,11 @@ class Converter:
             return None
         flat: list[Any] = []
         _leaves((ir_args, ir_kwargs), flat)
-        if any(isinstance(v, BatchDim) for v in flat):
+        if any(isinstance(v, (BatchDim, SymDim)) for v in flat):
             return None
         values = [v for v in flat if isinstance(v, Value)]
+        if any(v.sym for v in values):
+            return None  # its shape follows the graph's symbols
         dynamic = [v for v in values if not v.is_constant]
         if dynamic and name not in VALUE_FREE:
             return None

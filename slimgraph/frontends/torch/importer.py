@@ -22,16 +22,59 @@ from slimgraph.frontends.torch.copying import private_copy
 from slimgraph.ir import OPAQUE, Graph
 
 
-def import_torch(model: torch.nn.Module, example_inputs: Any) -> Graph:
+def import_torch(model: torch.nn.Module, example_inputs: Any, dynamic_dims: Mapping | None = None) -> Graph:
     """``example_inputs``: a tensor, a tuple of positional tensors, or a mapping from the forward's
-    argument names to tensors (what a Hugging Face tokenizer returns)."""
+    argument names to tensors (what a Hugging Face tokenizer returns). ``dynamic_dims``: which dims
+    stay symbolic, by argument name, e.g. ``{"input_ids": {0: "batch", 1: "seq"}}``."""
     if not isinstance(model, torch.nn.Module):
         raise ModelImportError(f"expected a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = _example_args(model, example_inputs)
-    graph = _import(model, args, kwargs, adopt_parameters=True)
+    dims = _check_dynamic_dims(model, args, kwargs, dynamic_dims)
+    graph = _import(model, args, kwargs, dims, adopt_parameters=True)
     if graph is None:  # the model's forward wrote to a parameter the graph adopted: import again, cloning
-        graph = _import(model, args, kwargs, adopt_parameters=False)
+        graph = _import(model, args, kwargs, dims, adopt_parameters=False)
     return graph
+
+
+def _argument_names(model: torch.nn.Module, args: tuple) -> list[str]:
+    """The forward's parameter names for the positional example inputs."""
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return [params[i].name if i < len(params) else f"input_{i}" for i in range(len(args))]
+
+
+def _check_dynamic_dims(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_dims: Mapping | None
+                        ) -> dict[str, dict[int, str]]:
+    """dynamic_dims checked against the example inputs: {argument name: {axis: symbol}}."""
+    if not dynamic_dims:
+        return {}
+    if not isinstance(dynamic_dims, Mapping):
+        raise ModelImportError("dynamic_dims must map argument names to {axis: symbol name}")
+    tensors = dict(zip(_argument_names(model, args), args)) | kwargs
+    checked: dict[str, dict[int, str]] = {}
+    for name, axes in dynamic_dims.items():
+        tensor = tensors.get(name)
+        if not isinstance(tensor, torch.Tensor):
+            raise ModelImportError(f"dynamic_dims names {name!r}, which is not one of the example inputs "
+                                   f"({', '.join(k for k, v in tensors.items() if isinstance(v, torch.Tensor))})")
+        if not isinstance(axes, Mapping):
+            raise ModelImportError(f"dynamic_dims[{name!r}] must map axes to symbol names, e.g. {{0: 'batch'}}")
+        checked[name] = {}
+        for axis, symbol in axes.items():
+            if not isinstance(axis, int) or not -tensor.dim() <= axis < tensor.dim():
+                raise ModelImportError(f"dynamic_dims[{name!r}]: axis {axis!r} is not a dim of a "
+                                       f"{tensor.dim()}-d input")
+            if not isinstance(symbol, str) or not symbol.isidentifier() or symbol.startswith("_"):
+                raise ModelImportError(f"dynamic_dims[{name!r}][{axis}]: symbol {symbol!r} must be an identifier")
+            if tensor.shape[axis] < 2:
+                raise ModelImportError(
+                    f"dynamic_dims[{name!r}][{axis}] ({symbol}) is {tensor.shape[axis]} in the example inputs: "
+                    f"trace symbolic dims at size 2 or more (torch.export specializes sizes 0 and 1)")
+            checked[name][axis % tensor.dim()] = symbol
+    return checked
 
 
 def _example_args(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
@@ -64,18 +107,29 @@ def _example_args(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple, d
     return args, kwargs
 
 
-def _import(model: torch.nn.Module, args: tuple, kwargs: dict, adopt_parameters: bool) -> Graph | None:
+def _import(model: torch.nn.Module, args: tuple, kwargs: dict, dims: dict, adopt_parameters: bool
+            ) -> Graph | None:
     model, private = private_copy(model)  # ours to trace and run; the user's stays bit-identical
     model.eval()
+    if dims:  # torch.export tracks every size computed from a symbolic dim; fx only if it fails
+        try:
+            return _import_exported(model, args, kwargs, dims, private if adopt_parameters else {},
+                                    "symbolic dims were asked for")
+        except ModelImportError as exc:
+            export_error = exc
     try:
         fx_graph = tracing.trace_fx(model)
     except Exception as fx_error:  # data-dependent Python control flow, unsupported builtins...
-        return _import_exported(model, args, kwargs, private if adopt_parameters else {},
+        if dims:
+            raise export_error from None
+        return _import_exported(model, args, kwargs, dims, private if adopt_parameters else {},
                                 f"torch.fx said: {first_line(fx_error)}")
     converter = Converter(model, "torch.fx", fx_graph=fx_graph)
     if adopt_parameters:
         converter.private = private
-    graph = converter.convert(_fx_feeds(model, fx_graph, args, kwargs))
+    feeds = _fx_feeds(model, fx_graph, args, kwargs)
+    placeholders = [str(n.target).lstrip("*") for n in fx_graph.nodes if n.op == "placeholder"]
+    graph = converter.convert(feeds, input_syms=[_syms(dims, name, feed) for name, feed in zip(placeholders, feeds)])
     if not converter.finish():
         return None
     graph.meta["source"] = "torch.fx"
@@ -84,7 +138,7 @@ def _import(model: torch.nn.Module, args: tuple, kwargs: dict, adopt_parameters:
     if opaque:  # perhaps torch.export converts what fx left opaque
         reason = f"torch.fx left {opaque} call(s) opaque"
         try:
-            exported = _import_exported(model, args, kwargs, {}, reason)
+            exported = _import_exported(model, args, kwargs, dims, {}, reason)
         except Exception:
             exported = None
         if exported is not None and sum(1 for n in exported.nodes if n.op == OPAQUE) < opaque:
@@ -92,20 +146,38 @@ def _import(model: torch.nn.Module, args: tuple, kwargs: dict, adopt_parameters:
     return graph
 
 
-def _import_exported(model: torch.nn.Module, args: tuple, kwargs: dict, private: dict, reason: str
+def _syms(dims: dict, name: str, tensor: Any) -> tuple | None:
+    axes = dims.get(name)
+    if not axes or not isinstance(tensor, torch.Tensor):
+        return None
+    return tuple(axes.get(a) for a in range(tensor.dim()))
+
+
+def _import_exported(model: torch.nn.Module, args: tuple, kwargs: dict, dims: dict, private: dict, reason: str
                      ) -> Graph | None:
+    names = _argument_names(model, args)
+    shapes = None
+    if dims:
+        # ranges as the model allows (position tables cap a sequence): export finds them; the
+        # symbols themselves are ours (sizes are tracked from the inputs' dims, by name)
+        shapes = {name: {a: torch.export.Dim.DYNAMIC for a in dims[name]} if name in dims else None
+                  for name in [*names, *kwargs]}
     try:
-        module, paths = tracing.export(model, args, kwargs)
+        module, paths = tracing.export(model, args, kwargs, shapes)
     except Exception as export_error:
         raise ModelImportError(f"cannot trace the model: {reason}; torch.export said: "
                                f"{first_line(export_error)}") from export_error
     converter = Converter(module, "torch.export")
     converter.private = private
     placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
-    leaves = pytree.tree_leaves((args, kwargs))
-    if len(leaves) != len(placeholders):
-        raise ModelImportError(f"torch.export took {len(placeholders)} inputs for {len(leaves)} given")
-    graph = converter.convert(leaves, tracing.output_names(paths))
+    flat = pytree.tree_flatten_with_path((args, kwargs))[0]
+    if len(flat) != len(placeholders):
+        raise ModelImportError(f"torch.export took {len(placeholders)} inputs for {len(flat)} given")
+    leaf_names = [names[path[1].idx] if path[0].idx == 0 and len(path) == 2 else
+                  getattr(path[1], "key", None) if len(path) == 2 else None for path, _ in flat]
+    leaves = [leaf for _, leaf in flat]
+    graph = converter.convert(leaves, tracing.output_names(paths), leaf_names,
+                              [_syms(dims, n, leaf) if n else None for n, leaf in zip(leaf_names, leaves)])
     if not converter.finish():
         return None
     graph.name = type(model).__name__

@@ -376,3 +376,14 @@ register_op(
     description="cyclic shift along dims (shifted-window attention)",
     coupling=roll_coupling,
 )
+
+
+# Tensors made from sizes alone: only where a size is symbolic (otherwise the frontend folds them
+# to constants), e.g. the positions of a sequence, arange(seq).
+register_op("arange", lambda xs, a: torch.arange(a["start"], a["end"], a["step"], dtype=getattr(torch, a["dtype"])),
+            description="start, start + step, ... below end; attrs start, end, step, dtype", num_inputs=(0, 0))
+register_op("full", lambda xs, a: torch.full(a["shape"], a["value"], dtype=getattr(torch, a["dtype"])),
+            description="a tensor of attr shape filled with value; attrs shape, value, dtype", num_inputs=(0, 0))
+register_op("sizes", lambda xs, a: torch.tensor(a["values"], dtype=torch.int64).reshape(a["shape"]),
+            description="an int64 tensor of sizes (expressions over the graph's symbols); attrs values, shape",
+            num_inputs=(0, 0))

@@ -27,6 +27,7 @@ from slimgraph.frontends.torch.ops.functions import (
 )
 from slimgraph.frontends.torch.ops.registry import FUNCTIONS, Unhandled, ints, tensor_arg
 from slimgraph.ir import DType, Value
+from slimgraph.ir.symbolic import SymDim
 
 aten = torch.ops.aten
 Params = dict[str, Any]
@@ -310,6 +311,13 @@ def t(cv, p, real):
 def expand(cv, p, real):
     x = tensor_arg(p["self"])
     sizes = list(p["size"])
+    if any(isinstance(s, SymDim) for s in sizes) or x.sym:  # sizes over the graph's symbols
+        lead = len(sizes) - x.rank
+        shape = [x.dim(i - lead) if s == -1 else s for i, s in enumerate(sizes)]
+        if all((isinstance(a, SymDim) and a == b) or a == b for a, b in zip(shape[lead:], _dims_of(x))) \
+                and lead == 0:
+            return cv.emit("identity", [x])
+        return cv.emit("expand", [x], {"shape": shape})
     batch = [s for s in sizes if isinstance(s, BatchDim)]
     if len(batch) == 1 and isinstance(sizes[0], BatchDim) and sizes[0].factor == 1:
         return cv.emit("expand_batch", [x, batch[0].source], {"shape": ["N"] + [int(concrete(s)) for s in sizes[1:]]})
@@ -361,11 +369,22 @@ def select(cv, p, real):
     return cv.emit("select", [x], {"axis": axis, "index": int(concrete(p["index"])) % x.shape[axis]})
 
 
+def _dims_of(x: Value) -> list:
+    return [x.dim(a) for a in range(x.rank)]
+
+
 @handles("slice.Tensor", "slice_copy.Tensor")
 def slice_(cv, p, real):
     x = tensor_arg(p["self"])
     axis = p["dim"] % x.rank
     end = p["end"]
+    if isinstance(p["start"], SymDim) or isinstance(end, SymDim) or isinstance(x.dim(axis), SymDim):
+        start, size = p["start"] or 0, x.dim(axis)
+        if isinstance(end, SymDim) and end == size or (isinstance(end, int) and end >= 2 ** 62):
+            end = size  # to the end of the dim
+        if start == 0 and p["step"] == 1 and end == size:
+            return cv.emit("identity", [x])
+        return cv.emit("slice", [x], {"axes": [axis], "starts": [start], "ends": [end], "steps": [p["step"]]})
     if isinstance(end, BatchDim) and end.value >= x.shape[axis]:
         end = None  # up to a batch size that is the whole dim: to the end, at any batch
     start, step = concrete(p["start"]), concrete(p["step"])
@@ -413,14 +432,26 @@ def copy(cv, p, real):
     return y if y.shape == x.shape else cv.emit("expand", [y], {"shape": list(x.shape)})
 
 
+def _filled(cv, shape: list, value: Any, real: torch.Tensor) -> Value:
+    """A tensor of one value: a constant, or a full node where its shape is symbolic."""
+    if not any(isinstance(d, SymDim) for d in shape):
+        return cv.graph.add_constant(cv.name, torch.full(tuple(real.shape), value, dtype=real.dtype))
+    return cv.emit("full", [], {"shape": list(shape), "value": value, "dtype": str(real.dtype).removeprefix("torch.")})
+
+
 @handles("fill.Scalar", "fill_.Scalar", "full_like", "zeros_like", "ones_like", "empty_like")
 def fill(cv, p, real):
-    return cv.graph.add_constant(cv.name, real.detach().clone())  # the operand's shape only: a constant
+    """Only the operand's shape is read."""
+    x = p["self"]
+    name = cv.current.target.__name__.split(".")[0]
+    value = {"zeros_like": 0, "ones_like": 1, "empty_like": 0}.get(name, p.get("value", p.get("fill_value")))
+    shape = [x.dim(a) for a in range(x.rank)] if isinstance(x, Value) else list(real.shape)
+    return _filled(cv, shape, value.item() if isinstance(value, torch.Tensor) else value, real)
 
 
 @handles("empty.memory_format", "empty_strided", "new_empty", "new_empty_strided")
 def empty(cv, p, real):
-    return cv.graph.add_constant(cv.name, torch.zeros_like(real))  # contents unspecified: zeros
+    return _filled(cv, list(p["size"]), 0, real)  # contents unspecified: zeros
 
 
 @handles("constant_pad_nd")
@@ -703,6 +734,8 @@ def grid_sampler(cv, p, real):
 @handles("sym_size.int")
 def sym_size(cv, p, real):
     x, dim = p["self"], p["dim"]
+    if isinstance(x, Value) and x.sym:
+        return x.dim(dim % x.rank)
     if isinstance(x, Value) and dim % x.rank == 0 and not x.is_constant:
         return BatchDim(int(real), x)
     return int(real)
@@ -728,4 +761,16 @@ def local_scalar(cv, p, real):
 
 @handles("scalar_tensor", "full", "arange.start_step", "arange.default", "arange.start", "zeros", "ones")
 def creation(cv, p, real):
-    return cv.graph.add_constant(cv.name, real.detach().clone())  # sizes known at import: a constant
+    """A tensor made from sizes: a constant when they are known at import, else an arange or full
+    node whose sizes are expressions over the graph's symbols."""
+    name = cv.current.target.__name__.split(".")[0]
+    sizes = p.get("size") or []
+    bounds = [p.get(k) for k in ("start", "end", "step")]
+    if not any(isinstance(d, SymDim) for d in (*sizes, *bounds)):
+        return cv.graph.add_constant(cv.name, real.detach().clone())
+    dtype = str(real.dtype).removeprefix("torch.")
+    if name == "arange":
+        start, end, step = (0 if bounds[0] is None else bounds[0]), bounds[1], (1 if bounds[2] is None else bounds[2])
+        return cv.emit("arange", [], {"start": start, "end": end, "step": step, "dtype": dtype})
+    value = {"zeros": 0, "ones": 1}.get(name, p.get("fill_value"))
+    return cv.emit("full", [], {"shape": list(sizes), "value": value, "dtype": dtype})

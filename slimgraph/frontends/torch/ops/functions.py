@@ -29,6 +29,7 @@ from slimgraph.frontends.torch.ops.registry import (
 )
 from slimgraph.ir import DType, Value
 from slimgraph.ir.opdefs.shape import BATCH
+from slimgraph.ir.symbolic import SymDim
 
 
 # ============================================================================ layers (shared with modules and aten)
@@ -163,6 +164,14 @@ def _host_or(handler: Handler) -> Handler:
 
 
 def _batch_arithmetic(op: Any, args: tuple, real: Any) -> Any:
+    if any(isinstance(a, SymDim) for a in args):  # sizes over the graph's symbols stay symbolic
+        try:
+            result = op(*args)
+        except TypeError:
+            raise Unhandled from None
+        if result is NotImplemented or (isinstance(result, SymDim) and result.hint != real):
+            raise Unhandled
+        return result
     if len(args) != 2 or not isinstance(real, int):
         return real
     a, b = args
@@ -450,6 +459,10 @@ def getattr_fn(cv, args, kwargs, real):
 
 
 def _shape_of(x: Value) -> tuple:
+    """x's sizes as the model reads them: symbolic dims as SymDims; without any, the batch (dim 0)
+    as a BatchDim."""
+    if x.sym:
+        return tuple(x.dim(a) for a in range(x.rank))
     dims = list(x.shape)
     if dims and not x.is_constant:
         dims[0] = BatchDim(dims[0], x)
@@ -563,7 +576,9 @@ def reshape_target(x: Value, shape: Any) -> list:
     for i, d in enumerate(shape):
         if isinstance(d, Value):
             raise Unhandled
-        if isinstance(d, BatchDim) and keeps_batch(i, d):
+        if isinstance(d, SymDim):
+            out.append(d)
+        elif isinstance(d, BatchDim) and keeps_batch(i, d):
             out.append(BATCH)
         elif isinstance(d, BatchDim) and symbolic == [i] and -1 not in shape and not x.is_constant:
             out.append(-1)  # a multiple of the batch: the one dim reshape infers
