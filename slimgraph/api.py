@@ -89,7 +89,7 @@ class OptimizeResult:
             raise SlimgraphError(f"{folder}: {', '.join(existing)} already exist (pass overwrite=True)")
         return save_torch(self.graph, folder)
 
-    def to_onnx(self, path: str | os.PathLike | None = None, opset: int = 17, overwrite: bool = False,
+    def to_onnx(self, path: str | os.PathLike | None = None, opset: int | None = None, overwrite: bool = False,
                 quant_format: str = "qdq", dynamic_batch: bool = False):
         """The graph as a checked ONNX ModelProto, written to ``path`` if given (never overwriting
         an existing file unless asked). An int8 graph is written as QDQ (``quant_format="qdq"``)
@@ -109,7 +109,7 @@ def to_torch(graph: Graph) -> torch.nn.Module:
     return emit(graph)
 
 
-def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int = 17, overwrite: bool = False,
+def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int | None = None, overwrite: bool = False,
             quant_format: str = "qdq", dynamic_batch: bool = False):
     """Emit ``graph`` as an ONNX ModelProto (checked with onnx.checker, full check), optionally saved;
     ``quant_format`` ("qdq" or "qoperator") is the form of an int8 graph; ``dynamic_batch`` makes

@@ -4,6 +4,9 @@
     slimgraph optimize model.onnx --passes dce -o out.onnx
     slimgraph optimize torchvision:resnet18 --passes fold-bn,quantize,fold-int8 --calibration-data cal.pt -o int8.onnx
     slimgraph inspect torchvision:mobilenet_v2
+    slimgraph inspect timm:convnext_atto
+    slimgraph optimize path/to/hf-model-folder --dynamic-dims input_ids=batch,seq \
+        --dynamic-dims attention_mask=batch,seq --passes canonicalize -o bert.onnx
     slimgraph passes
 """
 
@@ -27,7 +30,9 @@ def default_input_shape(name: str) -> tuple[int, ...]:
 
 
 def load_model(spec: str, input_shape: str | None):
-    """An ONNX path, ``torchvision:NAME`` (random init) or ``package.module:factory``.
+    """An ONNX path, a Hugging Face model folder (config and weights; its tokenizer, if present,
+    makes the example inputs from two sentences), ``torchvision:NAME`` or ``timm:NAME`` (random
+    init) or ``package.module:factory``.
 
     Returns (model, example inputs); ONNX models carry their own input shapes (None).
     """
@@ -39,9 +44,13 @@ def load_model(spec: str, input_shape: str | None):
         if input_shape:
             return spec, (torch.randn(_parse_shape(input_shape)),)
         return spec, None
+    if Path(spec).is_dir():
+        return _load_hf_folder(Path(spec))
     if ":" not in spec:
-        raise SlimgraphError(f"model {spec!r}: expected torchvision:NAME or module:factory")
+        raise SlimgraphError(f"model {spec!r}: expected a Hugging Face model folder, torchvision:NAME, timm:NAME "
+                             "or module:factory")
     source, _, name = spec.partition(":")
+    shape = (1, 3, 224, 224)
     if source == "torchvision":
         try:
             import torchvision
@@ -51,17 +60,70 @@ def load_model(spec: str, input_shape: str | None):
             raise SlimgraphError(f"torchvision has no classification model {name!r}")
         model = torchvision.models.get_model(name, weights=None)
         shape = default_input_shape(name)
+    elif source == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise SlimgraphError("timm is not installed (pip install timm)") from None
+        if name not in timm.list_models():
+            raise SlimgraphError(f"timm has no model {name!r}")
+        model = timm.create_model(name, pretrained=False)
+        shape = (1, *model.pretrained_cfg.get("input_size", (3, 224, 224)))
     else:
         try:
             factory = getattr(importlib.import_module(source), name)
         except (ImportError, AttributeError) as exc:
             raise SlimgraphError(f"model {spec!r}: {exc}") from None
         model = factory()
-        shape = (1, 3, 224, 224)
     if input_shape:
         shape = _parse_shape(input_shape)
     torch.manual_seed(0)
     return model.eval(), (torch.randn(shape),)
+
+
+SENTENCES = ["slimgraph makes neural networks faster and smaller.", "A second, shorter sentence."]
+
+
+def _load_hf_folder(folder: Path):
+    """A transformers model saved in ``folder`` (no network): the model, and its tokenizer's encoding
+    of two sentences (padded), or random token ids when the folder has no tokenizer."""
+    import os
+
+    import torch
+
+    if not (folder / "config.json").is_file():
+        raise SlimgraphError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError:
+        raise SlimgraphError("transformers is not installed (pip install transformers)") from None
+    try:
+        model = transformers.AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+    except Exception as exc:
+        raise SlimgraphError(f"{folder}: transformers cannot load it ({type(exc).__name__}: "
+                             f"{(str(exc).strip().splitlines() or [''])[0]})") from None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return model, dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
+    except Exception:  # no tokenizer in the folder
+        vocab = getattr(model.config, "vocab_size", 100)
+        return model, {"input_ids": torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))}
+
+
+def parse_dynamic_dims(specs: list[str] | None) -> dict | None:
+    """``--dynamic-dims input_ids=batch,seq`` (repeatable): the symbol of each leading axis, ``-``
+    for a static one."""
+    if not specs:
+        return None
+    dims: dict[str, dict[int, str]] = {}
+    for spec in specs:
+        name, sep, symbols = spec.partition("=")
+        if not sep or not name or not symbols:
+            raise SlimgraphError(f"--dynamic-dims {spec!r}: expected INPUT=SYMBOL,SYMBOL,... "
+                                 "(e.g. input_ids=batch,seq)")
+        dims[name] = {axis: s for axis, s in enumerate(symbols.split(",")) if s != "-"}
+    return dims
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -80,13 +142,16 @@ def _cmd_passes(args) -> None:
 
 def _cmd_inspect(args) -> None:
     from slimgraph import import_model
-    from slimgraph.ir import graph_stats, print_graph
+    from slimgraph.ir import describe_opaque, graph_stats, opaque_ops, print_graph
 
     model, inputs = load_model(args.model, args.input_shape)
-    graph = import_model(model, inputs)
+    graph = import_model(model, inputs, parse_dynamic_dims(args.dynamic_dims))
     print(print_graph(graph, constants=args.constants))
     stats = graph_stats(graph)
     print(", ".join(f"{k}={v}" for k, v in stats.items()))
+    opaque = opaque_ops(graph)
+    print(f"imported through {graph.meta.get('source', '?')}; opaque ops: "
+          + (describe_opaque(opaque) + " (passes skip them and keep the channels they touch)" if opaque else "none"))
 
 
 CALIBRATION_HELP = (
@@ -186,14 +251,15 @@ def _cmd_optimize(args) -> None:
     if any(p.name == "quantize" for p in pipeline) and not args.calibration_data:
         raise SlimgraphError("pass 'quantize' needs calibration inputs: --calibration-data PATH "
                              "(.pt, .npy or .npz; see --help)")
+    dynamic_dims = parse_dynamic_dims(args.dynamic_dims)
     model, inputs = load_model(args.model, args.input_shape)
     calibration = None
     if args.calibration_data:
-        model = import_model(model, inputs)  # the graph's inputs say what the data must look like
+        model = import_model(model, inputs, dynamic_dims)  # the graph's inputs say what the data must look like
         calibration = load_calibration_data(args.calibration_data, model)
     instruments = [PrintAfterChange()] if args.print_after_change else []
     result = optimize(model, pipeline, example_inputs=inputs, instruments=instruments,
-                      calibration_data=calibration)
+                      calibration_data=calibration, dynamic_dims=None if args.calibration_data else dynamic_dims)
     print(result.trace.summary())
     if onnx_out:
         result.to_onnx(args.output, opset=args.opset, overwrite=args.force, quant_format=args.quant_format,
@@ -208,10 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="slimgraph", description="Make neural networks faster and smaller.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     p = sub.add_parser("optimize", help="run a pass pipeline and write model.py + weights")
-    p.add_argument("model", help="model.onnx, torchvision:NAME or module:factory")
+    p.add_argument("model", help="model.onnx, a Hugging Face model folder, torchvision:NAME, timm:NAME or "
+                                 "module:factory")
+    p.add_argument("--dynamic-dims", action="append", metavar="INPUT=SYMBOLS",
+                   help="keep dims symbolic, e.g. input_ids=batch,seq (repeat per input; - for a static axis)")
     p.add_argument("--passes", default="dce", help='pipeline, e.g. "dce,remove-identity"')
     p.add_argument("-o", "--output", help="out.onnx, or a folder for model.py and weights.pt")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset to emit (default 17)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset to emit (default: an ONNX model's own, else 17)")
     p.add_argument("--force", action="store_true", help="overwrite an existing model.py")
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
     p.add_argument("--print-after-change", action="store_true", help="print each changing pass's diff")
@@ -224,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_optimize)
     p = sub.add_parser("inspect", help="print a model's IR and stats")
     p.add_argument("model")
+    p.add_argument("--dynamic-dims", action="append", metavar="INPUT=SYMBOLS", help="as for optimize")
     p.add_argument("--input-shape")
     p.add_argument("--constants", action="store_true", help="list constants too")
     p.set_defaults(func=_cmd_inspect)

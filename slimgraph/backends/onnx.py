@@ -703,7 +703,12 @@ def _check_quant_format(graph: Graph, quant_format: str) -> None:
                              "run quantize and fold-int8 first, or emit it with quant_format='qdq'")
 
 
-def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int = DEFAULT_OPSET,
+def default_opset_for(graph: Graph) -> int:
+    """The opset a graph imported from ONNX came in with (no older than we write), else DEFAULT_OPSET."""
+    return max(MIN_OPSET, int(graph.meta.get("opset", DEFAULT_OPSET)))
+
+
+def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int | None = None,
             overwrite: bool = False, quant_format: str = "qdq", dynamic_batch: bool = False) -> onnx.ModelProto:
     """Build and check the ModelProto; with a path, write it (never over an existing file unless asked).
     ``dynamic_batch`` declares the inputs' (and outputs') leading dim symbolic, "N": the model then
@@ -715,6 +720,7 @@ def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int = DE
     com.microsoft QLinearAdd, QGemm, ...; see onnx_qoperator.py). ``qoperator`` on a graph
     without int8 tensors is an error."""
     _check_quant_format(graph, quant_format)
+    opset = default_opset_for(graph) if opset is None else opset
     model = build_model(graph, opset, dynamic_batch)
     if quant_format == "qoperator":
         from slimgraph.backends.onnx_qoperator import to_qoperator

@@ -68,6 +68,15 @@ class _Ctx:
         raise SlimgraphError(f"value %{v.name} is used before it is defined")
 
 
+    def tensor(self, v: Value | None) -> str:
+        """``v`` as a tensor expression: torch functions (torch.maximum, torch.where) take no Python
+        numbers where operators would, so a scalar constant is a buffer here, not a literal."""
+        if v is not None and v.is_constant and id(v) not in self.names:
+            return self.register(v, bool(v.meta.get("trainable")) and v.const_value.dtype.is_floating_point)
+        if v is not None and v.is_constant and not self.names[id(v)].startswith("self."):
+            return f"torch.tensor({self.names[id(v)]})"
+        return self.ref(v)
+
     def register(self, v: Value, trainable: bool) -> str:
         """Constant ``v`` as a module attribute: an nn.Parameter if ``trainable``, else a buffer.
         Either way it is in the state dict, where load_weights finds it."""
@@ -285,8 +294,8 @@ for _op, _fmt in _UNARY.items():
 _BINARY = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**", "matmul": "@"}
 for _op, _sym in _BINARY.items():
     EMITTERS[_op] = (lambda sym: lambda ctx, node, a: f"{a[0]} {sym} {a[1]}")(_sym)
-EMITTERS["maximum"] = lambda ctx, node, a: f"torch.maximum({a[0]}, {a[1]})"
-EMITTERS["minimum"] = lambda ctx, node, a: f"torch.minimum({a[0]}, {a[1]})"
+EMITTERS["maximum"] = lambda ctx, node, a: f"torch.maximum({ctx.tensor(node.inputs[0])}, {ctx.tensor(node.inputs[1])})"
+EMITTERS["minimum"] = lambda ctx, node, a: f"torch.minimum({ctx.tensor(node.inputs[0])}, {ctx.tensor(node.inputs[1])})"
 
 
 @emitter("clip")

@@ -13,14 +13,16 @@ for _name in ("softsign", "mish", "logsigmoid"):
     EMITTERS[_name] = (lambda name: lambda ctx, node, a: f"F.{name}({a[0]})")(_name)
 for _name in ("eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor", "bitwise_and",
               "bitwise_or", "bitwise_xor", "fmod", "remainder", "atan2"):
-    EMITTERS[_name] = (lambda name: lambda ctx, node, a: f"torch.{name}({a[0]}, {a[1]})")(_name)
+    EMITTERS[_name] = (lambda name: lambda ctx, node, a: (
+        f"torch.{name}({ctx.tensor(node.inputs[0])}, {ctx.tensor(node.inputs[1])})"))(_name)
 
 
 def _keep(node) -> str:
     return f"keepdim={bool(node.attrs.get('keepdim', False))}"
 
 
-EMITTERS["where"] = lambda ctx, node, a: f"torch.where({a[0]}, {a[1]}, {a[2]})"
+EMITTERS["where"] = lambda ctx, node, a: (
+    f"torch.where({a[0]}, {ctx.tensor(node.inputs[1])}, {ctx.tensor(node.inputs[2])})")
 EMITTERS["amax"] = lambda ctx, node, a: f"torch.amax({a[0]}, {_lit(node.attrs['axes'])}, {_keep(node)})"
 EMITTERS["amin"] = lambda ctx, node, a: f"torch.amin({a[0]}, {_lit(node.attrs['axes'])}, {_keep(node)})"
 EMITTERS["var"] = lambda ctx, node, a: (
@@ -118,3 +120,11 @@ EMITTERS["full"] = lambda ctx, node, a: (
     f"torch.full({_lit(list(node.attrs['shape']))}, {_lit(node.attrs['value'])}, dtype=torch.{node.attrs['dtype']})")
 EMITTERS["sizes"] = lambda ctx, node, a: (
     f"torch.tensor({_lit(list(node.attrs['values']))}, dtype=torch.int64).reshape({_lit(list(node.attrs['shape']))})")
+
+
+@emitter("prelu")
+def emit_prelu(ctx, node, a):
+    x, slope = node.inputs
+    if slope.rank == 1 and x.rank > 1:  # per channel (axis 1) or one slope: nn.PReLU's
+        return f"F.prelu({a[0]}, {a[1]})"
+    return f"torch.where({a[0]} >= 0, {a[0]}, {a[0]} * {a[1]})"

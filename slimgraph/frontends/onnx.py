@@ -130,6 +130,7 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto, example_inputs: Sequ
         raise ModelImportError(f"onnx shape inference failed: {exc}") from None
     graph = _Converter(proto, example_inputs).convert()
     graph.meta["source"] = "onnx"
+    graph.meta["opset"] = default_opset(proto)  # written back at this opset unless asked otherwise
     return graph
 
 

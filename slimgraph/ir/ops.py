@@ -118,7 +118,13 @@ def infer_types(node: Node) -> list[TensorType]:
             metas.append(torch.empty(v.shape, dtype=v.dtype.torch, device="meta"))
     with torch.no_grad():
         try:
-            outs = run_reference(node, metas)
+            try:
+                outs = run_reference(node, metas)
+            except Exception:
+                if node.op != OPAQUE:
+                    raise
+                # opaque code may leave torch (numpy): run it on zeros instead of meta tensors
+                outs = run_reference(node, [None if m is None else torch.zeros(m.shape, dtype=m.dtype) for m in metas])
         except VerificationError:
             raise
         except Exception as exc:  # the op rejected its operands: report which node

@@ -10,7 +10,7 @@ from typing import TextIO
 import torch
 
 from slimgraph.errors import NumericalError
-from slimgraph.ir import Graph, graph_stats, print_graph, run
+from slimgraph.ir import Graph, graph_stats, opaque_ops, print_graph, run
 from slimgraph.passes.base import Pass
 from slimgraph.passes.trace import PassRecord
 
@@ -45,6 +45,7 @@ class TraceInstrument(Instrument):
 
     def after_pass(self, pass_, graph, record):
         after, record.stats_after = self._snapshot(graph)
+        record.opaque_ops = opaque_ops(graph) if record.stats_after.get("opaque") else {}
         if after != self._before:
             record.diff = "\n".join(difflib.unified_diff(
                 self._before.splitlines(), after.splitlines(),

@@ -40,6 +40,7 @@ class PrunePlan:
 
     removed: dict[str, dict[tuple[int, ...], list[int]]] = field(default_factory=dict)
     groups: list[dict[str, Any]] = field(default_factory=list)  # report for the trace
+    frozen_by_opaque: dict[str, int] = field(default_factory=dict)  # opaque op -> layers it keeps whole
 
     @property
     def empty(self) -> bool:
@@ -419,7 +420,21 @@ def plan_pruning(graph: Graph, ratio: float, criterion: Criterion = "l1", scope:
         groups = [g for k, g in enumerate(groups) if k in only_groups]
     importance = class_importance(cg, criterion, seed)
     removed, reports = select(cg, groups, importance, ratio, scope, round_to, min_channels)
-    return make_plan(graph, removed, cg, reports)
+    plan = make_plan(graph, removed, cg, reports)
+    plan.frozen_by_opaque = _frozen_by_opaque(graph, cg)
+    return plan
+
+
+def _frozen_by_opaque(graph: Graph, cg: ChannelGroups) -> dict[str, int]:
+    """Layers (conv/linear outputs) whose channels reach an opaque op, by that op's target."""
+    targets = {n.name: repr(n.attrs["impl"]) for n in graph.nodes if n.op == "opaque"}
+    counts: dict[str, int] = {}
+    for _, space in cg.seeds:
+        reason = cg.reason(space.base) if space.size else ""
+        name = reason.removeprefix("node ").removesuffix(" is opaque") if reason.endswith(" is opaque") else None
+        if name in targets:
+            counts[targets[name]] = counts.get(targets[name], 0) + 1
+    return counts
 
 
 # ============================================================================ the pass
@@ -457,12 +472,17 @@ class Prune(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         plan = plan_pruning(graph, self.ratio, self.criterion, self.scope, self.round_to, self.ignore,
                             self.min_channels, self.seed, normalized=self.normalized)
+        notes = [f"{n} layer(s) kept whole: their channels reach opaque op {target}"
+                 for target, n in plan.frozen_by_opaque.items()]
         if plan.empty:
-            return PassResult(False, {"groups": len(plan.groups), "removed": 0})
+            return PassResult(False, {"groups": len(plan.groups), "removed": 0, "notes": notes,
+                                      "frozen_by_opaque": plan.frozen_by_opaque})
         apply_plan(graph, plan)
         return PassResult(True, {
             "groups": len(plan.groups),
             "removed": sum(g["removed"] for g in plan.groups),
             "clamped": sum(g["clamped"] for g in plan.groups),
             "per_group": plan.groups,
+            "frozen_by_opaque": plan.frozen_by_opaque,
+            "notes": notes,
         })

@@ -23,6 +23,7 @@ class PassRecord:
     max_rel_error: float | None = None
     pass_stats: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    opaque_ops: dict[str, int] = field(default_factory=dict)  # after the pass: target -> nodes
 
 
 def _human(n: int | None) -> str:
@@ -78,6 +79,11 @@ class Trace(Sequence[PassRecord]):
         out += [line(r) for r in rows]
         # decisions a pass explains in words (stats["notes"]), e.g. quantize's weight range and why
         out += [f"{r.pipeline_item or r.name}: {note}" for r in self._records for note in r.pass_stats.get("notes", ())]
+        if self._records and self._records[-1].opaque_ops:  # never silent: what passes could not see
+            from slimgraph.ir.stats import describe_opaque
+
+            out.append(f"opaque ops (passes skip them and keep the channels they touch): "
+                       f"{describe_opaque(self._records[-1].opaque_ops)}")
         return "\n".join(out)
 
     def __repr__(self) -> str:

@@ -150,3 +150,16 @@ def test_names_are_data_never_code(tmp_path):
     exec(compile((tmp_path / "out" / "model.py").read_text(), "model.py", "exec"), ns)
     assert torch.allclose(ns["load"](str(tmp_path / "out"))(x), module(x))
     assert not sentinel.exists()
+
+
+def test_a_model_is_written_back_at_the_opset_it_came_in_with(tmp_path):
+    import onnx
+
+    x = torch.randn(1, 4)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.GELU()), (x,), str(path),
+                      opset_version=15, dynamo=False)
+    graph = slimgraph.import_model(str(path))
+    assert graph.meta["opset"] == 15
+    assert [o.version for o in slimgraph.to_onnx(graph).opset_import if o.domain in ("", "ai.onnx")] == [15]
+    assert [o.version for o in slimgraph.to_onnx(graph, opset=18).opset_import if o.domain in ("", "ai.onnx")] == [18]

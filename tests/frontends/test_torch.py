@@ -294,3 +294,24 @@ def test_a_table_read_through_an_index_buffer_stays_a_trainable_parameter():
     module.train()
     module(x).sum().backward()
     assert module.table.grad is not None and module.table.grad[2].abs().sum() == 0  # row 2 is never read
+
+
+class FrozenByOpaque(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.host = nn.Conv2d(3, 8, 3, padding=1), HostRoundTrip(8)
+        self.conv2, self.conv3 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv3(torch.relu(self.conv2(self.host(torch.relu(self.conv1(x))))))
+
+
+def test_what_stays_opaque_is_named_by_the_trace_and_by_prune():
+    torch.manual_seed(0)
+    result = slimgraph.optimize(FrozenByOpaque().eval(), "prune{ratio=0.5}", torch.randn(1, 3, 8, 8))
+    record = result.trace[-1]
+    assert record.changed  # conv2 still prunes
+    assert record.pass_stats["frozen_by_opaque"] == {"host": 1}  # conv1's channels reach the opaque op
+    summary = result.summary()
+    assert "1 layer(s) kept whole: their channels reach opaque op host" in summary
+    assert "opaque ops (passes skip them and keep the channels they touch): host" in summary

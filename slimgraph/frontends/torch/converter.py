@@ -146,6 +146,10 @@ class Converter:
                 result = handler(self, ir_args, ir_kwargs, real)
             except Unhandled:
                 result = None
+            else:
+                if result is None and real is None:  # handled, and nothing to return (an assertion)
+                    self.ir[fx_node] = None
+                    return
         if result is None and self.prefix:  # inside an inlined function: better folded than opaque
             result = self._fold(fx_node, target, ir_args, ir_kwargs, real, trainable=True)
         if result is None and fx_node.op != "call_module":  # torch.cumsum(x, 1) is aten.cumsum(x, 1)

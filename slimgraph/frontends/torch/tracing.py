@@ -52,6 +52,19 @@ def decompositions() -> dict:
     return table
 
 
+def _converts_as_is(graph: torch.fx.Graph) -> bool:
+    """Whether every op of an exported graph already has a handler (no decomposition needed)."""
+    from slimgraph.frontends.torch.ops import find_handler
+
+    for node in graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
+                and find_handler("call_function", node.target) is None:
+            return False
+        if node.op in ("call_module", "call_method"):
+            return False
+    return True
+
+
 def trace_fx(model: torch.nn.Module) -> torch.fx.Graph:
     """torch.fx.symbolic_trace without wrapping the result in a GraphModule: its generated code is
     never run here, and the submodules it would hold are the model's own."""
@@ -63,7 +76,8 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: An
     """torch.export + Core ATen decompositions: the unlifted module (placeholders in the order of
     the flattened (args, kwargs)) and the pytree path of each output, e.g. "['logits']"."""
     program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    program = program.run_decompositions(decompositions())
+    if not _converts_as_is(program.graph):  # decomposing costs as much as exporting: only when needed
+        program = program.run_decompositions(decompositions())
     spec = program.call_spec.out_spec
     structure = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
     paths = [path for path, _ in pytree.tree_flatten_with_path(structure)[0]]

@@ -139,16 +139,57 @@ def leaky_relu(cv, p, real):
 
 @handles("elu", "elu_")
 def elu(cv, p, real):
-    if float(p["scale"]) != 1.0 or float(p["input_scale"]) != 1.0:
-        raise Unhandled
-    return cv.emit("elu", [tensor_arg(p["self"])], {"alpha": float(p["alpha"])})
+    """scale * elu(input_scale * x, alpha): SELU and CELU decompose to it."""
+    x, scale, input_scale = tensor_arg(p["self"]), float(p["scale"]), float(p["input_scale"])
+    if input_scale != 1.0:
+        x = cv.emit("mul", [x, cv.scalar(input_scale, x)])
+    y = cv.emit("elu", [x], {"alpha": float(p["alpha"])})
+    return y if scale == 1.0 else cv.emit("mul", [y, cv.scalar(scale, y)])
 
 
 @handles("softplus")
 def softplus(cv, p, real):
-    if float(p["beta"]) != 1.0 or float(p["threshold"]) != 20.0:
+    """log(1 + exp(beta x)) / beta, and x itself where beta x > threshold (torch's rule)."""
+    x, beta, threshold = tensor_arg(p["self"]), float(p["beta"]), float(p["threshold"])
+    if beta == 1.0 and threshold == 20.0:
+        return cv.emit("softplus", [x])
+    bx = cv.emit("mul", [x, cv.scalar(beta, x)])
+    smooth = cv.emit("div", [cv.emit("log1p", [cv.emit("exp", [bx])]), cv.scalar(beta, x)])
+    return cv.emit("where", [cv.emit("gt", [bx, cv.scalar(threshold, x)]), x, smooth])
+
+
+@handles("rrelu", "rrelu_with_noise_functional", "rrelu_with_noise")
+def rrelu(cv, p, real):
+    """At inference RReLU is a leaky ReLU with the mean of its slope range."""
+    if p.get("training"):
         raise Unhandled
-    return cv.emit("softplus", [tensor_arg(p["self"])])
+    slope = (float(p["lower"]) + float(p["upper"])) / 2
+    y = cv.emit("leaky_relu", [tensor_arg(p["self"])], {"negative_slope": slope})
+    return (y, p["noise"]) if isinstance(real, tuple) else y
+
+
+@handles("_trilinear")
+def trilinear(cv, p, real):
+    """sum over sumdim of the three operands, each unsqueezed at its expand dims (nn.Bilinear)."""
+    factors = []
+    for x, dims in ((p["i1"], p["expand1"]), (p["i2"], p["expand2"]), (p["i3"], p["expand3"])):
+        x = tensor_arg(x)
+        for d in dims:
+            x = cv.emit("unsqueeze", [x], {"axes": [d]})
+        factors.append(x)
+    y = cv.emit("mul", [cv.emit("mul", factors[:2]), factors[2]])
+    return cv.emit("sum", [y], {"axes": list(p["sumdim"]), "keepdim": False}) if p["sumdim"] else y
+
+
+@handles("conv_tbc")
+def conv_tbc(cv, p, real):
+    """A conv1d over [time, batch, channels] with a [kernel, in, out] weight."""
+    x, w, b = tensor_arg(p["self"]), tensor_arg(p["weight"]), tensor_arg(p["bias"])
+    pad = int(p["pad"])
+    xs = cv.emit("permute", [x], {"perm": [1, 2, 0]})
+    ws = cv.emit("permute", [w], {"perm": [2, 1, 0]})
+    y = cv.emit("conv", [xs, ws, b], {"stride": [1], "pads": [pad, pad], "dilation": [1], "groups": 1})
+    return cv.emit("permute", [y], {"perm": [2, 0, 1]})
 
 
 @handles("prelu", "_prelu_kernel")
@@ -186,6 +227,9 @@ for _name, _op in BINARY.items():
                                        "Tensor_Scalar", "default", "self")), f"{_name}_.Tensor",
             f"{_name}_.Scalar")(_binary(_op))
 handles("atan2.out")(_binary("atan2"))  # an out= overload the opset tags core
+handles("__and__.Tensor", "__or__.Tensor", "__xor__.Tensor")(  # Python's operators, before decomposition
+    lambda cv, p, real: _binary({"__and__": "bitwise_and", "__or__": "bitwise_or", "__xor__": "bitwise_xor"}[
+        cv.current.target.__name__.split(".")[0]])(cv, p, real))
 
 
 @handles("where.self", "where.ScalarSelf", "where.ScalarOther", "where.Scalar")
@@ -449,7 +493,14 @@ def fill(cv, p, real):
     return _filled(cv, shape, value.item() if isinstance(value, torch.Tensor) else value, real)
 
 
-@handles("empty.memory_format", "empty_strided", "new_empty", "new_empty_strided")
+@handles("new_ones", "new_zeros", "new_full")
+def new_filled(cv, p, real):
+    name = cv.current.target.__name__.split(".")[0]
+    value = {"new_ones": 1, "new_zeros": 0}.get(name, p.get("fill_value"))
+    return _filled(cv, list(p["size"]), value, real)
+
+
+@handles("empty.memory_format", "empty_strided", "empty_permuted", "new_empty", "new_empty_strided")
 def empty(cv, p, real):
     return _filled(cv, list(p["size"]), 0, real)  # contents unspecified: zeros
 
@@ -678,7 +729,7 @@ def sdpa(cv, p, real):
 def max_pool_(cv, p, real):
     x = tensor_arg(p["self"])
     with_indices = isinstance(real, tuple)
-    if with_indices and any(u.args[1] == 1 for u in cv.current.users if u.target is operator.getitem):
+    if with_indices and any(u.args[1] == 1 and u.users for u in cv.current.users if u.target is operator.getitem):
         raise Unhandled  # the indices are used
     y = max_pool(cv, x, p["kernel_size"], p["stride"], p["padding"], p["dilation"], p["ceil_mode"])
     return (y, None) if with_indices else y
@@ -700,7 +751,7 @@ def adaptive_avg(cv, p, real):
 
 @handles("adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d")
 def adaptive_max(cv, p, real):
-    if any(u.args[1] == 1 for u in cv.current.users):
+    if any(u.target is not operator.getitem or (u.args[1] == 1 and u.users) for u in cv.current.users):
         raise Unhandled  # the indices are used
     return (adaptive("adaptive_max_pool", cv, tensor_arg(p["self"]), p["output_size"]), None)
 
