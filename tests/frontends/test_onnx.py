@@ -153,7 +153,6 @@ def test_names_are_data_never_code(tmp_path):
 
 
 def test_a_model_is_written_back_at_the_opset_it_came_in_with(tmp_path):
-    import onnx
 
     x = torch.randn(1, 4)
     path = tmp_path / "m.onnx"
