@@ -197,3 +197,24 @@ def test_minilm_exported_by_torch_onnx_export_imports_with_its_symbolic_dims(tmp
         ordered = [feed[v.name] for v in graph.inputs]
         assert rel_error(module(*ordered)[0], want) < 1e-4
         assert rel_error(run_onnxruntime(proto, ordered)[0], want) < 1e-4
+
+
+def test_the_fx_path_keeps_sizes_symbolic_or_refuses():
+    """torch.export cannot trace these models (a numpy round trip), so the fx path imports them: a
+    size read off a symbolic dim stays symbolic where a handler keeps it so (arange), and a call
+    that would run at the traced size only is refused, not baked in."""
+    from tests.conftest import HostRoundTrip
+
+    class Model(torch.nn.Module):
+        def __init__(self, make):
+            super().__init__()
+            self.host, self.make = HostRoundTrip(5), make
+
+        def forward(self, x):
+            return self.host(x) + self.make(x.size(0)).unsqueeze(1)
+
+    graph = slimgraph.import_model(Model(torch.arange), torch.randn(3, 5), dynamic_dims={"x": {0: "batch"}})
+    assert graph.meta["source"] == "torch.fx"
+    assert next(n for n in graph.nodes if n.op == "arange").outputs[0].type_str() == "i64[batch]"
+    with pytest.raises(slimgraph.SlimgraphError, match="takes a symbolic size"):
+        slimgraph.import_model(Model(torch.randn), torch.randn(3, 5), dynamic_dims={"x": {0: "batch"}})

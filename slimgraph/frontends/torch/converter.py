@@ -159,6 +159,9 @@ class Converter:
                     result = ops.find_handler("call_function", same)(self, ir_args, ir_kwargs, real)
                 except Unhandled:
                     result = None
+        if result is None and _has_sym_dims((ir_args, ir_kwargs)):
+            raise UnsupportedError(f"node {fx_node.name} ({_describe(fx_node)}) takes a symbolic size and has no "
+                                   "handler that keeps it symbolic: it would run at the traced size only")
         if result is None and not isinstance(target, torch._ops.OpOverload):
             # a call with no handler (a functional, a Tensor method, a module whose forward fx did
             # not enter, a wrapped Python function): its Core ATen decomposition, converted
@@ -393,6 +396,12 @@ def _reads_graph_inputs(value: Value) -> bool:
             return True  # a graph input
         stack.extend(u for u in v.producer.inputs if u is not None)
     return False
+
+
+def _has_sym_dims(x: Any) -> bool:
+    flat: list[Any] = []
+    _leaves(x, flat)
+    return any(isinstance(v, SymDim) for v in flat)
 
 
 def _leaves(x: Any, out: list[Any]) -> None:
