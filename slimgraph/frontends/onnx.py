@@ -214,7 +214,7 @@ class _Converter:
         inputs = [self.env.get(t.name) if t.name else None for t in node.inputs]
         if shape_arith.applies(node.op, inputs):
             try:
-                arrays = shape_arith.evaluate(node, inputs, self.opset)
+                arrays = shape_arith.evaluate(node, inputs)
             except (ValueError, IndexError, TypeError) as exc:
                 raise ModelImportError(f"node {self.name} ({node.op}): cannot compute sizes over the symbolic "
                                        f"dims: {exc}") from None

@@ -80,7 +80,7 @@ def _equal(a: Any, b: Any) -> bool:
     return a == b
 
 
-def evaluate(node: Any, inputs: list, opset: int) -> list[np.ndarray]:
+def evaluate(node: Any, inputs: list) -> list[np.ndarray]:
     """Outputs of one shape-arithmetic node on object arrays (ValueError where it cannot be known)."""
     op, attrs = node.op, node.attrs
     x = inputs[0]

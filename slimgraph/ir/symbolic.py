@@ -103,32 +103,13 @@ def evaluate(expr: Any, bindings: Mapping[str, int]) -> int:
 
 
 def has_symbols(obj: Any) -> bool:
-    if isinstance(obj, SymDim):
-        return True
-    if isinstance(obj, (list, tuple)):
-        return any(has_symbols(x) for x in obj)
-    if isinstance(obj, dict):
-        return any(has_symbols(x) for x in obj.values())
-    return False
+    return bool(_sym_dims(obj))
 
 
 def resolve(obj: Any, bindings: Mapping[str, int] | None) -> Any:
     """``obj`` (attributes) with every SymDim replaced by its value under ``bindings``, or by its
     hint when ``bindings`` is None."""
-    if isinstance(obj, SymDim):
-        return obj.hint if bindings is None else evaluate(obj.expr, bindings)
-    if isinstance(obj, list):
-        return [resolve(x, bindings) for x in obj]
-    if isinstance(obj, tuple):
-        return tuple(resolve(x, bindings) for x in obj)
-    if isinstance(obj, dict):
-        return {k: resolve(v, bindings) for k, v in obj.items()}
-    return obj
-
-
-def input_bindings(symbols: Mapping[str, tuple[int, int]], shapes: list[tuple[int, ...]]) -> dict[str, int]:
-    """Each symbol's value, read from the dim of the input it is bound to."""
-    return {name: int(shapes[i][axis]) for name, (i, axis) in symbols.items()}
+    return _map_dims(obj, lambda d: d.hint if bindings is None else evaluate(d.expr, bindings))
 
 
 def graph_bindings(inputs: list, shapes: list[tuple[int, ...]]) -> dict[str, int]:

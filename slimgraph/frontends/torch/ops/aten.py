@@ -46,7 +46,6 @@ NOT_CONVERTED = {
 }
 
 # ---------------------------------------------------------------------------- plumbing
-HANDLERS: dict[torch._ops.OpOverload, Callable[..., Any]] = {}
 
 
 def params(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Params:
@@ -77,7 +76,6 @@ def handles(*names: str):
                 return fn(cv, params(op, args, kwargs), real)
 
             FUNCTIONS[op] = handler
-            HANDLERS[op] = handler
         return fn
 
     return deco
@@ -268,8 +266,10 @@ def _reduce(op: str):
             correction = p.get("correction")
             unbiased = p.get("unbiased")
             attrs["correction"] = float(correction) if correction is not None else (0 if unbiased is False else 1)
-        if x.rank == 0:
-            return cv.emit("identity", [x]) if op != "var" else None
+        if x.rank == 0:  # nothing to reduce (a 0-d variance is nan: the decomposition says so)
+            if op == "var":
+                raise Unhandled
+            return cv.emit("identity", [x])
         return cv.emit(op, [x], attrs)
     return handler
 

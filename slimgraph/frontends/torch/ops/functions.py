@@ -25,6 +25,7 @@ from slimgraph.frontends.torch.ops.registry import (
     ints,
     method,
     pads_from,
+    sizes_arg,
     tensor_arg,
 )
 from slimgraph.ir import DType, Value
@@ -276,10 +277,7 @@ def embedding_fn(cv, args, kwargs, real):
 @method("flip")
 def flip_fn(cv, args, kwargs, real):
     x = tensor_arg(args[0])
-    dims = args[1:] if len(args) > 1 else (kwargs.get("dims"),)
-    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
-        dims = dims[0]
-    return cv.emit("flip", [x], {"dims": [int(d) % x.rank for d in dims]})
+    return cv.emit("flip", [x], {"dims": [int(d) % x.rank for d in sizes_arg(args, kwargs, "dims")]})
 
 
 @function(torch.cumsum)
@@ -616,10 +614,7 @@ def flatten_fn(cv, args, kwargs, real):
 @method("permute")
 def permute_fn(cv, args, kwargs, real):
     x = tensor_arg(args[0])
-    perm = args[1:] if len(args) > 1 else (kwargs.get("dims"),)
-    if len(perm) == 1 and isinstance(perm[0], (list, tuple)):
-        perm = perm[0]
-    return cv.emit("permute", [x], {"perm": [int(p) % x.rank for p in perm]})
+    return cv.emit("permute", [x], {"perm": [int(p) % x.rank for p in sizes_arg(args, kwargs, "dims")]})
 
 
 @function(torch.transpose)

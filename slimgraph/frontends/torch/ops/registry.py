@@ -37,31 +37,29 @@ def find_handler(kind: str, target: Any) -> Handler | None:
         return None
 
 
-def module(*types: type):
-    def deco(fn: Handler) -> Handler:
-        for t in types:
-            MODULES[t] = fn
-        return fn
+def _registrar(table: dict):
+    def register(*keys: Any):
+        def deco(fn: Handler) -> Handler:
+            for key in keys:
+                table[key] = fn
+            return fn
 
-    return deco
+        return deco
 
-
-def function(*targets: Any):
-    def deco(fn: Handler) -> Handler:
-        for t in targets:
-            FUNCTIONS[t] = fn
-        return fn
-
-    return deco
+    return register
 
 
-def method(*names: str):
-    def deco(fn: Handler) -> Handler:
-        for n in names:
-            METHODS[n] = fn
-        return fn
+module = _registrar(MODULES)  # @module(nn.Conv2d, ...): by exact class
+function = _registrar(FUNCTIONS)  # @function(F.relu, torch.ops.aten.relu.default, ...)
+method = _registrar(METHODS)  # @method("view", "reshape"): Tensor methods by name
 
-    return deco
+
+def sizes_arg(args: tuple, kwargs: dict, name: str) -> tuple:
+    """Sizes given as varargs (x.permute(0, 2, 1)) or as one sequence (x.permute([0, 2, 1]), dims=...)."""
+    values = args[1:] if len(args) > 1 else (kwargs.get(name),)
+    if len(values) == 1 and isinstance(values[0], (list, tuple)):
+        values = values[0]
+    return tuple(values)
 
 
 def arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
