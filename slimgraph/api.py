@@ -21,6 +21,7 @@ def import_model(model: Any, example_inputs: Any = None, dynamic_dims: dict | No
     as an IR Graph. The model is never modified. ``dynamic_dims`` names the dims that stay symbolic,
     by the forward's argument names, as torch.onnx.export's dynamic_axes:
     ``{"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}``."""
+    example_inputs = as_tensors(example_inputs)
     if isinstance(model, torch.nn.Module):
         from slimgraph.frontends.torch import import_torch
 
@@ -32,11 +33,36 @@ def import_model(model: Any, example_inputs: Any = None, dynamic_dims: dict | No
     if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
         from slimgraph.frontends.onnx import import_onnx
 
-        if isinstance(example_inputs, torch.Tensor):
-            example_inputs = (example_inputs,)
+        if isinstance(example_inputs, dict):
+            raise ModelImportError("an ONNX model takes example_inputs as a sequence in its inputs' order")
         return import_onnx(model, example_inputs)
     raise ModelImportError(
         f"cannot import a {type(model).__name__}: expected a torch.nn.Module, an ONNX path or ModelProto, or a Graph")
+
+
+def as_tensors(example_inputs: Any) -> Any:
+    """Example inputs as torch tensors: one tensor or array, a sequence of them or a dict by name;
+    numpy arrays (what onnxruntime users hold) are taken as they are."""
+    import numpy as np
+
+    def one(x: Any, where: str) -> Any:
+        if isinstance(x, np.ndarray) or np.isscalar(x) and not isinstance(x, (str, bytes)):
+            array = np.asarray(x)
+            if array.dtype.kind not in "biuf":
+                raise SlimgraphError(f"example input {where}: numpy dtype {array.dtype} is not supported "
+                                     "(strings and objects have no tensor form)")
+            return torch.from_numpy(array.copy())
+        return x
+
+    if example_inputs is None or isinstance(example_inputs, torch.Tensor):
+        return example_inputs
+    if isinstance(example_inputs, np.ndarray):
+        return (one(example_inputs, "0"),)
+    if isinstance(example_inputs, dict):
+        return {k: one(v, repr(k)) for k, v in example_inputs.items()}
+    if isinstance(example_inputs, (list, tuple)):
+        return type(example_inputs)(one(x, str(i)) for i, x in enumerate(example_inputs))
+    return example_inputs
 
 
 def sample_inputs(graph: Graph, seed: int = 0) -> list[torch.Tensor]:
@@ -141,6 +167,7 @@ def optimize(
     ``dynamic_dims`` keeps dims symbolic (see ``import_model``).
     """
     pipeline = to_passes(passes)  # bad names and options fail before any work
+    example_inputs = as_tensors(example_inputs)
     graph = import_model(model, example_inputs, dynamic_dims)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)

@@ -116,3 +116,10 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"{len(canonical)} of {len(CANONICAL)} map to canonical ops and match "
                                     "after import -> emit -> onnxruntime")
         terminalreporter.write_line("opaque: " + ", ".join(others))
+    from tests.frontends.test_onnx_node_cases import summary_lines
+
+    lines = summary_lines()
+    if lines:
+        terminalreporter.section("onnx package node test cases")
+        for line in lines:
+            terminalreporter.write_line(line)

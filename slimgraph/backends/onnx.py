@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,18 @@ from slimgraph.errors import SlimgraphError, UnsupportedError
 from slimgraph.ir import OPAQUE, DType, Graph, Node, Value
 from slimgraph.ir.opdefs.quant import QRANGE, qrange
 from slimgraph.ir.symbolic import SymDim, python_expr
+from slimgraph.onnx_proto import outer_names
 
 DEFAULT_OPSET = 17
-MIN_OPSET = 13
+MIN_OPSET = 13  # the oldest the emitters write; down to LEGACY_OPSET by onnx's version converter
+LEGACY_OPSET = 7
 
 _ONNX_DTYPE = {
     DType.float32: TensorProto.FLOAT, DType.float16: TensorProto.FLOAT16, DType.bfloat16: TensorProto.BFLOAT16,
     DType.float64: TensorProto.DOUBLE, DType.int64: TensorProto.INT64, DType.int32: TensorProto.INT32,
-    DType.int8: TensorProto.INT8, DType.uint8: TensorProto.UINT8, DType.bool: TensorProto.BOOL,
+    DType.int8: TensorProto.INT8, DType.uint8: TensorProto.UINT8,
+    DType.int16: TensorProto.INT16, DType.uint16: TensorProto.UINT16, DType.uint32: TensorProto.UINT32,
+    DType.uint64: TensorProto.UINT64, DType.bool: TensorProto.BOOL,
 }
 
 
@@ -524,36 +529,93 @@ def emit_opaque(b, node):
     proto = impl.extra.get("node")
     if impl.source != "onnx" or proto is None:
         raise AssertionError("unreachable: torch opaque nodes are rejected before emission")
-    _check_same_definition(node, proto, dict(impl.extra.get("opset", [])), b.opset)
     copy = onnx.NodeProto()
     copy.CopyFrom(proto)
     names = iter(b.name(v) for v in node.inputs)
     inputs = [next(names) if name else "" for name in proto.input]
     del copy.input[:]
     copy.input.extend(inputs)
+    renamed = dict(zip(impl.extra.get("implicit", []), names))  # the rest: what its subgraphs read
+    if any(old != new for old, new in renamed.items()):
+        _rename_outer_reads(copy, renamed)
+    outputs = iter(b.out(i) for i in range(len(node.outputs)))
     del copy.output[:]
-    copy.output.extend(b.out(i) for i in range(len(node.outputs)))
-    b.nodes.append(copy)
+    copy.output.extend(next(outputs) if name else "" for name in proto.output)  # optional outputs stay unnamed
+    source_opsets = dict(impl.extra.get("opset", []))
+    source = source_opsets.get("", source_opsets.get("ai.onnx", b.opset))
+    if _same_definition(copy, source, b.opset):
+        b.nodes.append(copy)
+    else:
+        b.nodes.extend(_converted_node(b, node, copy, source_opsets))
     for domain, version in impl.extra.get("opset", []):
         if domain not in ("", "ai.onnx"):
             b.extra_opsets[domain] = version
 
 
-def _check_same_definition(node: Node, proto: onnx.NodeProto, source_opsets: dict[str, int], opset: int) -> None:
-    """An opaque node keeps its meaning only if its op's definition is the same at both opsets."""
-    domain = proto.domain or ""
-    if domain not in ("", "ai.onnx"):
-        return
-    source = source_opsets.get("", source_opsets.get("ai.onnx", opset))
+def _same_definition(proto: onnx.NodeProto, source: int, opset: int) -> bool:
+    """Whether a standard op means the same at both opsets (other domains keep their own)."""
+    if (proto.domain or "") not in ("", "ai.onnx"):
+        return True
     try:
-        then = onnx.defs.get_schema(proto.op_type, source, domain).since_version
-        now = onnx.defs.get_schema(proto.op_type, opset, domain).since_version
+        then = onnx.defs.get_schema(proto.op_type, source, proto.domain or "").since_version
+        now = onnx.defs.get_schema(proto.op_type, opset, proto.domain or "").since_version
     except Exception:
-        return  # not a standard op: nothing to compare
-    if then != now:
+        return True  # not a standard op: nothing to compare
+    return then == now
+
+
+def _converted_node(b, node: Node, proto: onnx.NodeProto, source_opsets: dict[str, int]) -> list[onnx.NodeProto]:
+    """An opaque node whose op changed meaning since its source opset, rewritten for ``b.opset``
+    by onnx's version converter (Upsample-9 becomes Resize, Scatter ScatterElements, ...)."""
+    from onnx import version_converter
+
+    present = [name for name in proto.input if name] + [name for name in _outer_reads(proto)]
+    inputs = [_value_info(name, value) for name, value in zip(dict.fromkeys(present), node.inputs)]
+    outputs = [_value_info(name, value) for name, value in zip([n for n in proto.output if n], node.outputs)]
+    opsets = [helper.make_opsetid(d, v) for d, v in source_opsets.items()]
+    single = helper.make_model(helper.make_graph([proto], "node", inputs, outputs), opset_imports=opsets)
+    source = source_opsets.get("", source_opsets.get("ai.onnx"))
+    try:
+        converted = version_converter.convert_version(single, b.opset)
+    except Exception as exc:
+        reason = _converter_reason(exc)
         raise UnsupportedError(
-            f"node {node.name}: opaque {proto.op_type} was imported at opset {source} ({proto.op_type}-{then}) "
-            f"and means something else at opset {opset} ({proto.op_type}-{now}); emit at opset {source} or map it")
+            f"node {node.name}: opaque {proto.op_type} was imported at opset {source} and means something else at "
+            f"opset {b.opset}, and onnx's version converter cannot rewrite it ({reason}); emit at opset {source}"
+        ) from None
+    keep = {i.name for i in inputs} | {o.name for o in outputs} | {""}
+    fresh = {}
+    for tensor in converted.graph.initializer:
+        fresh[tensor.name] = b.fresh(f"{node.name}_{tensor.name}")
+        tensor.name = fresh[tensor.name]
+        b.initializers.append(tensor)
+    for inner in converted.graph.node:
+        for name in list(inner.input) + list(inner.output):
+            if name not in keep and name not in fresh:
+                fresh[name] = b.fresh(f"{node.name}_{name}")
+        inner.input[:] = [fresh.get(n, n) for n in inner.input]
+        inner.output[:] = [fresh.get(n, n) for n in inner.output]
+    return list(converted.graph.node)
+
+
+def _converter_reason(exc: Exception) -> str:
+    """The version converter's message without its C++ assertion prefix ("No Adapter From ...")."""
+    return str(exc).strip().splitlines()[-1].split("failed:")[-1].strip().replace("$", "")
+
+
+def _outer_reads(node: onnx.NodeProto) -> list[str]:
+    return list(dict.fromkeys(outer_names(node)))
+
+
+def _rename_outer_reads(node: onnx.NodeProto, renamed: dict[str, str]) -> None:
+    """Point the reads of ``node``'s subgraphs from outside at the names they have now (names are
+    unique across scopes in ONNX, so no inner definition shadows them)."""
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+            for inner in sub.node:
+                for i, name in enumerate(inner.input):
+                    inner.input[i] = renamed.get(name, name)
+                _rename_outer_reads(inner, renamed)
 
 
 # ============================================================================ quantization
@@ -704,8 +766,26 @@ def _check_quant_format(graph: Graph, quant_format: str) -> None:
 
 
 def default_opset_for(graph: Graph) -> int:
-    """The opset a graph imported from ONNX came in with (no older than we write), else DEFAULT_OPSET."""
-    return max(MIN_OPSET, int(graph.meta.get("opset", DEFAULT_OPSET)))
+    """The opset a graph imported from ONNX came in with, else DEFAULT_OPSET."""
+    return max(LEGACY_OPSET, int(graph.meta.get("opset", DEFAULT_OPSET)))
+
+
+def _converted_down(model: onnx.ModelProto, opset: int, strict: bool) -> onnx.ModelProto:
+    """``model`` (at MIN_OPSET) at an older opset by onnx's version converter. Where it cannot
+    (an op with no older form), an opset asked for is an error; the source's opset a warning,
+    and the model stays at MIN_OPSET."""
+    from onnx import version_converter
+
+    try:
+        older = version_converter.convert_version(model, opset)
+        check_model(older)
+        return older
+    except Exception as exc:
+        reason = f"cannot write the model at opset {opset} (onnx's version converter: {_converter_reason(exc)})"
+        if strict:
+            raise SlimgraphError(reason) from None
+        warnings.warn(f"{reason}; writing it at opset {MIN_OPSET}", stacklevel=3)
+        return model
 
 
 def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int | None = None,
@@ -720,12 +800,16 @@ def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int | No
     com.microsoft QLinearAdd, QGemm, ...; see onnx_qoperator.py). ``qoperator`` on a graph
     without int8 tensors is an error."""
     _check_quant_format(graph, quant_format)
+    asked = opset
     opset = default_opset_for(graph) if opset is None else opset
-    model = build_model(graph, opset, dynamic_batch)
+    legacy = opset < MIN_OPSET and opset >= LEGACY_OPSET  # written at MIN_OPSET, then converted down
+    model = build_model(graph, MIN_OPSET if legacy else opset, dynamic_batch)
     if quant_format == "qoperator":
         from slimgraph.backends.onnx_qoperator import to_qoperator
 
         model = to_qoperator(model)[0]
+    if legacy:
+        model = _converted_down(model, opset, strict=asked is not None)
     check_model(model)
     if path is not None:
         path = Path(path)

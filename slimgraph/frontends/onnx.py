@@ -12,6 +12,7 @@ emits them back unchanged and the interpreter runs them with the reference evalu
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,16 @@ import networkx as nx
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import sympy
 import torch
 from onnx import helper
 
-from slimgraph.errors import ModelImportError, UnsupportedError
+from slimgraph.errors import ModelImportError, SlimgraphError, UnsupportedError
 from slimgraph.ir import OPAQUE, DType, Graph, OpaqueImpl, Value, clean_name
 from slimgraph.ir.opaque import Slot
+from slimgraph.onnx_proto import outer_names
 
-MIN_OPSET = 6
+MIN_OPSET = 1
 
 
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:
@@ -75,20 +78,23 @@ def _load_external_data(proto: onnx.ModelProto, folder: Path | None) -> None:
         raise ModelImportError(f"cannot load external data: {exc}") from None
 
 
-def default_opset(proto: onnx.ModelProto) -> int:
+def default_opset(proto: onnx.ModelProto) -> int | None:
+    """The model's ai.onnx opset; None for a model of other domains only (ai.onnx.ml)."""
     for entry in proto.opset_import:
         if entry.domain in ("", "ai.onnx"):
             return entry.version
-    raise ModelImportError("the model imports no default-domain (ai.onnx) opset")
+    if not proto.opset_import:
+        raise ModelImportError("the model imports no opset")
+    return None
 
 
 def check_structure(proto: onnx.ModelProto) -> None:
     """Opset in range; every node input defined somewhere; no cycles."""
     opset = default_opset(proto)
     newest = onnx.defs.onnx_opset_version()
-    if opset > newest:
+    if opset is not None and opset > newest:
         raise ModelImportError(f"opset {opset} is newer than the newest this onnx supports ({newest})")
-    if opset < MIN_OPSET:
+    if opset is not None and opset < MIN_OPSET:
         raise ModelImportError(f"opset {opset} is older than the oldest supported ({MIN_OPSET})")
     g = proto.graph
     defined = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
@@ -124,13 +130,15 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto, example_inputs: Sequ
                 ) -> Graph:
     proto, _ = load_model(model)
     check_structure(proto)
+    source_opset = default_opset(proto)
     try:
         proto = onnx.shape_inference.infer_shapes(proto)
     except Exception as exc:
         raise ModelImportError(f"onnx shape inference failed: {exc}") from None
     graph = _Converter(proto, example_inputs).convert()
     graph.meta["source"] = "onnx"
-    graph.meta["opset"] = default_opset(proto)  # written back at this opset unless asked otherwise
+    if source_opset is not None:
+        graph.meta["opset"] = source_opset  # written back at this opset unless asked otherwise
     return graph
 
 
@@ -139,23 +147,38 @@ _ONNX_TO_DTYPE = {
     onnx.TensorProto.BFLOAT16: DType.bfloat16, onnx.TensorProto.DOUBLE: DType.float64,
     onnx.TensorProto.INT64: DType.int64, onnx.TensorProto.INT32: DType.int32,
     onnx.TensorProto.INT8: DType.int8, onnx.TensorProto.UINT8: DType.uint8, onnx.TensorProto.BOOL: DType.bool,
+    onnx.TensorProto.INT16: DType.int16, onnx.TensorProto.UINT16: DType.uint16,
+    onnx.TensorProto.UINT32: DType.uint32, onnx.TensorProto.UINT64: DType.uint64,
 }
 
 
+_STORAGE_ONLY = {DType.uint16, DType.uint32, DType.uint64}  # torch stores these but barely computes on them
+
+
+def _known_dtype(tensor: gs.Tensor) -> bool:
+    try:
+        _dtype_of(tensor)
+        return True
+    except UnsupportedError:
+        return False
+
+
 def to_tensor(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array).copy())
+    return torch.from_numpy(np.array(array, copy=True, order="C"))  # keeps 0-d arrays 0-d
 
 
 class _Converter:
     def __init__(self, proto: onnx.ModelProto, example_inputs: Sequence[torch.Tensor] | None) -> None:
         self.proto = proto
-        self.opset = default_opset(proto)
+        self.opset = default_opset(proto) or 0  # 0: no ai.onnx ops, so nothing maps to canonical ones
         self.example_inputs = list(example_inputs) if example_inputs is not None else None
         self.gs_graph = gs.import_onnx(proto)
         self.graph = Graph(proto.graph.name or "onnx")
         self.env: dict[str, Value | np.ndarray] = {}  # tensor name -> IR value or static array
         self.const_values: dict[str, Value] = {}
         self.node: gs.Node | None = None
+        self.symbols: dict[str, int] = {}  # the graph's symbols (dim_params) and their sizes here
+        self._observed_values: dict[str, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ driver
     def convert(self) -> Graph:
@@ -171,7 +194,13 @@ class _Converter:
             raise ModelImportError(f"cannot order the graph: {exc}") from None
         for node in self.gs_graph.nodes:
             self.node = node
-            self._convert_node(node, onnx_ops)
+            try:
+                self._convert_node(node, onnx_ops)
+            except SlimgraphError:
+                raise
+            except Exception as exc:  # a malformed node that onnx's own tools choke on
+                raise ModelImportError(f"node {self.name} ({node.op}): cannot import it: "
+                                       f"{type(exc).__name__}: {exc}") from None
         outputs = []
         for tensor in self.gs_graph.outputs:
             outputs.append(self.value(tensor.name, f"{tensor.name}"))
@@ -182,10 +211,16 @@ class _Converter:
         inputs = self.gs_graph.inputs
         if self.example_inputs is not None and len(self.example_inputs) != len(inputs):
             raise ModelImportError(f"the model has {len(inputs)} inputs, example_inputs has {len(self.example_inputs)}")
+        for tensor, example in zip(inputs, self.example_inputs or ()):
+            if not isinstance(example, torch.Tensor):
+                raise ModelImportError(f"example input for {tensor.name!r}: expected a tensor or numpy array, "
+                                       f"got {type(example).__name__}")
         # A symbolic leading dim alone is the batch, kept symbolic by the "N" convention. Symbolic
-        # dims elsewhere (a sequence) become the IR's symbols, all of them, sized 2 (or as the
-        # example inputs say) for the passes that need numbers.
-        symbolic = any(not isinstance(d, int) or d < 0 for t in inputs for d in (t.shape or ())[1:])
+        # dims elsewhere (a sequence), or a graph that computes on sizes (Shape), make all of them
+        # the IR's symbols, sized 2 (or as the example inputs say) for the passes that need numbers.
+        symbolic = any(not isinstance(d, int) or d < 0 for t in inputs for d in (t.shape or ())[1:]) or (
+            any(n.op_type in ("Shape", "Size") for n in self.proto.graph.node)  # sizes computed on need symbols
+            and any(t.shape and not (isinstance(t.shape[0], int) and t.shape[0] >= 0) for t in inputs))
         for i, tensor in enumerate(inputs):
             dtype = _dtype_of(tensor)
             declared = tuple(tensor.shape or ())
@@ -200,6 +235,8 @@ class _Converter:
                 if shape and not (isinstance(shape[0], int) and shape[0] >= 0):
                     shape = (1, *shape[1:])  # a symbolic batch is imported at batch 1 and kept symbolic
             value = self.graph.add_input(tensor.name, shape, dtype, names if symbolic else None)
+            if symbolic:
+                self.symbols.update((n, size) for n, size in zip(names, shape) if n)
             value.meta["onnx_name"] = tensor.name
             if tensor.shape and not isinstance(tensor.shape[0], int) and not symbolic:
                 value.meta["batch_symbol"] = str(tensor.shape[0])
@@ -221,25 +258,40 @@ class _Converter:
             for tensor, array in zip(node.outputs, arrays):
                 self.env[tensor.name] = array  # sizes over the graph's symbols (SymDims), computed now
             return
-        if all(x is None or isinstance(x, np.ndarray) for x in inputs) and node.op not in onnx_ops.NEVER_FOLD \
-                and not any(isinstance(x, np.ndarray) and x.dtype == object for x in inputs):
-            for tensor, array in zip(node.outputs, self._evaluate(node, inputs)):
+        implicit = [self.env.get(n) for n in _implicit_inputs(node)]  # what its subgraphs read from outside
+        if all(x is None or isinstance(x, np.ndarray) for x in inputs + implicit) \
+                and node.op not in onnx_ops.NEVER_FOLD \
+                and not any(isinstance(x, np.ndarray) and x.dtype == object for x in inputs + implicit):
+            for tensor, array in zip(node.outputs, self._evaluate(node, inputs, implicit)):
                 self.env[tensor.name] = array
             return
-        handler = onnx_ops.HANDLERS.get(node.op)
+        handler = onnx_ops.HANDLERS.get(node.op) if self._canonical(node, inputs) and not implicit else None
+        mark = len(self.graph.nodes)
         results = None
         if handler is not None:
             try:
                 results = handler(self)
             except onnx_ops.Unhandled:
                 results = None
-        if results is None:
+        results = [] if results is None else results if isinstance(results, (list, tuple)) else [results]
+        needed = [i for i, t in enumerate(node.outputs) if t.name and (t.outputs or t in self.gs_graph.outputs)]
+        if handler is None or any(i >= len(results) or results[i] is None for i in needed):
+            for created in reversed(self.graph.nodes[mark:]):  # a handler that covers only part of the
+                self.graph.remove_node(created)  # node (Dropout's mask, LayerNorm's mean) gives way
             self._opaque(node)
             return
-        results = results if isinstance(results, (list, tuple)) else [results]
         for tensor, result in zip(node.outputs, results):
             if result is not None:
                 self.env[tensor.name] = result
+
+    def _canonical(self, node: gs.Node, inputs: list) -> bool:
+        """Whether the node may map to canonical IR ops: the IR computes in torch, which lacks
+        arithmetic on wide unsigned integers, and handlers know the ops' forms from opset 6 on."""
+        if self.opset < 6:
+            return False
+        types = [x.dtype for x in inputs if isinstance(x, Value)] + [
+            _dtype_of(t) for t in node.outputs if t.name and t.dtype is not None and _known_dtype(t)]
+        return not any(t in _STORAGE_ONLY for t in types)
 
     # ------------------------------------------------------------------ helpers for handlers
     @property
@@ -292,12 +344,13 @@ class _Converter:
                                       meta={"origin": f"onnx:{self.node.name or self.node.op}"})
         return node.outputs[0] if len(node.outputs) == 1 else node.outputs
 
-    def _evaluate(self, node: gs.Node, inputs: list) -> list[np.ndarray]:
+    def _evaluate(self, node: gs.Node, inputs: list, implicit: list) -> list[np.ndarray]:
         """Run one node with onnx's reference evaluator, under the model's opset."""
         from onnx.reference import ReferenceEvaluator
 
         proto = _single_node_model(node, self.proto)
         feeds = {t.name: np.asarray(x) for t, x in zip(node.inputs, inputs) if t.name}
+        feeds.update((name, np.asarray(x)) for name, x in zip(_implicit_inputs(node), implicit))
         try:
             return [np.asarray(r) for r in ReferenceEvaluator(proto).run(None, feeds)]
         except Exception as exc:
@@ -305,37 +358,111 @@ class _Converter:
 
     def _opaque(self, node: gs.Node) -> None:
         proto = _single_node_model(node, self.proto)
+        implicit = _implicit_inputs(node)  # subgraphs' reads from outside become inputs after the node's own
         inputs = [self.tensor_input(i) for i in range(len(node.inputs))]
-        present = [v for v in inputs if v is not None]
-        runner = _OnnxNodeRunner(proto, [t.name for t in node.inputs if t.name])
-        types = self._opaque_types(node, runner, present)
+        present = [v for v in inputs if v is not None] + [self.value(name) for name in implicit]
+        runner = _OnnxNodeRunner(proto, [t.name for t in node.inputs if t.name] + implicit)
+        types = self._opaque_types(node)
         impl = OpaqueImpl(node.op, "onnx", tuple(Slot(i) for i in range(len(present))), fn=runner, source="onnx",
-                          extra={"node": proto.graph.node[0],
+                          extra={"node": proto.graph.node[0], "implicit": implicit,
                                  "opset": [(o.domain, o.version) for o in self.proto.opset_import]})
         out = self.graph.create_node(OPAQUE, present, {"impl": impl}, name=self.name, output_types=types,
                                      meta={"origin": f"onnx:{node.name or node.op}"})
-        for tensor, value in zip(node.outputs, out.outputs):
+        for tensor, value in zip([t for t in node.outputs if t.name], out.outputs):  # optional ones unnamed
             self.env[tensor.name] = value
+            dims = [_symbol(d) if isinstance(d, str) and _symbol(d) in self.symbols else None
+                    for d in tensor.shape or ()]
+            if any(dims):  # dims named like the graph's symbols stay symbolic
+                value.sym = tuple(None if d is None else sympy.Symbol(d) for d in dims)
+            if any(v.sym for v in present) and (tensor.shape is None or any(
+                    not self._known_dim(d) for d in tensor.shape)):
+                warnings.warn(f"opaque node {self.name} ({node.op}) takes symbolic dims but the shape of its output "
+                              f"{tensor.name!r} is known at the example sizes only: the graph runs at those sizes",
+                              stacklevel=2)
 
-    def _opaque_types(self, node: gs.Node, runner: _OnnxNodeRunner, inputs: list[Value]) -> list:
-        known = []
-        for tensor in node.outputs:
+    def _opaque_types(self, node: gs.Node) -> list:
+        """Output types from onnx shape inference where it knows them, else as observed when the
+        whole model runs on the example inputs (or drawn ones): a data-dependent shape (Expand to
+        a computed shape, NonZero) is only known by running what computes it."""
+        types = []
+        for index, tensor in enumerate(t for t in node.outputs if t.name):
             shape = tensor.shape
-            if shape is None or any(not isinstance(d, int) or d < 0 for d in shape) or tensor.dtype is None:
-                break
-            known.append((tuple(shape), _dtype_of(tensor)))
-        if len(known) == len(node.outputs):
-            return known
-        zeros = [v.const_value if v.is_constant else torch.zeros(v.shape, dtype=v.dtype.torch) for v in inputs]
-        try:
-            results = runner(zeros)
-        except Exception as exc:
-            raise UnsupportedError(f"node {self.name} ({node.op}): unknown op whose output shape cannot be "
-                                   f"determined: {exc}") from None
-        return [(tuple(r.shape), DType.from_torch(r.dtype)) for r in results]
+            if shape is None or tensor.dtype is None or any(not self._known_dim(d) for d in shape):
+                observed = self._observed().get(tensor.name)
+                if observed is None:
+                    raise UnsupportedError(f"node {self.name} ({node.op}): output {index} of an op with no mapping "
+                                           "has a shape that neither shape inference nor a run of the model gives")
+                types.append((tuple(observed.shape), _dtype_of_array(observed, tensor.name)))
+            else:
+                types.append((tuple(self._static_dim(d, tensor) for d in shape), _dtype_of(tensor)))
+        return types
+
+    def _known_dim(self, dim: Any) -> bool:
+        return (isinstance(dim, int) and dim >= 0) or (isinstance(dim, str) and _symbol(dim) in self.symbols)
+
+    def _static_dim(self, dim: Any, tensor: gs.Tensor) -> int:
+        if isinstance(dim, int):
+            return dim
+        return self.symbols[_symbol(dim)]  # a dim named after a graph symbol: its size here
+
+    def _observed(self) -> dict[str, np.ndarray]:
+        """Every tensor's value when the original model runs on the example inputs (drawn ones
+        without: normal floats, zero integers, so indices stay in range). Computed once, lazily,
+        with onnxruntime, or onnx's reference evaluator where onnxruntime cannot run the model."""
+        if self._observed_values is None:
+            self._observed_values = _run_all(self.proto, self._feeds())
+        return self._observed_values
+
+    def _feeds(self) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(0)
+        feeds = {}
+        for value, tensor in zip(self.graph.inputs, self.gs_graph.inputs):
+            if self.example_inputs is not None:
+                feeds[tensor.name] = self.example_inputs[len(feeds)].detach().cpu().numpy()
+            else:
+                array = torch.zeros(value.shape, dtype=value.dtype.torch).numpy()
+                feeds[tensor.name] = rng.standard_normal(array.shape).astype(array.dtype) \
+                    if value.dtype.is_float else array
+        return feeds
 
 
-def _symbol(dim: Any, tensor: str, axis: int) -> str:
+def _run_all(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The value of every node output of ``proto`` on ``feeds`` ({} if neither runtime can run it)."""
+    known = {o.name for o in proto.graph.output}
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    for node in proto.graph.node:
+        model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in node.output
+                                  if n and n not in known)
+        known.update(node.output)
+    names = [o.name for o in model.graph.output]
+    try:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return dict(zip(names, (np.asarray(r) for r in session.run(None, feeds))))
+    except Exception:
+        pass
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        results = ReferenceEvaluator(proto).run(None, feeds, intermediate=True)
+        return {k: np.asarray(v) for k, v in results.items() if isinstance(v, np.ndarray) or np.isscalar(v)}
+    except Exception:
+        return {}
+
+
+def _dtype_of_array(array: np.ndarray, name: str) -> DType:
+    try:
+        return DType.from_torch(torch.from_numpy(np.zeros(0, dtype=array.dtype)).dtype)
+    except Exception:
+        raise UnsupportedError(f"tensor {name!r}: dtype {array.dtype} is not supported") from None
+
+
+def _symbol(dim: Any, tensor: str = "", axis: int = 0) -> str:
     """A dim_param as a symbol name (an identifier); an unnamed dim gets one from its place."""
     name = clean_name(str(dim)) if isinstance(dim, str) and dim else f"{clean_name(tensor)}_dim{axis}"
     return name if name.isidentifier() else f"d_{name}"
@@ -348,7 +475,19 @@ def _dtype_of(tensor: gs.Tensor) -> DType:
     try:
         return DType.from_torch(torch.from_numpy(np.zeros(0, dtype=np.dtype(dtype))).dtype)
     except Exception:
-        raise UnsupportedError(f"tensor {tensor.name!r}: dtype {dtype} is not supported") from None
+        kind = str(dtype).split("{")[0].strip() if not isinstance(dtype, (type, np.dtype)) else f"dtype {dtype}"
+        raise UnsupportedError(f"tensor {tensor.name!r}: {kind} is not supported (the IR holds tensors of "
+                               "numeric and bool types)") from None
+
+
+def _implicit_inputs(node: gs.Node) -> list[str]:
+    """Names a node's subgraphs (If branches, Loop and Scan bodies) read from the enclosing graph."""
+    if not any(isinstance(a, gs.Graph) or isinstance(a, list) and any(isinstance(g, gs.Graph) for g in a)
+               for a in node.attrs.values()):
+        return []
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    return list(dict.fromkeys(outer_names(OnnxExporter.export_node(node))))
 
 
 def _single_node_model(node: gs.Node, model: onnx.ModelProto) -> onnx.ModelProto:
@@ -356,26 +495,55 @@ def _single_node_model(node: gs.Node, model: onnx.ModelProto) -> onnx.ModelProto
 
     proto = OnnxExporter.export_node(node)
     inputs = [helper.make_empty_tensor_value_info(t.name) for t in node.inputs if t.name]
-    outputs = [helper.make_empty_tensor_value_info(t.name) for t in node.outputs]
+    inputs += [helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(outer_names(proto))]
+    outputs = [helper.make_empty_tensor_value_info(t.name) for t in node.outputs if t.name]
     graph = helper.make_graph([proto], "node", inputs, outputs)
     return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version or 8)
 
 
 class _OnnxNodeRunner:
-    """Runs one ONNX node on torch tensors with onnx's reference evaluator (for the interpreter)."""
+    """Runs one ONNX node on torch tensors for the interpreter: with onnxruntime (fast, and it runs
+    ops the reference evaluator lacks, such as the deprecated Scatter), else with onnx's reference
+    evaluator (the spec, for ops or types onnxruntime does not run)."""
 
     def __init__(self, proto: onnx.ModelProto, input_names: list[str]) -> None:
         self.proto = proto
         self.input_names = input_names
-        self._session = None
+        self._sessions: dict[tuple, Any] = {}
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from onnx.reference import ReferenceEvaluator
-
         if len(inputs) == 1 and isinstance(inputs[0], list):
             inputs = tuple(inputs[0])
-        if self._session is None:
-            self._session = ReferenceEvaluator(self.proto)
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(self.input_names, inputs)}
-        return tuple(to_tensor(np.asarray(r)) for r in self._session.run(None, feeds))
+        key = tuple((a.dtype.str, a.ndim) for a in feeds.values())
+        if key not in self._sessions:
+            self._sessions[key] = _ort_session(self.proto, feeds)
+        session = self._sessions[key]
+        if session is not None:
+            try:
+                return tuple(to_tensor(np.asarray(r)) for r in session.run(None, feeds))
+            except Exception:
+                self._sessions[key] = None
+        from onnx.reference import ReferenceEvaluator
 
+        results = ReferenceEvaluator(self.proto).run(None, feeds)
+        return tuple(to_tensor(np.asarray(r)) for r in results)
+
+
+def _ort_session(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> Any:
+    """An onnxruntime session for a one-node model, its inputs typed as ``feeds``; None if it fails."""
+    try:
+        import onnxruntime as ort
+
+        model = onnx.ModelProto()
+        model.CopyFrom(proto)
+        for value in model.graph.input:
+            array = feeds[value.name]
+            value.CopyFrom(helper.make_tensor_value_info(
+                value.name, helper.np_dtype_to_tensor_dtype(array.dtype), [None] * array.ndim))
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        options.intra_op_num_threads = 1
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception:
+        return None

@@ -281,6 +281,8 @@ def clip(cv):
         lo, hi = cv.static(1), cv.static(2)
     else:
         lo, hi = cv.attr("min"), cv.attr("max")
+    if lo is None and hi is None:
+        return cv.emit("identity", [_x(cv)])
     return cv.emit("clip", [_x(cv)], {"min": None if lo is None else float(lo),
                                       "max": None if hi is None else float(hi)})
 
@@ -303,6 +305,8 @@ def _binary(cv, op: str) -> Value:
             b = cv.emit("reshape", [b], {"shape": list(b.shape) + [1] * trailing}, suffix="_aligned")
     if op == "div" and not a.dtype.is_float:
         raise Unhandled  # integer division truncates in ONNX
+    if op == "pow" and a.dtype != b.dtype:
+        raise Unhandled  # ONNX's Pow keeps the base's type (int ** float is an int), torch promotes
     return cv.emit(op, [a, b])
 
 
@@ -361,7 +365,8 @@ def reshape(cv):
 @handles("Flatten")
 def flatten(cv):
     x = _x(cv)
-    axis = int(cv.attr("axis", 1)) % (x.rank + 1) if x.rank else 0
+    axis = int(cv.attr("axis", 1))
+    axis = axis + x.rank if axis < 0 else axis  # in [-rank, rank]: -rank is 0, not 1
     if axis == 1 and x.rank > 1:
         return cv.emit("flatten", [x], {"start": 1, "end": x.rank - 1})
     inner = int(np.prod(x.shape[axis:])) if axis < x.rank else 1
@@ -614,13 +619,14 @@ def dequantize_linear(cv):
 # ============================================================================ symbolic sizes
 @handles("Shape")
 def shape(cv):
-    """The sizes of a tensor with symbolic dims, as an array of SymDims and ints (onnx_shapes)."""
+    """The sizes of a tensor: an array of SymDims and ints (onnx_shapes) where some are symbolic."""
     x = _x(cv)
-    if not x.sym:
+    if not x.sym and any("batch_symbol" in v.meta for v in cv.graph.inputs):
         raise Unhandled  # the legacy symbolic batch ("N") has no value at import
     dims = [x.dim(a) for a in range(x.rank)]
     start, end = int(cv.attr("start", 0)), cv.attr("end")
-    return sizes(dims[start:None if end is None else int(end)])
+    dims = dims[start:None if end is None else int(end)]
+    return sizes(dims) if x.sym else np.asarray(dims, dtype=np.int64)  # static: folds like any constant
 
 
 @handles("Range")

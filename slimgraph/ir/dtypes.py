@@ -19,7 +19,11 @@ class DType(enum.Enum):
     float64 = "f64"
     int64 = "i64"
     int32 = "i32"
+    int16 = "i16"
     int8 = "i8"
+    uint64 = "u64"
+    uint32 = "u32"
+    uint16 = "u16"
     uint8 = "u8"
     bool = "bool"
 
@@ -56,7 +60,11 @@ _TO_TORCH = {
     DType.float64: torch.float64,
     DType.int64: torch.int64,
     DType.int32: torch.int32,
+    DType.int16: torch.int16,
     DType.int8: torch.int8,
+    DType.uint64: torch.uint64,
+    DType.uint32: torch.uint32,
+    DType.uint16: torch.uint16,
     DType.uint8: torch.uint8,
     DType.bool: torch.bool,
 }

@@ -162,3 +162,113 @@ def test_a_model_is_written_back_at_the_opset_it_came_in_with(tmp_path):
     assert graph.meta["opset"] == 15
     assert [o.version for o in slimgraph.to_onnx(graph).opset_import if o.domain in ("", "ai.onnx")] == [15]
     assert [o.version for o in slimgraph.to_onnx(graph, opset=18).opset_import if o.domain in ("", "ai.onnx")] == [18]
+
+
+def _model(nodes, inputs, outputs, opset=17, inits=()):
+    graph = helper.make_graph(nodes, "m", inputs, outputs, list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_opaque_op_keeps_symbolic_dims_and_runs_at_other_sizes():
+    # Hardmax has no canonical form; onnx's shape inference names its output dims after the input's
+    dims = ["batch", "seq", 8]
+    model = _model([helper.make_node("Hardmax", ["x"], ["h"], axis=-1), helper.make_node("Relu", ["h"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)])
+    graph = slimgraph.import_model(model)
+    opaque = [n for n in graph.nodes if n.op == "opaque"]
+    assert [n.attrs["impl"].target for n in opaque] == ["Hardmax"]
+    assert [str(e) for e in opaque[0].outputs[0].sym[:2]] == ["batch", "seq"]
+    emitted = slimgraph.to_onnx(graph)
+    for shape in [(3, 5, 8), (1, 11, 8)]:
+        x = torch.randn(shape)
+        expected = torch.nn.functional.one_hot(x.argmax(-1), 8).float()
+        assert torch.equal(run(graph, [x])[0], expected)
+        assert torch.equal(run_onnxruntime(emitted, [x])[0], expected)
+
+
+def test_opaque_op_whose_shape_depends_on_data_says_it_runs_at_the_example_size():
+    model = _model([helper.make_node("NonZero", ["x"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq"])],
+                   [helper.make_tensor_value_info("y", TensorProto.INT64, None)])
+    x = np.array([[0, 1, 2], [3, 0, 0]], dtype=np.float32)
+    with pytest.warns(UserWarning, match=r"NonZero.*known at the example sizes only"):
+        result = slimgraph.optimize(model, "dce", example_inputs=[x])  # numpy inputs, as onnxruntime takes
+    assert result.graph.outputs[0].shape == (2, 3)
+    assert np.array_equal(run_onnxruntime(result.to_onnx(), [torch.from_numpy(x)])[0].numpy(), np.stack(x.nonzero()))
+
+
+def test_subgraphs_reading_outer_values_import_run_and_emit():
+    # an If whose branches read `x` and `w` from the enclosing graph, not through the node's inputs
+    then_graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["t"])], "then", [],
+                                   [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 3])])
+    else_graph = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["e"])], "else", [],
+                                   [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 3])])
+    model = _model([helper.make_node("Relu", ["x0"], ["x"]),
+                    helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)],
+                   [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [2, 3]),
+                    helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                   inits=[numpy_helper.from_array(np.full((2, 3), 2.0, np.float32), "w")])
+    x = torch.randn(2, 3)
+    for cond, expected in [(True, x.relu() + 2), (False, x.relu() * 2)]:
+        result = slimgraph.optimize(model, "dce", example_inputs=[x, torch.tensor(cond)])
+        assert torch.allclose(run(result.graph, [x, torch.tensor(cond)])[0], expected)
+        assert torch.allclose(run_onnxruntime(result.to_onnx(), [x, torch.tensor(cond)])[0], expected)
+
+
+def test_unused_optional_outputs_and_a_partly_mapped_node():
+    # LSTM's first output unnamed; Dropout's mask used: the mapped form (identity) lacks it, so opaque
+    rng = np.random.default_rng(0)
+    w, r = (numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+            for n, s in [("W", (1, 12, 2)), ("R", (1, 12, 3))])
+    model = _model([helper.make_node("LSTM", ["x", "W", "R"], ["", "h"], hidden_size=3),
+                    helper.make_node("Dropout", ["h"], ["d", "mask"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2])],
+                   [helper.make_tensor_value_info("d", TensorProto.FLOAT, [1, 3, 3]),
+                    helper.make_tensor_value_info("mask", TensorProto.BOOL, [1, 3, 3])], inits=[w, r])
+    x = torch.randn(1, 3, 2)
+    graph = slimgraph.optimize(model, "dce", example_inputs=[x]).graph
+    assert [n.attrs["impl"].target for n in graph.nodes if n.op == "opaque"] == ["LSTM", "Dropout"]
+    d, mask = run_onnxruntime(slimgraph.to_onnx(graph), [x])
+    expected = run_onnxruntime(model, [x])
+    assert torch.allclose(d, expected[0], atol=1e-6) and bool(mask.all())
+
+
+def test_an_old_op_that_changed_meaning_is_rewritten_for_the_opset_written():
+    # Upsample-9 is gone at opset 13: it comes back as Resize (onnx's version converter); the
+    # model itself goes back at opset 9 where that converter can write it, else at 13 with a warning
+    model = _model([helper.make_node("Upsample", ["x", "scales"], ["y"], mode="nearest")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 6])], opset=9,
+                   inits=[numpy_helper.from_array(np.array([1, 1, 2, 3], np.float32), "scales")])
+    x = torch.arange(4.0).reshape(1, 1, 2, 2)
+    graph = slimgraph.import_model(model)
+    with pytest.warns(UserWarning, match="cannot write the model at opset 9"):
+        emitted = slimgraph.to_onnx(graph)
+    assert "Resize" in [n.op_type for n in emitted.graph.node]
+    expected = x.repeat_interleave(2, 2).repeat_interleave(3, 3)
+    assert torch.equal(run_onnxruntime(emitted, [x])[0], expected)
+    with pytest.raises(SlimgraphError, match="cannot write the model at opset 9"):
+        slimgraph.to_onnx(graph, opset=9)  # asked for: an error, not a warning
+
+
+def test_wide_unsigned_integers_stay_opaque_and_run():
+    model = _model([helper.make_node("Add", ["a", "b"], ["y"])],
+                   [helper.make_tensor_value_info(n, TensorProto.UINT32, [3]) for n in "ab"],
+                   [helper.make_tensor_value_info("y", TensorProto.UINT32, [3])])
+    a, b = np.array([1, 2, 4_000_000_000], np.uint32), np.array([5, 6, 7], np.uint32)
+    result = slimgraph.optimize(model, "dce", example_inputs=[a, b])
+    assert [n.attrs["impl"].target for n in result.graph.nodes if n.op == "opaque"] == ["Add"]
+    feeds = [torch.from_numpy(a), torch.from_numpy(b)]
+    assert np.array_equal(run_onnxruntime(result.to_onnx(), feeds)[0].numpy(), a + b)
+
+
+def test_string_example_inputs_are_refused_clearly():
+    model = _model([helper.make_node("Identity", ["s"], ["y"])],
+                   [helper.make_tensor_value_info("s", TensorProto.STRING, [1])],
+                   [helper.make_tensor_value_info("y", TensorProto.STRING, [1])])
+    with pytest.raises(SlimgraphError, match="strings"):
+        slimgraph.optimize(model, "dce", example_inputs=[np.array(["a"], dtype=object)])
+    with pytest.raises(SlimgraphError, match="tensor 's'"):
+        slimgraph.import_model(model)

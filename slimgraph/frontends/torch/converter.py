@@ -10,6 +10,7 @@ cannot be converted either way becomes an opaque node that calls the original co
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -379,9 +380,26 @@ class Converter:
             raise UnsupportedError(f"node {fx_node.name} ({_describe(fx_node)}) returns {type(real).__name__}")
         types = [(tuple(t.shape), DType.from_torch(t.dtype)) for t in tensors]
         outs = self.emit(OPAQUE, inputs, {"impl": impl}, output_types=types)
+        if any(v.sym for v in inputs):
+            _symbolic_outputs(outs if isinstance(outs, tuple) else (outs,), impl)
         if isinstance(real, torch.Tensor):
             return outs
         return tuple(outs) if isinstance(outs, tuple) else (outs,)
+
+
+def _symbolic_outputs(outputs: tuple[Value, ...], impl: OpaqueImpl) -> None:
+    """An opaque call on symbolic dims: its output dims as expressions over the symbols where it
+    runs on fake tensors; else a warning, since the graph then runs at the traced sizes only."""
+    from slimgraph.ir.symbolic import infer_syms
+
+    node = outputs[0].producer
+    syms = infer_syms(node, lambda xs, attrs: impl(list(xs)))
+    if syms is None:
+        warnings.warn(f"opaque node {node.name} ({impl.target}) takes symbolic dims but its output shapes are "
+                      "known at the traced sizes only: the graph runs at those sizes", stacklevel=2)
+        return
+    for value, sym in zip(outputs, syms):
+        value.sym = sym
 
 
 def _reads_graph_inputs(value: Value) -> bool:

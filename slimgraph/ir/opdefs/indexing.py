@@ -47,13 +47,11 @@ def take_coupling(node) -> list[Coupling]:
 
 def take_ref(xs, a):
     x, idx = xs
-    axis = a["axis"] % x.dim()
-    flat = torch.index_select(x, axis, idx.reshape(-1).long())
-    return flat.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])
+    return x[_index_tuple(x, [a["axis"] % x.dim()], [idx])]  # negative indices count from the end
 
 
-register_op("take", take_ref, description="x indexed along axis by an integer tensor (its dims replace the axis; "
-            "ONNX Gather)", num_inputs=(2, 2), coupling=take_coupling)
+register_op("take", take_ref, description="x indexed along axis by an integer tensor (its dims replace the axis, "
+            "negative indices count from the end: ONNX Gather)", num_inputs=(2, 2), coupling=take_coupling)
 register_op("gather_elements", lambda xs, a: torch.gather(xs[0], a["axis"], xs[1].long()),
             description="torch.gather: out[i][j] = x[index[i][j]][j] along axis", num_inputs=(2, 2),
             coupling=_all_frozen)
