@@ -523,6 +523,14 @@ def emit_attention(b, node):
     b.add("Reshape", [merged, b.ints([0] * (rank - 1) + [-1], "merge")], [b.out()])
 
 
+@emitter("multi_head_attention")
+def emit_multi_head_attention(b, node):
+    inputs = [b.inp(0), b.inp(1), b.inp(2)] + (["", "", b.inp(3)] if len(node.inputs) > 3 else [])
+    b.add("MultiHeadAttention", inputs, [b.out()], domain="com.microsoft", num_heads=node.attrs["num_heads"],
+          scale=float(node.attrs["scale"]))
+    b.extra_opsets["com.microsoft"] = 1
+
+
 @emitter(OPAQUE)
 def emit_opaque(b, node):
     impl = node.attrs["impl"]

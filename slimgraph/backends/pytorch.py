@@ -282,6 +282,13 @@ def emit_attention(ctx, node, a):
     return f"attention({a[0]}, {a[1]}, {a[2]}, {at['num_heads']}, {at['scale']!r}{dropout})"
 
 
+@emitter("multi_head_attention")
+def emit_multi_head_attention(ctx, node, a):
+    ctx.uses_helpers.add("attention")
+    bias = f", bias={a[3]}" if len(node.inputs) > 3 else ""
+    return f"attention({a[0]}, {a[1]}, {a[2]}, {node.attrs['num_heads']}, {node.attrs['scale']!r}{bias})"
+
+
 _UNARY = {
     "relu": "F.relu({})", "sigmoid": "torch.sigmoid({})", "tanh": "torch.tanh({})", "silu": "F.silu({})",
     "hardswish": "F.hardswish({})", "hardsigmoid": "F.hardsigmoid({})", "erf": "torch.erf({})",
@@ -748,10 +755,11 @@ _HELPERS = {
     "fake_quant": _FAKE_QUANT,
     "qconv": _QCONV,
     "attention": '''
-def attention(q, k, v, num_heads, scale, dropout=0.0, training=False):
-    """Scaled dot-product attention over num_heads heads of the last dim of [batch, seq, heads * dim]."""
+def attention(q, k, v, num_heads, scale, dropout=0.0, training=False, bias=None):
+    """Scaled dot-product attention over num_heads heads of the last dim of [batch, seq, heads * dim],
+    with an optional additive bias [batch or 1, heads or 1, seq_q, seq_k]."""
     q, k, v = (t.unflatten(-1, (num_heads, -1)).transpose(-3, -2) for t in (q, k, v))
-    y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if training else 0.0, scale=scale)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout if training else 0.0, scale=scale)
     return y.transpose(-3, -2).flatten(-2)
 ''',
     "stochastic_depth": '''

@@ -146,11 +146,12 @@ def infer_syms(node, reference) -> list[tuple | None] | None:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
-    key = (node.op, _key(node.attrs),
-           tuple(None if v is None else (v.sym or v.shape, v.shape if v.sym else None, v.dtype) for v in node.inputs))
     try:
+        key = (node.op, _key(node.attrs),
+               tuple(None if v is None else (v.sym or v.shape, v.shape if v.sym else None, v.dtype)
+                     for v in node.inputs))
         hit = _CACHE.get(key)
-    except TypeError:  # attributes that cannot be keyed
+    except TypeError:  # attributes that cannot be keyed (an opaque node's implementation)
         key, hit = None, None
     if hit is not None:
         return hit

@@ -404,11 +404,14 @@ def attention_ref(xs, a):
 
 def attention_coupling(node) -> list[Coupling]:
     """q and k share head dims, v and the output theirs; heads go as whole units across all four."""
-    rank = node.inputs[0].rank
+    return _head_couplings(node.inputs[0].rank, node.attrs["num_heads"])
+
+
+def _head_couplings(rank: int, num_heads: int) -> list[Coupling]:
     couplings = [same(inp(0, a), inp(1, a), inp(2, a), out(0, a)) for a in range(rank - 2)]
     couplings += [same(inp(0, rank - 2), out(0, rank - 2)), same(inp(1, rank - 2), inp(2, rank - 2))]
     heads = (inp(0, rank - 1), inp(1, rank - 1), inp(2, rank - 1), out(0, rank - 1))
-    return couplings + [Coupling("heads", heads, (node.attrs["num_heads"],))]
+    return couplings + [Coupling("heads", heads, (num_heads,))]
 
 
 def attention_infer(node) -> list:
@@ -422,7 +425,7 @@ def attention_infer(node) -> list:
 
 
 def attention_macs(node) -> int:
-    q, k, v = node.inputs
+    q, k, v = node.inputs[:3]
     return q.numel // q.shape[-1] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
 
 
@@ -435,4 +438,47 @@ register_op(
     coupling=attention_coupling,
     macs=attention_macs,
     infer=attention_infer,
+)
+
+
+# ---------------------------------------------------------------------------- onnxruntime's kernels
+# The `fuse{target=onnxruntime}` pass rewrites canonical subgraphs into these: each is one kernel of
+# onnxruntime's CPU provider (com.microsoft domain) and computes exactly what it replaces.
+def multi_head_attention_ref(xs, a):
+    q, k, v = (t.unflatten(-1, (a["num_heads"], -1)).transpose(-3, -2) for t in xs[:3])
+    bias = xs[3] if len(xs) > 3 else None
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=a["scale"])
+    return y.transpose(-3, -2).flatten(-2)
+
+
+def multi_head_attention_infer(node) -> list:
+    q, k, v = node.inputs[:3]
+    heads = node.attrs["num_heads"]
+    bias = node.inputs[3] if len(node.inputs) > 3 else None
+    ok = (q.rank == k.rank == v.rank == 3 and q.shape[-1] == k.shape[-1] and k.shape[1] == v.shape[1]
+          and q.shape[-1] % heads == 0 and v.shape[-1] % heads == 0
+          and (bias is None or (bias.rank == 4 and tuple(bias.shape[2:]) == (q.shape[1], k.shape[1])
+                                and bias.shape[0] in (1, q.shape[0]) and bias.shape[1] in (1, heads))))
+    if not ok:
+        raise ValueError(f"multi_head_attention over {heads} heads: q {q.shape}, k {k.shape}, v {v.shape}, "
+                         f"bias {None if bias is None else bias.shape} do not fit")
+    return [((*q.shape[:-1], v.shape[-1]), q.dtype)]
+
+
+def multi_head_attention_coupling(node) -> list[Coupling]:
+    couplings = _head_couplings(3, node.attrs["num_heads"])
+    if len(node.inputs) > 3:
+        couplings.append(frozen(*[inp(3, a) for a in range(node.inputs[3].rank)]))
+    return couplings
+
+
+register_op(
+    "multi_head_attention",
+    multi_head_attention_ref,
+    description="onnxruntime's MultiHeadAttention: attention over num_heads heads of [batch, seq, heads * dim] "
+                "q, k, v with an optional additive bias [batch or 1, heads or 1, seq_q, seq_k]; attrs num_heads, scale",
+    num_inputs=(3, 4),
+    coupling=multi_head_attention_coupling,
+    macs=attention_macs,
+    infer=multi_head_attention_infer,
 )
