@@ -24,6 +24,7 @@ test-quick: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/import_speed.py
+	$(BIN)/python bench/transformers.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -135,9 +135,13 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 def _cmd_passes(args) -> None:
     from slimgraph.passes import available
+    from slimgraph.passes.pipeline import PRESETS
 
     for name, description in available().items():
         print(f"{name:20s} {description}")
+    print("\npresets (named pipelines; combine them with other passes: onnxruntime-fp32,prune{ratio=0.3}):")
+    for name, (expansion, description) in PRESETS.items():
+        print(f"{name:20s} = {expansion}\n{'':20s} {description}")
 
 
 def _cmd_inspect(args) -> None:

@@ -531,6 +531,15 @@ def emit_multi_head_attention(b, node):
     b.extra_opsets["com.microsoft"] = 1
 
 
+@emitter("skip_layer_norm")
+def emit_skip_layer_norm(b, node):
+    total = node.outputs[1]
+    outputs = [b.out(0)] + (["", "", b.out(1)] if total.uses or total in b.graph.outputs else [])
+    b.add("SkipLayerNormalization", [b.inp(i) for i in range(len(node.inputs))], outputs, domain="com.microsoft",
+          epsilon=float(node.attrs["eps"]))
+    b.extra_opsets["com.microsoft"] = 1
+
+
 @emitter(OPAQUE)
 def emit_opaque(b, node):
     impl = node.attrs["impl"]

@@ -289,6 +289,13 @@ def emit_multi_head_attention(ctx, node, a):
     return f"attention({a[0]}, {a[1]}, {a[2]}, {node.attrs['num_heads']}, {node.attrs['scale']!r}{bias})"
 
 
+@emitter("skip_layer_norm")
+def emit_skip_layer_norm(ctx, node, a):
+    ctx.uses_helpers.add("skip_layer_norm")
+    bias = f", {a[4]}" if len(node.inputs) > 4 else ""
+    return f"skip_layer_norm({a[0]}, {a[1]}, {a[2]}, {a[3]}, {node.attrs['eps']!r}{bias})"
+
+
 _UNARY = {
     "relu": "F.relu({})", "sigmoid": "torch.sigmoid({})", "tanh": "torch.tanh({})", "silu": "F.silu({})",
     "hardswish": "F.hardswish({})", "hardsigmoid": "F.hardsigmoid({})", "erf": "torch.erf({})",
@@ -761,6 +768,12 @@ def attention(q, k, v, num_heads, scale, dropout=0.0, training=False, bias=None)
     q, k, v = (t.unflatten(-1, (num_heads, -1)).transpose(-3, -2) for t in (q, k, v))
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout if training else 0.0, scale=scale)
     return y.transpose(-3, -2).flatten(-2)
+''',
+    "skip_layer_norm": '''
+def skip_layer_norm(x, skip, gamma, beta, eps, bias=None):
+    """Layer norm of the residual sum x + skip (+ bias) over the last dim, and the sum itself."""
+    total = x + skip if bias is None else x + skip + bias
+    return F.layer_norm(total, gamma.shape, gamma, beta, eps), total
 ''',
     "stochastic_depth": '''
 def stochastic_depth(x, p, mode, training):

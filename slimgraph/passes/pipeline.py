@@ -11,6 +11,18 @@ from slimgraph.passes.base import Pass, make_pass
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 
+# Named pipelines for one target, as Optimum's O1-O4 are: each expands to the passes that measured
+# fastest there (bench/transformers.py, bench/winograd.py) and skips what did not pay, whatever the
+# model (a pass that finds nothing to do on it changes nothing). A preset combines with other
+# passes in one pipeline string: "onnxruntime-fp32,prune{ratio=0.3}".
+PRESETS: dict[str, tuple[str, str]] = {
+    "onnxruntime-fp32": (
+        "fold-bn,canonicalize",
+        "exact fp32 for onnxruntime's CPU provider: BatchNorm folded, constants folded, identities and "
+        "dead code gone. Its session optimizer fuses BiasGelu and MatMul chains itself; the fused kernels of "
+        "`fuse` (MultiHeadAttention, SkipLayerNormalization) and Winograd measured slower there, so they stay out"),
+}
+
 
 def _split_top(text: str, sep: str = ",") -> list[str]:
     """Split on ``sep`` outside braces and brackets."""
@@ -56,6 +68,11 @@ def parse_pipeline(text: str) -> list[Pass]:
                 options[key.strip()] = _parse_value(value)
         if not _NAME.match(name):
             raise PassError(f"pipeline {text!r}: {name!r} is not a pass name")
+        if name in PRESETS:
+            if options:
+                raise PassError(f"preset {name!r} takes no options (it expands to {PRESETS[name][0]!r})")
+            passes.extend(parse_pipeline(PRESETS[name][0]))
+            continue
         passes.append(make_pass(name, options))
     return passes
 

@@ -10,31 +10,46 @@ from slimgraph.errors import SlimgraphError
 from slimgraph.ir import run
 from tests.frontends.test_transformers import FAMILIES, eager, rel_error
 
+# family -> (attention blocks fused, layer norms fused with their residual add)
+EXPECTED = {"bert": (2, 4), "gpt2": (2, 4), "t5": (2, 0), "vit": (2, 4)}
 
-@pytest.mark.parametrize("family", ["bert", "vit"])
-def test_attention_blocks_fuse_and_stay_exact(family):
+
+@pytest.mark.parametrize("family", list(EXPECTED))
+def test_fusions_are_exact_in_every_runtime_at_other_sizes(family):
     build, make_inputs, names = FAMILIES[family]
     torch.manual_seed(0)
     model = build().eval()
     inputs = make_inputs(2, 12)
-    key = next(iter(inputs))
-    dims = {key: {0: "batch"}} if family == "vit" else {k: {0: "batch", 1: "seq"} for k in inputs}
+    dims = {"pixel_values": {0: "batch"}} if family == "vit" else {k: {0: "batch", 1: "seq"} for k in inputs}
     result = slimgraph.optimize(model, "dce,fuse", example_inputs=inputs, dynamic_dims=dims)
-    record = list(result.trace)[-1]
-    assert record.pass_stats["attention_fused"] == 2  # both layers; the numerical check passed too
-    nodes = [n.op for n in result.graph.nodes]
-    assert nodes.count("multi_head_attention") == 2 and "softmax" not in nodes
+    stats = list(result.trace)[-1].pass_stats  # the numerical check after the pass passed too
+    assert (stats["attention_fused"], stats["skip_layer_norm_fused"]) == EXPECTED[family]
+    ops = [n.op for n in result.graph.nodes]
+    assert ops.count("multi_head_attention") == 2 and "softmax" not in ops
     proto = result.to_onnx()
-    assert [n.op_type for n in proto.graph.node].count("MultiHeadAttention") == 2
+    kernels = [n.op_type for n in proto.graph.node if n.domain == "com.microsoft"]
+    assert kernels.count("MultiHeadAttention") == 2
+    assert kernels.count("SkipLayerNormalization") == EXPECTED[family][1]
     module = result.to_torch()
-    for feed in (make_inputs(3, 9, seed=1), make_inputs(1, 16, seed=2)):
-        if family == "vit":
-            feed = make_inputs(3, 32, seed=1)
+    feeds = [make_inputs(3, 32, seed=1)] if family == "vit" else [make_inputs(3, 9, seed=1), make_inputs(1, 16, seed=2)]
+    for feed in feeds:
         want = eager(model, feed, names)
         values = list(feed.values())
         for got in (run(result.graph, values), module(*values), run_onnxruntime(proto, values)):
             got = got if isinstance(got, (tuple, list)) else (got,)
             assert all(rel_error(a, w) < 1e-4 for a, w in zip(got, want))
+
+
+def test_one_fusion_at_a_time():
+    build, make_inputs, _ = FAMILIES["bert"]
+    torch.manual_seed(0)
+    inputs = make_inputs(2, 12)
+    graph = slimgraph.import_model(build().eval(), inputs)
+    feed = tuple(inputs.values())
+    only_norms = list(slimgraph.optimize(graph, "fuse{ops=[skip_layer_norm]}", example_inputs=feed).trace)[-1]
+    assert (only_norms.pass_stats["attention_fused"], only_norms.pass_stats["skip_layer_norm_fused"]) == (0, 4)
+    with pytest.raises(SlimgraphError, match="not among attention, skip_layer_norm"):
+        slimgraph.optimize(graph, "fuse{ops=[gelu]}", example_inputs=feed)
 
 
 def test_nn_multihead_attention_becomes_the_kernel_too():

@@ -482,3 +482,40 @@ register_op(
     macs=attention_macs,
     infer=multi_head_attention_infer,
 )
+
+
+def skip_layer_norm_ref(xs, a):
+    x, skip, gamma, beta = xs[:4]
+    total = x + skip if len(xs) < 5 or xs[4] is None else x + skip + xs[4]
+    return F.layer_norm(total, gamma.shape, gamma, beta, a["eps"]), total
+
+
+def skip_layer_norm_infer(node) -> list:
+    x, skip, gamma = node.inputs[:3]
+    params = [v for v in node.inputs[2:] if v is not None]
+    if x.rank != 3 or skip.shape != x.shape or any(p.shape != (x.shape[-1],) for p in params):
+        raise ValueError(f"skip_layer_norm: input {x.shape}, skip {skip.shape} and 1-D parameters of the "
+                         f"hidden size {[p.shape for p in params]} do not fit")
+    return [(x.shape, x.dtype), (x.shape, x.dtype)]
+
+
+def skip_layer_norm_coupling(node) -> list[Coupling]:
+    """The residual sum's dims are shared by both operands and both outputs; the normalized (last)
+    dim is frozen, as layer norm's statistics change when a channel leaves."""
+    rank = node.inputs[0].rank
+    couplings = [same(inp(0, a), inp(1, a), out(0, a), out(1, a)) for a in range(rank - 1)]
+    last = [inp(0, rank - 1), inp(1, rank - 1), out(0, rank - 1), out(1, rank - 1)]
+    last += [inp(i, 0) for i in range(2, len(node.inputs)) if node.inputs[i] is not None]
+    return couplings + [frozen(*last)]
+
+
+register_op(
+    "skip_layer_norm",
+    skip_layer_norm_ref,
+    description="onnxruntime's SkipLayerNormalization: layer norm of x + skip (+ bias) over the last dim, and "
+                "that sum as a second output (the next residual reads it); inputs x, skip, gamma, beta, bias; "
+                "attr eps",
+    num_inputs=(4, 5),
+    coupling=skip_layer_norm_coupling,
+    infer=skip_layer_norm_infer,
+)
