@@ -74,11 +74,15 @@ class Observer:
         self.symmetric = symmetric
         self.lo, self.hi = 0.0, 0.0  # start at 0: ranges always contain it
         self.hist: np.ndarray | None = None
+        self.not_finite: int | None = None  # the first batch on which it held NaN or Inf
 
     def update_range(self, t: torch.Tensor, batch: int) -> None:
         lo, hi = (float(m) for m in torch.aminmax(t.detach().float()))
-        if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN and Inf both reach the extremes
+        if math.isnan(lo) or math.isnan(hi):  # NaN reaches the extremes: the float model computes it
             raise PassError(f"quantize: tensor %{self.value.name} is not finite on calibration batch {batch}")
+        if math.isinf(lo) or math.isinf(hi):  # an attention mask's -inf: no int8 grid holds it
+            self.not_finite = batch if self.not_finite is None else self.not_finite
+            return
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
 
     @property

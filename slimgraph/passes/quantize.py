@@ -304,13 +304,26 @@ class Quantize(Pass):
             raise PassError(f"pass 'quantize': the graph is already quantized (node {done.name} is a {done.op}); "
                             "quantize the float model")
         batches = check_batches(graph, ctx.calibration_data, "pass 'quantize'")
-        placement = place(graph, self.target, self.skip)
         wrange = weight_range(self.target, self.cpu)
-        if not placement.ops:
-            return PassResult(False, {"quantized_ops": 0})
         dtype = self.activation_dtype
-        roots = [v for v in placement.activations if id(v) not in placement.tied]
-        observers = observe(graph, roots, batches, self.calibration, dtype == torch.int8, self.bins, self.progress)
+        skip, not_finite = tuple(self.skip), []
+        while True:  # ops that read or write a tensor no int8 grid holds (-inf masks) stay float
+            placement = place(graph, self.target, skip)
+            if not placement.ops:
+                return PassResult(False, {"quantized_ops": 0, "not_finite": not_finite})
+            roots = [v for v in placement.activations if id(v) not in placement.tied]
+            observers = observe(graph, roots, batches, self.calibration, dtype == torch.int8, self.bins,
+                                self.progress)
+            bad = {id(obs.value): obs for obs in observers if obs.not_finite is not None}
+            if not bad:
+                break
+            for obs in bad.values():
+                shared = [obs.value] + [v for v in placement.activations if id(placement.tied.get(id(v))) in bad]
+                ops = sorted({n.name for v in shared for n in [u.node for u in v.uses] + [v.producer]
+                              if n in placement.ops})
+                not_finite.append(f"%{obs.value.name} holds inf on calibration batch {obs.not_finite}: "
+                                  f"{', '.join(ops)} kept float")
+                skip += tuple(ops)
         hessians = {} if self.rounding == "nearest" else gptq.input_hessians(
             graph, [n for n, _, axis in placement.weights if axis == 0 and len(n.inputs[1].uses) == 1], batches)
         levels = 256 if dtype == torch.uint8 else 255
@@ -355,6 +368,7 @@ class Quantize(Pass):
                                  "activations": len(placement.activations), "weights": len(quantized_weights),
                                  "observed": len(roots), "batches": len(batches), "cpu": wrange.cpu,
                                  "weight_bits": wrange.bits, "gptq_layers": gptq_layers,
+                                 "not_finite": not_finite,
                                  "notes": [f"{wrange.bits}-bit weights: {wrange.reason}",
                                            f"rounding: GPTQ on {gptq_layers} of {len(quantized_weights)} weights"
                                            if self.rounding == "gptq" else "rounding: nearest"]})

@@ -386,6 +386,36 @@ def test_a_non_finite_activation_is_named():
         slimgraph.optimize(Sqrt().eval(), PIPELINE, example_inputs=x, calibration_data=[(x,)])
 
 
+def test_an_attention_mask_of_minus_inf_stays_float():
+    """A padding mask made an additive bias of 0 / -inf: no int8 grid holds -inf, so the ops that
+    read it stay float (said in the stats) and the rest is quantized."""
+
+    class MaskedAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+
+        def forward(self, x, keep):
+            bias = torch.zeros(keep.shape).masked_fill(keep == 0, float("-inf")).unsqueeze(1)
+            scores = self.q(x) @ self.k(x).transpose(1, 2) + bias
+            return self.o(torch.softmax(scores, -1) @ self.v(x))
+
+    torch.manual_seed(0)
+    model = MaskedAttention().eval()
+    x, keep = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    result = slimgraph.optimize(model, "quantize{progress=false},fold-int8", example_inputs=(x, keep),
+                                calibration_data=[(x, keep)])
+    stats = list(result.trace)[-2].pass_stats
+    # the bias and the masked scores hold -inf: the add between them stays float
+    assert stats["not_finite"] == ["%unsqueeze holds inf on calibration batch 0: add kept float",
+                                   "%add holds inf on calibration batch 0: add kept float"]
+    assert stats["quantized_ops"] > 0
+    with torch.no_grad():
+        want = model(x, keep)
+    got = run_onnxruntime(result.to_onnx(), [x, keep])[0]
+    assert torch.isfinite(got).all() and (got - want).abs().max() < 0.1
+
+
 @pytest.mark.parametrize("options,message", [
     ("target=gpu", "'target'"), ("target=trt,activations=uint8", "'activations'"), ("bins=100", "'bins'"),
     ("percentile=20", "'percentile'"), ("calibration=kl", "'calibration'"),
