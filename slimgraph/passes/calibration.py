@@ -51,9 +51,10 @@ def check_batches(graph: Graph, data: Any, who: str) -> list[tuple[torch.Tensor,
                             f"{len(graph.inputs)}")
         for j, (value, t) in enumerate(zip(graph.inputs, batch)):
             where = f"{who}: calibration batch {i}, input {j} (%{value.name})"
-            if t.dim() != len(value.shape) or tuple(t.shape[1:]) != tuple(value.shape[1:]):
-                raise PassError(f"{where}: expected shape {value.type_str()} (any batch size), "
-                                f"got {tuple(t.shape)}")
+            fixed = [a for a in range(1, len(value.shape)) if not (value.sym and value.sym[a] is not None)]
+            if t.dim() != len(value.shape) or any(t.shape[a] != value.shape[a] for a in fixed):
+                raise PassError(f"{where}: expected shape {value.type_str()} (any batch size"
+                                f"{', any size on the symbolic dims' if value.sym else ''}), got {tuple(t.shape)}")
             if t.dtype != value.dtype.torch:
                 raise PassError(f"{where}: expected dtype {value.dtype.torch}, got {t.dtype}")
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):

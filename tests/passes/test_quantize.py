@@ -611,3 +611,15 @@ def test_a_transformer_block_quantizes_every_projection():
         assert float((got - run(fq.graph, [x])[0]).abs().max()) <= step * 1.001
         with torch.no_grad():
             assert torch.allclose(module(x), run(folded.graph, [x])[0], atol=1e-5)
+
+
+def test_calibration_batches_take_any_size_on_symbolic_dims():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 5, 8)
+    calibration = [(torch.randn(1, 7, 8),), (torch.randn(3, 2, 8),)]  # sentences of other lengths
+    result = slimgraph.optimize(model, "quantize{progress=false},fold-int8", example_inputs=(x,),
+                                calibration_data=calibration, dynamic_dims={"input": {0: "batch", 1: "seq"}})
+    assert list(result.trace)[-2].pass_stats["batches"] == 2
+    with pytest.raises(SlimgraphError, match=r"any size on the symbolic dims\), got \(1, 7, 6\)"):
+        slimgraph.optimize(model, "quantize{progress=false}", example_inputs=(x,),
+                           calibration_data=[(torch.randn(1, 7, 6),)], dynamic_dims={"input": {0: "batch", 1: "seq"}})
