@@ -540,6 +540,13 @@ def emit_skip_layer_norm(b, node):
     b.extra_opsets["com.microsoft"] = 1
 
 
+@emitter("dynamic_quant_matmul")
+def emit_dynamic_quant_matmul(b, node):
+    bias = [b.inp(3)] if len(node.inputs) > 3 else []
+    b.add("DynamicQuantizeMatMul", [b.inp(0), b.inp(1), b.inp(2), ""] + bias, [b.out()], domain="com.microsoft")
+    b.extra_opsets["com.microsoft"] = 1
+
+
 @emitter(OPAQUE)
 def emit_opaque(b, node):
     impl = node.attrs["impl"]

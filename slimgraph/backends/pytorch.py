@@ -296,6 +296,13 @@ def emit_skip_layer_norm(ctx, node, a):
     return f"skip_layer_norm({a[0]}, {a[1]}, {a[2]}, {a[3]}, {node.attrs['eps']!r}{bias})"
 
 
+@emitter("dynamic_quant_matmul")
+def emit_dynamic_quant_matmul(ctx, node, a):
+    ctx.uses_helpers.add("dynamic_quant_matmul")
+    bias = f", {a[3]}" if len(node.inputs) > 3 else ""
+    return f"dynamic_quant_matmul({a[0]}, {a[1]}, {a[2]}{bias})"
+
+
 _UNARY = {
     "relu": "F.relu({})", "sigmoid": "torch.sigmoid({})", "tanh": "torch.tanh({})", "silu": "F.silu({})",
     "hardswish": "F.hardswish({})", "hardsigmoid": "F.hardsigmoid({})", "erf": "torch.erf({})",
@@ -774,6 +781,18 @@ def skip_layer_norm(x, skip, gamma, beta, eps, bias=None):
     """Layer norm of the residual sum x + skip (+ bias) over the last dim, and the sum itself."""
     total = x + skip if bias is None else x + skip + bias
     return F.layer_norm(total, gamma.shape, gamma, beta, eps), total
+''',
+    "dynamic_quant_matmul": '''
+def dynamic_quant_matmul(x, w, w_scale, bias=None):
+    """x quantized to uint8 per tensor at run time (its own range, 0 included) times int8 weights
+    [K, N] with a scale per column; the integer products summed exactly, then scaled."""
+    lo, hi = x.min().clamp(max=0.0).float(), x.max().clamp(min=0.0).float()
+    scale = (hi - lo) / 255.0
+    step = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero x: every level 0
+    zero_point = torch.round(-lo / step).clamp(0, 255)
+    q = (torch.round(x.float() / step) + zero_point).clamp(0, 255)
+    y = (((q - zero_point).double() @ w.double()) * (scale.double() * w_scale.double())).to(x.dtype)
+    return y if bias is None else y + bias
 ''',
     "stochastic_depth": '''
 def stochastic_depth(x, p, mode, training):

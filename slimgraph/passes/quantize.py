@@ -37,14 +37,15 @@ import torch
 
 from slimgraph.cpu import ISAS, integer_isa, saturates_pairs
 from slimgraph.errors import PassError
-from slimgraph.ir import Graph, Node, Value
+from slimgraph.ir import DType, Graph, Node, Value
 from slimgraph.ir.opdefs.quant import quantize_ref
 from slimgraph.passes import gptq
 from slimgraph.passes.base import Pass, PassContext, PassResult, register_pass
 from slimgraph.passes.calibration import METHODS, activation_params, check_batches, observe, weight_params
+from slimgraph.passes.cleanup import eliminate_dead_code
 
 Target = Literal["ort", "trt"]
-Activations = Literal["auto", "uint8", "int8"]
+Activations = Literal["auto", "uint8", "int8", "dynamic"]
 Calibration = Literal["minmax", "percentile", "entropy", "mse"]
 Cpu = Literal["auto", "vnni", "avx512", "avx2", "arm"]
 Rounding = Literal["gptq", "nearest"]
@@ -277,7 +278,10 @@ class Quantize(Pass):
         _check_choice("target", self.target, ("ort", "trt"))
         _check_choice("cpu", self.cpu, ("auto", *ISAS))
         _check_choice("rounding", self.rounding, ("gptq", "nearest"))
-        _check_choice("activations", self.activations, ("auto", "uint8", "int8"))
+        _check_choice("activations", self.activations, ("auto", "uint8", "int8", "dynamic"))
+        if self.activations == "dynamic" and self.target != "ort":
+            raise PassError("pass 'quantize' option 'activations': dynamic activations are onnxruntime's "
+                            "DynamicQuantizeMatMul (target ort)")
         _check_choice("calibration", self.calibration, METHODS)
         if self.target == "trt" and self.activations == "uint8":
             raise PassError("pass 'quantize' option 'activations': target trt quantizes activations to int8 "
@@ -292,6 +296,43 @@ class Quantize(Pass):
             self.skip = (self.skip,)
         self.skip = tuple(str(s) for s in self.skip)
 
+    def _run_dynamic(self, graph: Graph, ctx: PassContext) -> PassResult:
+        """Linears with constant weights become dynamic_quant_matmul: int8 weights per output channel
+        (GPTQ-rounded on the calibration data where given), activations quantized at run time over
+        each tensor's own range, so nothing is calibrated and no range is ever clipped."""
+        wrange = weight_range(self.target, self.cpu)
+        layers = [n for n in graph.nodes if n.op == "linear" and n.inputs[1].is_constant and n.inputs[1].rank == 2
+                  and n.inputs[0].dtype == n.inputs[1].dtype == DType.float32
+                  and not any(n.op == p or fnmatch.fnmatchcase(n.name, p) for p in self.skip)]
+        batches = None
+        if ctx.calibration_data is not None and self.rounding == "gptq":
+            batches = check_batches(graph, ctx.calibration_data, "pass 'quantize'")
+        hessians = gptq.input_hessians(graph, layers, batches) if batches else {}
+        gptq_layers = 0
+        for node in layers:
+            weight = node.inputs[1].const_value  # [N, K]
+            scale = weight_params(weight, 0, wrange.qmax)
+            if id(node) in hessians:
+                rounded = gptq.round_weight(weight, *hessians[id(node)], scale, -wrange.qmax, wrange.qmax)
+                if rounded is not None:
+                    weight, gptq_layers = rounded, gptq_layers + 1
+            ints = torch.round(weight.double() / scale.double()[:, None]).clamp(-wrange.qmax, wrange.qmax)
+            q = graph.add_constant(f"{node.inputs[1].name}_int8", ints.to(torch.int8).t().contiguous())
+            s = graph.add_constant(f"{node.inputs[1].name}_scale", scale)
+            bias = node.inputs[2:3] if len(node.inputs) > 2 and node.inputs[2] is not None else []
+            new = graph.create_node("dynamic_quant_matmul", [node.inputs[0], q, s, *bias], name=node.name,
+                                    before=node, meta={**node.meta, "origin": "quantize"})
+            graph.replace_all_uses_with(node.outputs[0], new.outputs[0])
+            graph.remove_node(node)
+        eliminate_dead_code(graph)
+        kept = [n.name for n in graph.nodes if n.op in _WEIGHTED]
+        return PassResult(bool(layers), {
+            "quantized_ops": len(layers), "float_layers": len(kept), "activations": "dynamic (per tensor, uint8)",
+            "cpu": wrange.cpu, "weight_bits": wrange.bits, "gptq_layers": gptq_layers,
+            "notes": [f"{wrange.bits}-bit weights: {wrange.reason}",
+                      f"rounding: GPTQ on {gptq_layers} of {len(layers)} weights" if batches
+                      else "rounding: nearest (GPTQ needs calibration_data)"]})
+
     @property
     def activation_dtype(self) -> torch.dtype:
         if self.activations == "auto":
@@ -299,10 +340,12 @@ class Quantize(Pass):
         return torch.uint8 if self.activations == "uint8" else torch.int8
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        done = next((n for n in graph.nodes if n.op in _QUANT_OPS), None)
+        done = next((n for n in graph.nodes if n.op in _QUANT_OPS + ("dynamic_quant_matmul",)), None)
         if done is not None:
             raise PassError(f"pass 'quantize': the graph is already quantized (node {done.name} is a {done.op}); "
                             "quantize the float model")
+        if self.activations == "dynamic":
+            return self._run_dynamic(graph, ctx)
         batches = check_batches(graph, ctx.calibration_data, "pass 'quantize'")
         wrange = weight_range(self.target, self.cpu)
         dtype = self.activation_dtype

@@ -623,3 +623,40 @@ def test_calibration_batches_take_any_size_on_symbolic_dims():
     with pytest.raises(SlimgraphError, match=r"any size on the symbolic dims\), got \(1, 7, 6\)"):
         slimgraph.optimize(model, "quantize{progress=false}", example_inputs=(x,),
                            calibration_data=[(torch.randn(1, 7, 6),)], dynamic_dims={"input": {0: "batch", 1: "seq"}})
+
+
+def test_dynamic_activations_match_onnxruntime_and_torch_exactly():
+    """quantize{activations=dynamic}: int8 weights per output channel, each activation quantized
+    over its own range at run time (DynamicQuantizeMatMul): the interpreter, the PyTorch backend and
+    onnxruntime compute the same integers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(3, 5, 16)
+    result = slimgraph.optimize(model, "quantize{activations=dynamic,skip=[linear_2]}", example_inputs=(x,),
+                                calibration_data=[(torch.randn(2, 5, 16),) for _ in range(4)],
+                                dynamic_dims={"input": {0: "batch", 1: "seq"}})
+    stats = list(result.trace)[-1].pass_stats
+    assert (stats["quantized_ops"], stats["float_layers"]) == (2, 1)
+    assert [n.op for n in result.graph.nodes].count("dynamic_quant_matmul") == 2
+    proto = result.to_onnx()
+    assert [n.op_type for n in proto.graph.node].count("DynamicQuantizeMatMul") == 2
+    for feed in (x, torch.randn(2, 7, 16) * 3):
+        want = run(result.graph, [feed])[0]
+        assert torch.allclose(result.to_torch()(feed), want, atol=1e-6)
+        assert torch.allclose(run_onnxruntime(proto, [feed])[0], want, atol=1e-5)
+        with torch.no_grad():
+            assert (want - model(feed)).abs().max() < 0.05 * model(feed).abs().max()
+
+
+def test_dynamic_activations_need_onnxruntime():
+    with pytest.raises(PassError, match="dynamic activations"):
+        slimgraph.passes.to_passes("quantize{target=trt,activations=dynamic}")
+
+
+def test_dynamic_activations_of_all_zeros_give_zeros():
+    model = nn.Sequential(nn.ReLU(), nn.Linear(4, 3, bias=False)).eval()
+    result = slimgraph.optimize(model, "quantize{activations=dynamic}", example_inputs=(-torch.ones(2, 4),))
+    proto = result.to_onnx()
+    for got in (run(result.graph, [-torch.ones(2, 4)])[0], result.to_torch()(-torch.ones(2, 4)),
+                run_onnxruntime(proto, [-torch.ones(2, 4)])[0]):
+        assert torch.equal(got, torch.zeros(2, 3))

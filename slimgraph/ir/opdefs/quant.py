@@ -122,3 +122,51 @@ register_op("dequantize_linear", dequantize_ref, num_inputs=(2, 3), coupling=qua
             description="int8/uint8/int32 -> float: (q - zero_point) * scale; attr axis for per-channel")
 register_op("fake_quant", fake_quant_ref, num_inputs=(3, 3), coupling=quant_coupling, infer=fake_quant_infer,
             description="dequantize_linear(quantize_linear(x)): quantization simulated in float (QAT)")
+
+
+# ---------------------------------------------------------------------------- dynamic activations
+def dynamic_quantize_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONNX DynamicQuantizeLinear: uint8 with the range of this very tensor (0 included):
+    scale = (max - min) / 255, zero point = round(-min / scale), saturated."""
+    lo = torch.clamp(x.min(), max=0.0).float()
+    hi = torch.clamp(x.max(), min=0.0).float()
+    scale = (hi - lo) / 255.0
+    step = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero x: every level 0
+    zero_point = torch.round(-lo / step).clamp(0, 255)
+    q = (torch.round(x.float() / step) + zero_point).clamp(0, 255).to(torch.uint8)
+    return q, scale, zero_point.to(torch.uint8)
+
+
+def dynamic_quant_matmul_ref(xs, a) -> torch.Tensor:
+    """x quantized per tensor at run time, times int8 weights [K, N] with a scale per column; the
+    integer products summed exactly (float64 holds them), then scaled, as the int32 kernels do."""
+    x, w, w_scale = xs[:3]
+    bias = xs[3] if len(xs) > 3 else None
+    q, scale, zero_point = dynamic_quantize_ref(x)
+    acc = (q.double() - zero_point.double()) @ w.double()
+    y = (acc * (scale.double() * w_scale.double())).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+def dynamic_quant_matmul_infer(node) -> list:
+    x, w, w_scale = node.inputs[:3]
+    bias = node.inputs[3] if len(node.inputs) > 3 else None
+    if (w.rank != 2 or w.dtype.torch != torch.int8 or x.shape[-1] != w.shape[0]
+            or tuple(w_scale.shape) not in ((), (w.shape[1],)) or (bias is not None and bias.shape != (w.shape[1],))):
+        raise ValueError(f"dynamic_quant_matmul: x {x.shape}, int8 weight [K, N] {w.shape} {w.dtype.short}, "
+                         f"scale {w_scale.shape} and bias {None if bias is None else bias.shape} do not fit")
+    return [((*x.shape[:-1], w.shape[1]), x.dtype)]
+
+
+def dynamic_quant_matmul_coupling(node) -> list[Coupling]:
+    x, w = node.inputs[:2]
+    couplings = [same(inp(0, a), out(0, a)) for a in range(x.rank - 1)]
+    columns = [inp(1, 1), out(0, x.rank - 1)] + [inp(i, 0) for i in range(2, len(node.inputs))
+                                                   if node.inputs[i].rank == 1]
+    return couplings + [same(inp(0, x.rank - 1), inp(1, 0)), same(*columns)]
+
+
+register_op("dynamic_quant_matmul", dynamic_quant_matmul_ref, num_inputs=(3, 4),
+            coupling=dynamic_quant_matmul_coupling, infer=dynamic_quant_matmul_infer,
+            description="x @ dequantized int8 weights [K, N] (+ bias) with x quantized to uint8 per tensor at run "
+                        "time (onnxruntime's DynamicQuantizeMatMul); inputs x, w (int8), w_scale (per column), bias")
