@@ -119,6 +119,8 @@ def build_paths(model, tokenizer, folder: Path, calibration: list[str]) -> dict[
     for label, passes in [("slimgraph onnxruntime-fp32", "onnxruntime-fp32"),
                           ("slimgraph + quantize{activations=dynamic} (int8)",
                            "onnxruntime-fp32,quantize{activations=dynamic,progress=false}"),
+                          ("slimgraph + quantize{activations=dynamic,skip=[auto]} (int8)",
+                           "onnxruntime-fp32,quantize{activations=dynamic,skip=[auto],progress=false}"),
                           ("slimgraph + fuse{ops=[attention]}", "onnxruntime-fp32,fuse{ops=[attention]}"),
                           ("slimgraph + fuse{ops=[skip_layer_norm]}", "onnxruntime-fp32,fuse{ops=[skip_layer_norm]}"),
                           ("slimgraph + fuse (both)", "onnxruntime-fp32,fuse")]:

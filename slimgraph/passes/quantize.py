@@ -37,7 +37,7 @@ import torch
 
 from slimgraph.cpu import ISAS, integer_isa, saturates_pairs
 from slimgraph.errors import PassError
-from slimgraph.ir import DType, Graph, Node, Value
+from slimgraph.ir import DType, Graph, Node, Value, get_op, run
 from slimgraph.ir.opdefs.quant import quantize_ref
 from slimgraph.passes import gptq
 from slimgraph.passes.base import Pass, PassContext, PassResult, register_pass
@@ -222,6 +222,24 @@ def weight_range(target: str, cpu: str = "auto") -> WeightRange:
     return WeightRange(127, isa, f"{isa}: {exact} exactly: full-range int8 weights")
 
 
+# ---------------------------------------------------------------------------- sensitivity
+SENSITIVITY_BATCHES = 8  # enough to rank layers; each layer costs one graph run per batch
+
+
+def _sensitivities(graph: Graph, replaced: list[tuple[Node, Node]], batches: list) -> dict[str, float]:
+    """Each layer's effect on the graph's first output when it alone is quantized: the relative
+    error, averaged over the batches. The quantized node is swapped in and out in place."""
+    reference = [run(graph, list(b))[0] for b in batches]
+    result = {}
+    for node, new in replaced:
+        graph.replace_all_uses_with(node.outputs[0], new.outputs[0])
+        errors = [float((run(graph, list(b))[0] - y).norm() / y.norm().clamp_min(1e-12))
+                  for b, y in zip(batches, reference)]
+        graph.replace_all_uses_with(new.outputs[0], node.outputs[0])
+        result[node.name] = sum(errors) / len(errors)
+    return result
+
+
 # ---------------------------------------------------------------------------- the passes
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
@@ -239,8 +257,12 @@ class Quantize(Pass):
     rounding (gptq|nearest: weights rounded by GPTQ on the calibration data where a layer allows,
     see gptq.py, or each to its nearest level),
     calibration (minmax|percentile|entropy|mse), percentile, bins (histogram methods),
-    skip (node names, fnmatch patterns, or op types kept in float), progress (a bar per batch).
-    Needs ``optimize(..., calibration_data=...)``.
+    skip (node names, fnmatch patterns, or op types kept in float; with activations=dynamic,
+    ``auto`` keeps in float the layers whose quantization alone moves the output most, measured on
+    the calibration data, as long as they fit in ``float_budget``, a fraction of the linears'
+    MACs), progress (a bar per batch). Needs ``optimize(..., calibration_data=...)``, except
+    activations=dynamic (int8 weights, each activation quantized over its own range at run time:
+    onnxruntime's DynamicQuantizeMatMul), where calibration only refines rounding and ``auto``.
 
     Quantization-aware training, between ``quantize`` and ``fold-int8``::
 
@@ -270,6 +292,7 @@ class Quantize(Pass):
     percentile: float = 99.99
     bins: int = 2048
     skip: tuple[str, ...] = ()
+    float_budget: float = 0.1
     progress: bool = True
     cpu: Cpu = "auto"
     rounding: Rounding = "gptq"
@@ -279,6 +302,11 @@ class Quantize(Pass):
         _check_choice("cpu", self.cpu, ("auto", *ISAS))
         _check_choice("rounding", self.rounding, ("gptq", "nearest"))
         _check_choice("activations", self.activations, ("auto", "uint8", "int8", "dynamic"))
+        if isinstance(self.float_budget, bool) or not isinstance(self.float_budget, (int, float)) \
+                or not 0 <= self.float_budget < 1:
+            raise PassError(f"pass 'quantize' option 'float_budget': {self.float_budget!r} is not in [0, 1)")
+        if "auto" in self.skip and self.activations != "dynamic":
+            raise PassError("pass 'quantize' option 'skip': auto is for activations=dynamic so far")
         if self.activations == "dynamic" and self.target != "ort":
             raise PassError("pass 'quantize' option 'activations': dynamic activations are onnxruntime's "
                             "DynamicQuantizeMatMul (target ort)")
@@ -301,14 +329,18 @@ class Quantize(Pass):
         (GPTQ-rounded on the calibration data where given), activations quantized at run time over
         each tensor's own range, so nothing is calibrated and no range is ever clipped."""
         wrange = weight_range(self.target, self.cpu)
+        patterns = [p for p in self.skip if p != "auto"]
         layers = [n for n in graph.nodes if n.op == "linear" and n.inputs[1].is_constant and n.inputs[1].rank == 2
                   and n.inputs[0].dtype == n.inputs[1].dtype == DType.float32
-                  and not any(n.op == p or fnmatch.fnmatchcase(n.name, p) for p in self.skip)]
+                  and not any(n.op == p or fnmatch.fnmatchcase(n.name, p) for p in patterns)]
         batches = None
-        if ctx.calibration_data is not None and self.rounding == "gptq":
+        if ctx.calibration_data is not None:
             batches = check_batches(graph, ctx.calibration_data, "pass 'quantize'")
-        hessians = gptq.input_hessians(graph, layers, batches) if batches else {}
-        gptq_layers = 0
+        elif "auto" in self.skip:
+            raise PassError("pass 'quantize' option 'skip': auto measures each layer on calibration_data; give it")
+        hessians = gptq.input_hessians(graph, layers, batches) if batches and self.rounding == "gptq" else {}
+        gptq_layers, sensitivity = 0, {}
+        replaced = []
         for node in layers:
             weight = node.inputs[1].const_value  # [N, K]
             scale = weight_params(weight, 0, wrange.qmax)
@@ -322,16 +354,31 @@ class Quantize(Pass):
             bias = node.inputs[2:3] if len(node.inputs) > 2 and node.inputs[2] is not None else []
             new = graph.create_node("dynamic_quant_matmul", [node.inputs[0], q, s, *bias], name=node.name,
                                     before=node, meta={**node.meta, "origin": "quantize"})
+            replaced.append((node, new))
+        if "auto" in self.skip:
+            sensitivity = _sensitivities(graph, replaced, batches[:SENSITIVITY_BATCHES])
+            budget = self.float_budget * sum(get_op("linear").macs(n) for n, _ in replaced)
+            for node, new in sorted(replaced, key=lambda pair: -sensitivity[pair[0].name]):
+                macs = get_op("linear").macs(node)
+                if macs > budget:
+                    break
+                budget -= macs
+                replaced.remove((node, new))
+        for node, new in replaced:
             graph.replace_all_uses_with(node.outputs[0], new.outputs[0])
             graph.remove_node(node)
         eliminate_dead_code(graph)
         kept = [n.name for n in graph.nodes if n.op in _WEIGHTED]
-        return PassResult(bool(layers), {
-            "quantized_ops": len(layers), "float_layers": len(kept), "activations": "dynamic (per tensor, uint8)",
-            "cpu": wrange.cpu, "weight_bits": wrange.bits, "gptq_layers": gptq_layers,
-            "notes": [f"{wrange.bits}-bit weights: {wrange.reason}",
-                      f"rounding: GPTQ on {gptq_layers} of {len(layers)} weights" if batches
-                      else "rounding: nearest (GPTQ needs calibration_data)"]})
+        stats = {"quantized_ops": len(replaced), "float_layers": len(kept),
+                 "activations": "dynamic (per tensor, uint8)", "cpu": wrange.cpu, "weight_bits": wrange.bits,
+                 "gptq_layers": gptq_layers,
+                 "notes": [f"{wrange.bits}-bit weights: {wrange.reason}",
+                           f"rounding: GPTQ on {gptq_layers} of {len(layers)} weights" if hessians
+                           else "rounding: nearest" + ("" if batches else " (GPTQ needs calibration_data)")]}
+        if sensitivity:
+            stats["sensitivity"] = dict(sorted(sensitivity.items(), key=lambda kv: -kv[1]))
+            stats["kept_float_by_auto"] = sorted(set(kept) & set(sensitivity))
+        return PassResult(bool(replaced), stats)
 
     @property
     def activation_dtype(self) -> torch.dtype:

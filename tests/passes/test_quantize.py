@@ -660,3 +660,22 @@ def test_dynamic_activations_of_all_zeros_give_zeros():
     for got in (run(result.graph, [-torch.ones(2, 4)])[0], result.to_torch()(-torch.ones(2, 4)),
                 run_onnxruntime(proto, [-torch.ones(2, 4)])[0]):
         assert torch.equal(got, torch.zeros(2, 3))
+
+
+def test_skip_auto_keeps_the_most_sensitive_layers_float_within_the_budget():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16)).eval()
+    with torch.no_grad():
+        model[2].weight[:, 0] *= 40  # one outlier input channel: this layer's int8 weights lose the rest
+    x = torch.randn(4, 16)
+    calibration = [(torch.randn(4, 16),) for _ in range(4)]
+    result = slimgraph.optimize(model, "quantize{activations=dynamic,skip=[auto],float_budget=0.34}",
+                                example_inputs=(x,), calibration_data=calibration)
+    stats = list(result.trace)[-1].pass_stats
+    worst = next(iter(stats["sensitivity"]))  # ordered most sensitive first
+    assert stats["kept_float_by_auto"] == [worst] == ["v_2"]  # model[2]; one of three equal layers fits 0.34
+    assert (stats["quantized_ops"], stats["float_layers"]) == (2, 1)
+    with pytest.raises(SlimgraphError, match="auto measures each layer on calibration_data"):
+        slimgraph.optimize(model, "quantize{activations=dynamic,skip=[auto]}", example_inputs=(x,))
+    with pytest.raises(PassError, match="float_budget"):
+        slimgraph.passes.to_passes("quantize{activations=dynamic,float_budget=1.5}")
