@@ -122,6 +122,9 @@ def build_paths(model, tokenizer, folder: Path, calibration: list[str]) -> dict[
                            "onnxruntime-fp32,quantize{activations=dynamic,progress=false}"),
                           ("slimgraph + quantize{activations=dynamic,skip=[auto]} (int8)",
                            "onnxruntime-fp32,quantize{activations=dynamic,skip=[auto],progress=false}"),
+                          ("slimgraph + quantize{activations=dynamic,skip=[auto],float_budget=0.35} (int8)",
+                           "onnxruntime-fp32,quantize{activations=dynamic,skip=[auto],float_budget=0.35,"
+                           "progress=false}"),
                           ("slimgraph + fuse{ops=[attention]}", "onnxruntime-fp32,fuse{ops=[attention]}"),
                           ("slimgraph + fuse{ops=[skip_layer_norm]}", "onnxruntime-fp32,fuse{ops=[skip_layer_norm]}"),
                           ("slimgraph + fuse (both)", "onnxruntime-fp32,fuse")]:
