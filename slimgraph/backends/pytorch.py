@@ -274,19 +274,14 @@ def emit_gather(ctx, node, a):
     return f"{a[0]}.index_select({node.attrs['axis']}, self.{name})"
 
 
-@emitter("attention")
+@emitter("attention", "multi_head_attention")
 def emit_attention(ctx, node, a):
+    """attention and onnxruntime's multi_head_attention (which adds a bias input) share a helper."""
     ctx.uses_helpers.add("attention")
     at = node.attrs
     dropout = f", {at['dropout']!r}, self.training" if at.get("dropout") else ""
-    return f"attention({a[0]}, {a[1]}, {a[2]}, {at['num_heads']}, {at['scale']!r}{dropout})"
-
-
-@emitter("multi_head_attention")
-def emit_multi_head_attention(ctx, node, a):
-    ctx.uses_helpers.add("attention")
     bias = f", bias={a[3]}" if len(node.inputs) > 3 else ""
-    return f"attention({a[0]}, {a[1]}, {a[2]}, {node.attrs['num_heads']}, {node.attrs['scale']!r}{bias})"
+    return f"attention({a[0]}, {a[1]}, {a[2]}, {at['num_heads']}, {at['scale']!r}{dropout}{bias})"
 
 
 @emitter("skip_layer_norm")

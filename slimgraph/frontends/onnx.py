@@ -155,12 +155,12 @@ _ONNX_TO_DTYPE = {
 _STORAGE_ONLY = {DType.uint16, DType.uint32, DType.uint64}  # torch stores these but barely computes on them
 
 
-def _known_dtype(tensor: gs.Tensor) -> bool:
+def _known_dtype(tensor: gs.Tensor) -> DType | None:
+    """The tensor's IR dtype, None where it is unknown or has none (strings, sequences)."""
     try:
-        _dtype_of(tensor)
-        return True
+        return _dtype_of(tensor) if tensor.dtype is not None else None
     except UnsupportedError:
-        return False
+        return None
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
@@ -245,8 +245,9 @@ class _Converter:
     def _convert_node(self, node: gs.Node, onnx_ops: Any) -> None:
         from slimgraph.frontends import onnx_shapes as shape_arith
 
+        outer = _implicit_inputs(node)  # what its subgraphs read from outside
         if (node.domain or "") not in ("", "ai.onnx"):
-            self._opaque(node)
+            self._opaque(node, outer)
             return
         inputs = [self.env.get(t.name) if t.name else None for t in node.inputs]
         if shape_arith.applies(node.op, inputs):
@@ -258,11 +259,11 @@ class _Converter:
             for tensor, array in zip(node.outputs, arrays):
                 self.env[tensor.name] = array  # sizes over the graph's symbols (SymDims), computed now
             return
-        implicit = [self.env.get(n) for n in _implicit_inputs(node)]  # what its subgraphs read from outside
+        implicit = [self.env.get(n) for n in outer]
         if all(x is None or isinstance(x, np.ndarray) for x in inputs + implicit) \
                 and node.op not in onnx_ops.NEVER_FOLD \
                 and not any(isinstance(x, np.ndarray) and x.dtype == object for x in inputs + implicit):
-            for tensor, array in zip(node.outputs, self._evaluate(node, inputs, implicit)):
+            for tensor, array in zip(node.outputs, self._evaluate(node, inputs, dict(zip(outer, implicit)))):
                 self.env[tensor.name] = array
             return
         handler = onnx_ops.HANDLERS.get(node.op) if self._canonical(node, inputs) and not implicit else None
@@ -278,7 +279,7 @@ class _Converter:
         if handler is None or any(i >= len(results) or results[i] is None for i in needed):
             for created in reversed(self.graph.nodes[mark:]):  # a handler that covers only part of the
                 self.graph.remove_node(created)  # node (Dropout's mask, LayerNorm's mean) gives way
-            self._opaque(node)
+            self._opaque(node, outer)
             return
         for tensor, result in zip(node.outputs, results):
             if result is not None:
@@ -289,8 +290,7 @@ class _Converter:
         arithmetic on wide unsigned integers, and handlers know the ops' forms from opset 6 on."""
         if self.opset < 6:
             return False
-        types = [x.dtype for x in inputs if isinstance(x, Value)] + [
-            _dtype_of(t) for t in node.outputs if t.name and t.dtype is not None and _known_dtype(t)]
+        types = [x.dtype for x in inputs if isinstance(x, Value)] + [_known_dtype(t) for t in node.outputs if t.name]
         return not any(t in _STORAGE_ONLY for t in types)
 
     # ------------------------------------------------------------------ helpers for handlers
@@ -344,21 +344,21 @@ class _Converter:
                                       meta={"origin": f"onnx:{self.node.name or self.node.op}"})
         return node.outputs[0] if len(node.outputs) == 1 else node.outputs
 
-    def _evaluate(self, node: gs.Node, inputs: list, implicit: list) -> list[np.ndarray]:
+    def _evaluate(self, node: gs.Node, inputs: list, implicit: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run one node with onnx's reference evaluator, under the model's opset."""
         from onnx.reference import ReferenceEvaluator
 
         proto = _single_node_model(node, self.proto)
         feeds = {t.name: np.asarray(x) for t, x in zip(node.inputs, inputs) if t.name}
-        feeds.update((name, np.asarray(x)) for name, x in zip(_implicit_inputs(node), implicit))
+        feeds.update((name, np.asarray(x)) for name, x in implicit.items())
         try:
             return [np.asarray(r) for r in ReferenceEvaluator(proto).run(None, feeds)]
         except Exception as exc:
             raise ModelImportError(f"node {self.name} ({node.op}): cannot evaluate its static inputs: {exc}") from None
 
-    def _opaque(self, node: gs.Node) -> None:
+    def _opaque(self, node: gs.Node, implicit: list[str]) -> None:
+        """``implicit``: what its subgraphs read from outside, inputs after the node's own."""
         proto = _single_node_model(node, self.proto)
-        implicit = _implicit_inputs(node)  # subgraphs' reads from outside become inputs after the node's own
         inputs = [self.tensor_input(i) for i in range(len(node.inputs))]
         present = [v for v in inputs if v is not None] + [self.value(name) for name in implicit]
         runner = _OnnxNodeRunner(proto, [t.name for t in node.inputs if t.name] + implicit)

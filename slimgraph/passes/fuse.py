@@ -80,14 +80,14 @@ def merge_target(value: Value) -> Value | None:
     """The [batch, seq, heads * dim] value that merges ``value``'s heads ([batch, heads, seq, dim])."""
     if value.rank != 4:
         return None
+    batch, heads, seq, dim = value.shape
+    probe = _probe(value.shape)
     chain: list[Node] = []
     current = value
     while len(current.uses) == 1 and current.uses[0].node.op in _VIEWS and len(chain) < 4:
         chain.append(current.uses[0].node)
         current = chain[-1].outputs[0]
-        batch, heads, seq, dim = value.shape
         if current.rank == 3 and current.shape == (batch, seq, heads * dim):
-            probe = _probe(value.shape)
             got = _run_chain(chain, probe)
             if got is not None and torch.equal(got, probe.transpose(1, 2).flatten(-2)):
                 return current

@@ -397,8 +397,10 @@ register_op("stochastic_depth", lambda xs, a: xs[0],
 # torch.nn.MultiheadAttention is imported as three linear projections, this core op and an output
 # linear: the projections are then ordinary layers (pruning, low rank, quantization, fp16 see them).
 def attention_ref(xs, a):
-    q, k, v = (t.unflatten(-1, (a["num_heads"], -1)).transpose(-3, -2) for t in xs)
-    y = F.scaled_dot_product_attention(q, k, v, scale=a["scale"])
+    """Heads split off the last dim of q, k, v; an additive bias (xs[3]) where the op takes one."""
+    q, k, v = (t.unflatten(-1, (a["num_heads"], -1)).transpose(-3, -2) for t in xs[:3])
+    bias = xs[3] if len(xs) > 3 else None
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=a["scale"])
     return y.transpose(-3, -2).flatten(-2)
 
 
@@ -444,13 +446,6 @@ register_op(
 # ---------------------------------------------------------------------------- onnxruntime's kernels
 # The `fuse{target=onnxruntime}` pass rewrites canonical subgraphs into these: each is one kernel of
 # onnxruntime's CPU provider (com.microsoft domain) and computes exactly what it replaces.
-def multi_head_attention_ref(xs, a):
-    q, k, v = (t.unflatten(-1, (a["num_heads"], -1)).transpose(-3, -2) for t in xs[:3])
-    bias = xs[3] if len(xs) > 3 else None
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=a["scale"])
-    return y.transpose(-3, -2).flatten(-2)
-
-
 def multi_head_attention_infer(node) -> list:
     q, k, v = node.inputs[:3]
     heads = node.attrs["num_heads"]
@@ -474,7 +469,7 @@ def multi_head_attention_coupling(node) -> list[Coupling]:
 
 register_op(
     "multi_head_attention",
-    multi_head_attention_ref,
+    attention_ref,
     description="onnxruntime's MultiHeadAttention: attention over num_heads heads of [batch, seq, heads * dim] "
                 "q, k, v with an optional additive bias [batch or 1, heads or 1, seq_q, seq_k]; attrs num_heads, scale",
     num_inputs=(3, 4),
