@@ -14,9 +14,10 @@ $(BIN)/.installed: pyproject.toml
 
 demo: $(BIN)/.installed
 	$(BIN)/slimgraph optimize torchvision:resnet18 --passes "fold-bn,prune{ratio=0.5},winograd,canonicalize" -o out/resnet18 --force
+	HF_HUB_OFFLINE=1 $(BIN)/python -m examples.minilm_int8 --out out/minilm
 
 test: $(BIN)/.installed
-	$(BIN)/ruff check slimgraph tests bench
+	$(BIN)/ruff check slimgraph tests bench examples
 	$(BIN)/python -m pytest -q
 
 test-quick: $(BIN)/.installed

@@ -140,8 +140,13 @@ def _cmd_passes(args) -> None:
     for name, description in available().items():
         print(f"{name:20s} {description}")
     print("\npresets (named pipelines; combine them with other passes: onnxruntime-fp32,prune{ratio=0.3}):")
-    for name, (expansion, description) in PRESETS.items():
-        print(f"{name:20s} = {expansion}\n{'':20s} {description}")
+    for name, preset in PRESETS.items():
+        if preset.cnn == preset.transformer:
+            print(f"{name:20s} = {preset.cnn}")
+        else:
+            print(f"{name:20s} = {preset.cnn}  (CNNs: most MACs in convs)\n"
+                  f"{'':20s} = {preset.transformer}  (transformers)")
+        print(f"{'':20s} {preset.description}")
 
 
 def _cmd_inspect(args) -> None:
@@ -252,9 +257,10 @@ def _cmd_optimize(args) -> None:
         raise SlimgraphError(f"--quant-format {args.quant_format}: only for ONNX output (-o out.onnx)")
     if args.dynamic_batch and not onnx_out:
         raise SlimgraphError("--dynamic-batch: only for ONNX output (-o out.onnx)")
-    if any(p.name == "quantize" for p in pipeline) and not args.calibration_data:
-        raise SlimgraphError("pass 'quantize' needs calibration inputs: --calibration-data PATH "
-                             "(.pt, .npy or .npz; see --help)")
+    needing = [p.name for p in pipeline if p.needs_calibration()]
+    if needing and not args.calibration_data:
+        raise SlimgraphError(f"{' and '.join(repr(n) for n in needing)} need{'s' * (len(needing) == 1)} calibration "
+                             "inputs: --calibration-data PATH (.pt, .npy or .npz; see --help)")
     dynamic_dims = parse_dynamic_dims(args.dynamic_dims)
     model, inputs = load_model(args.model, args.input_shape)
     calibration = None

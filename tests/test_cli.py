@@ -115,7 +115,7 @@ def test_bad_calibration_data_is_a_one_line_error(tmp_path, capsys):
         (cal + [str(tmp_path / "junk.pt")], "junk.pt: cannot read it"),
         (cal + [str(tmp_path / "int_keys.pt")], "holds arrays 0, 1; the model's inputs are x"),
         (cal + [str(tmp_path / "data.csv")], r"expected a \.pt, \.npy or \.npz file"),
-        ([], "pass 'quantize' needs calibration inputs: --calibration-data PATH"),
+        ([], "'quantize' needs calibration inputs: --calibration-data PATH"),
         (cal + [str(tmp_path / "small.pt"), "--quant-format", "qoperator", "-o", str(tmp_path / "folder")],
          "--quant-format qoperator: only for ONNX output"),
     ]

@@ -56,6 +56,14 @@ class Pass:
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
+    def needs_calibration(self) -> bool:
+        """Does it run only with ``calibration_data`` (so a CLI can ask for it before loading)?"""
+        return False
+
+    def expand(self, graph: Graph) -> list[Pass]:
+        """The passes that stand for this one on ``graph`` (a preset chooses its passes by model)."""
+        return [self]
+
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
@@ -67,7 +75,14 @@ class Pass:
         }
         if not changed:
             return self.name
-        return self.name + "{" + ",".join(f"{k}={v}" for k, v in changed.items()) + "}"
+        return self.name + "{" + ",".join(f"{k}={_option_text(v)}" for k, v in changed.items()) + "}"
+
+
+def _option_text(value: Any) -> str:
+    """An option as a pipeline string writes it: lists as [a,b]."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_option_text(v) for v in value) + "]"
+    return str(value)
 
 
 _PASSES: dict[str, type[Pass]] = {}

@@ -31,9 +31,10 @@ class PassManager:
     def run(self, graph: Graph, ctx: PassContext | None = None, trace: Trace | None = None) -> Trace:
         ctx = ctx or PassContext()
         trace = trace if trace is not None else Trace()
+        passes = [p for item in self.passes for p in item.expand(graph)]
         for iteration in range(self.max_iterations if self.fixed_point else 1):
             any_changed = False
-            for pass_ in self.passes:
+            for pass_ in passes:
                 record = self._run_one(pass_, graph, ctx, iteration)
                 trace.append(record)
                 any_changed |= record.changed

@@ -4,24 +4,80 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from slimgraph.errors import PassError
-from slimgraph.passes.base import Pass, make_pass
+from slimgraph.ir import Graph, get_op
+from slimgraph.ir.ops import OPAQUE
+from slimgraph.passes.base import Pass, PassContext, PassResult, make_pass
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 
-# Named pipelines for one target, as Optimum's O1-O4 are: each expands to the passes that measured
-# fastest there (bench/transformers.py, bench/winograd.py) and skips what did not pay, whatever the
-# model (a pass that finds nothing to do on it changes nothing). A preset combines with other
-# passes in one pipeline string: "onnxruntime-fp32,prune{ratio=0.3}".
-PRESETS: dict[str, tuple[str, str]] = {
-    "onnxruntime-fp32": (
-        "fold-bn,canonicalize",
-        "exact fp32 for onnxruntime's CPU provider: BatchNorm folded, constants folded, identities and "
-        "dead code gone. Its session optimizer fuses BiasGelu and MatMul chains itself; the fused kernels of "
-        "`fuse` (MultiHeadAttention, SkipLayerNormalization) and Winograd measured slower there, so they stay out"),
+@dataclass(frozen=True)
+class Preset:
+    """A named pipeline for one target, as Optimum's O1-O4 are, in the form that measured fastest
+    there for CNNs (most MACs in convs) and for transformers (most in linears and matmuls):
+    bench/transformers.py, bench/quantize.py, bench/winograd.py. A pass that finds nothing to do on
+    a model changes nothing, so a preset suits any model of its kind."""
+
+    cnn: str
+    transformer: str
+    description: str
+
+    def expansion(self, graph: Graph) -> str:
+        return self.cnn if model_kind(graph) == "cnn" else self.transformer
+
+
+PRESETS: dict[str, Preset] = {
+    "onnxruntime-fp32": Preset(
+        "fold-bn,canonicalize,floor-softmax", "fold-bn,canonicalize,floor-softmax",
+        "exact fp32 for onnxruntime's CPU provider: BatchNorm folded, constants folded, identities and dead code "
+        "gone, masked softmax inputs floored (no denormal exps). Its session optimizer fuses BiasGelu and MatMul "
+        "chains itself; the fused kernels of `fuse` (MultiHeadAttention, SkipLayerNormalization) and Winograd "
+        "measured slower there, so they stay out"),
+    "onnxruntime-int8": Preset(
+        "fold-bn,canonicalize,floor-softmax,quantize,fold-int8",
+        "fold-bn,canonicalize,floor-softmax,smooth,quantize{activations=dynamic,skip=[auto],float_budget=0.2}",
+        "int8 for onnxruntime's CPU provider, calibrated on calibration_data. CNNs: static QDQ (per-channel "
+        "weights, calibrated uint8 activations) that onnxruntime runs as QLinearConv. Transformers: SmoothQuant "
+        "(alpha searched end to end), then int8 weights with activations quantized at run time "
+        "(DynamicQuantizeMatMul), the linears whose int8 moves the output most (up to a fifth of the MACs) "
+        "kept float"),
 }
+
+
+def model_kind(graph: Graph) -> Literal["cnn", "transformer"]:
+    """cnn where convs hold most of the MACs, else transformer (linears and matmuls)."""
+    macs = {"conv": 0, "other": 0}
+    for node in graph.nodes:
+        opdef = get_op(node.op) if node.op != OPAQUE else None
+        if opdef is not None and opdef.macs is not None and node.op in ("conv", "linear", "matmul"):
+            macs["conv" if node.op == "conv" else "other"] += opdef.macs(node)
+    return "cnn" if macs["conv"] >= macs["other"] and macs["conv"] > 0 else "transformer"
+
+
+@dataclass
+class PresetPass(Pass):
+    """A preset whose passes depend on the model: the pass manager expands it on the graph it runs."""
+
+    preset: str = ""
+
+    def __post_init__(self) -> None:
+        self.name = self.preset
+
+    def expand(self, graph: Graph) -> list[Pass]:
+        return parse_pipeline(PRESETS[self.preset].expansion(graph))
+
+    def needs_calibration(self) -> bool:
+        preset = PRESETS[self.preset]
+        return any(p.needs_calibration() for p in parse_pipeline(f"{preset.cnn},{preset.transformer}"))
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        raise PassError(f"preset {self.preset!r} expands on the model; run it with optimize() or a PassManager")
+
+    def __str__(self) -> str:
+        return self.preset
 
 
 def _split_top(text: str, sep: str = ",") -> list[str]:
@@ -69,9 +125,15 @@ def parse_pipeline(text: str) -> list[Pass]:
         if not _NAME.match(name):
             raise PassError(f"pipeline {text!r}: {name!r} is not a pass name")
         if name in PRESETS:
+            preset = PRESETS[name]
             if options:
-                raise PassError(f"preset {name!r} takes no options (it expands to {PRESETS[name][0]!r})")
-            passes.extend(parse_pipeline(PRESETS[name][0]))
+                raise PassError(f"preset {name!r} takes no options (it expands to {preset.transformer!r})")
+            cnn = parse_pipeline(preset.cnn)
+            if preset.cnn == preset.transformer:
+                passes.extend(cnn)
+            else:  # both forms checked now, one chosen on the model
+                parse_pipeline(preset.transformer)
+                passes.append(PresetPass(name))
             continue
         passes.append(make_pass(name, options))
     return passes

@@ -380,6 +380,9 @@ class Quantize(Pass):
             stats["kept_float_by_auto"] = sorted(set(kept) & set(sensitivity))
         return PassResult(bool(replaced), stats)
 
+    def needs_calibration(self) -> bool:
+        return self.activations != "dynamic" or "auto" in self.skip
+
     @property
     def activation_dtype(self) -> torch.dtype:
         if self.activations == "auto":

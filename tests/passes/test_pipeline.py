@@ -36,7 +36,7 @@ def test_pipeline_string_with_typed_options():
     dce, opts = parse_pipeline("dce, test-options{ratio=0.25,steps=3,mode=l2,verbose=true,ignore=[fc,conv1]}")
     assert dce.name == "dce"
     assert (opts.ratio, opts.steps, opts.mode, opts.verbose, opts.ignore) == (0.25, 3, "l2", True, ["fc", "conv1"])
-    assert str(opts) == "test-options{ratio=0.25,steps=3,mode=l2,verbose=True,ignore=['fc', 'conv1']}"
+    assert str(opts) == "test-options{ratio=0.25,steps=3,mode=l2,verbose=True,ignore=[fc,conv1]}"
 
 
 @pytest.mark.parametrize("text,message", [
