@@ -244,6 +244,68 @@ class FoldConstants(Pass):
         return PassResult(folded > 0, {"folded": folded, "too_big": too_big})
 
 
+@register_pass
+@dataclass
+class LinearForm(Pass):
+    """A matmul by a constant matrix, and a constant bias added to it, as one ``linear``.
+
+    Exporters and tracers spell dense layers many ways (GPT-2's Conv1D is addmm(b, x, W), ONNX
+    files hold MatMul(x, W) + Add(b)); ``linear`` is the form every pass looks for (quantize,
+    smooth, prune, lowrank). The weight is stored transposed once; a bias joins when the add is
+    the product's only reader and the bias broadcasts along the last dim only.
+    """
+
+    name = "linear-form"
+    description = "matmul by a constant matrix (+ a constant bias add) as linear, the form passes look for"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        made = biased = 0
+        for node in graph.nodes:
+            if node.graph is None or node.op != "matmul":
+                continue
+            x, weight = node.inputs[0], node.inputs[1]
+            w = _constant(weight)
+            if x.is_constant or x.rank < 1 or w is None or w.dim() != 2 or x.dtype != weight.dtype:
+                continue
+            inputs = [x, graph.add_constant(f"{weight.name}_t", w.t().contiguous(),
+                                            trainable=bool(weight.meta.get("trainable")))]
+            add = _only_reader(node.outputs[0], graph)
+            bias = _bias_of(graph, add, node.outputs[0], w.shape[1]) if add is not None else None
+            if bias is not None:
+                inputs.append(bias)
+            linear = graph.create_node("linear", inputs, name=node.name, before=node, meta=dict(node.meta))
+            replaced = add if bias is not None else node
+            orphans = [weight, *(add.inputs if bias is not None else [])]
+            graph.replace_all_uses_with(replaced.outputs[0], linear.outputs[0])
+            for old in ([add, node] if bias is not None else [node]):
+                graph.remove_node(old)
+            _remove_orphans(graph, orphans)
+            made, biased = made + 1, biased + (bias is not None)
+        return PassResult(made > 0, {"linears": made, "with_bias": biased})
+
+
+def _only_reader(value: Value, graph: Graph) -> Node | None:
+    """The one node reading ``value`` (at any input), if it is the only use."""
+    if len(value.uses) != 1 or any(o is value for o in graph.outputs):
+        return None
+    return value.uses[0].node
+
+
+def _bias_of(graph: Graph, add: Node, product: Value, features: int) -> Value | None:
+    """The constant bias ``add`` adds to ``product``: a float tensor of ``features`` along the last
+    dim, broadcast over the others, and no larger than the product's rank."""
+    if add.op != "add" or len(add.inputs) != 2:
+        return None
+    other = add.inputs[1] if add.inputs[0] is product else add.inputs[0]
+    b = _constant(other)
+    if b is None or b.dtype != product.dtype.torch or b.dim() > max(product.rank, 1) or b.shape[-1:] != (features,) \
+            or any(d != 1 for d in b.shape[:-1]) or add.outputs[0].shape != product.shape:
+        return None
+    if b.dim() == 1:
+        return other
+    return graph.add_constant(f"{other.name}_flat", b.reshape(features))
+
+
 def _check_growth(pass_name: str, value: object) -> None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not number or not value >= 0:  # `not >=` also rejects NaN
@@ -288,10 +350,10 @@ def fold_node(graph: Graph, node: Node) -> None:
 @register_pass
 @dataclass
 class Canonicalize(Pass):
-    """fold-constants, remove-identity and dce, repeated until a round changes nothing."""
+    """fold-constants, remove-identity, linear-form and dce, repeated until a round changes nothing."""
 
     name = "canonicalize"
-    description = "fold-constants, remove-identity and dce repeated until nothing changes"
+    description = "fold-constants, remove-identity, linear-form and dce repeated until nothing changes"
     max_growth: float = 1.0
     max_iterations: int = 10
 
@@ -303,7 +365,7 @@ class Canonicalize(Pass):
         _check_growth(self.name, self.max_growth)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        passes: list[Pass] = [FoldConstants(self.max_growth), RemoveIdentity(), DeadCodeElimination()]
+        passes: list[Pass] = [FoldConstants(self.max_growth), RemoveIdentity(), LinearForm(), DeadCodeElimination()]
         stats: dict[str, int] = {"iterations": 0}
         changed = False
         for _ in range(self.max_iterations):

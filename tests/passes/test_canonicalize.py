@@ -261,3 +261,40 @@ def test_bad_option_values_are_checked_when_built_directly():
     with pytest.raises(PassError, match="into_next"):
         FoldBatchNorm(into_next="yes")
     assert math.isinf(make_pass("canonicalize", {"max_growth": "inf"}).max_growth)
+
+
+class DenseWays(nn.Module):
+    """Dense layers spelled as tracers leave them: x @ W + b (GPT-2's Conv1D), b + x @ W, x @ W
+    with a [1, 1, N] bias, x @ W whose product is read twice (no bias joins), and a matmul of two
+    activations (not a layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.w = nn.Parameter(torch.randn(8, 12, generator=gen))
+        self.b = nn.Parameter(torch.randn(12, generator=gen))
+        self.w2 = nn.Parameter(torch.randn(12, 6, generator=gen))
+        self.b2 = nn.Parameter(torch.randn(1, 1, 6, generator=gen))
+
+    def forward(self, x):
+        h = torch.relu(x @ self.w + self.b)
+        g = self.b2 + h @ self.w2
+        twice = h @ self.w2
+        return g, twice * twice + twice, torch.softmax(x @ x.transpose(1, 2), -1)
+
+
+def test_linear_form_makes_dense_layers_linear_with_their_biases():
+    model, x = DenseWays().eval(), torch.randn(2, 5, 8)
+    result = slimgraph.optimize(model, "linear-form", example_inputs=x,
+                                dynamic_dims={"x": {0: "batch", 1: "seq"}})
+    assert result.trace[0].pass_stats == {"linears": 3, "with_bias": 2}
+    linears = [n for n in result.graph.nodes if n.op == "linear"]
+    assert [len(n.inputs) for n in linears] == [3, 3, 2]
+    assert [n.op for n in result.graph.nodes].count("matmul") == 1  # activations times activations stays
+    y = torch.randn(3, 7, 8)
+    with torch.no_grad():
+        want = model(y)
+    for got in (run(result.graph, [y]), result.to_torch()(y), run_onnxruntime(result.to_onnx(), [y])):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert "linear-form" in [p for p in slimgraph.passes.available()]

