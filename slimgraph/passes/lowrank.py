@@ -15,7 +15,13 @@ rank mn/(m + n); at or above it the layer is refused and the stats say why.
 Trained weights have flat spectra, so ranks chosen from the weights alone land near break-even.
 With ``whiten`` the rank comes from the layer's output on calibration inputs instead: with
 C = E[x xᵀ] = L Lᵀ, the output error E|(M - M')x|² is |(M - M')L|²_F, so the SVD of M L
-truncated and multiplied back by L⁻¹ is the best rank-r layer on that data.
+truncated and multiplied back by L⁻¹ is the best rank-r layer on that data (SVD-LLM's whitening).
+
+``scope=global`` with ``params_ratio`` spends one budget (that share of all candidates'
+parameters) where it keeps the most: every singular value of every layer is a step that costs
+m + n parameters and keeps s² / Σs² of its layer's (whitened) energy, and the steps are taken
+best value per parameter first. A layer whose rank so reaches break-even stays whole, its
+parameters are taken from the budget, and the rest is shared again.
 """
 
 from __future__ import annotations
@@ -212,6 +218,40 @@ def _share(part: torch.Tensor, whole: torch.Tensor, if_zero: float) -> float:
     return float(part / whole) if float(whole) > 0 else if_zero
 
 
+def global_budget_ranks(cands: list[Candidate], spectra: dict[Node, torch.Tensor], ratio: float
+                        ) -> dict[Node, int]:
+    """Each candidate's rank under one budget of ``ratio`` x their parameters (see the module
+    docstring); a layer left whole gets the rank of its full matrix (at or above break-even)."""
+    total = sum(c.m * c.n + c.bias_numel for c in cands)
+    whole: set[Node] = set()
+    while True:
+        budget = ratio * total - sum(c.m * c.n + c.bias_numel for c in cands if c.node in whole)
+        steps = []  # (energy kept per parameter, layer index) for every singular value
+        for i, c in enumerate(cands):
+            if c.node in whole:
+                continue
+            budget -= c.bias_numel
+            energy = spectra[c.node].double().square()
+            share = energy / energy.sum().clamp_min(1e-300)
+            steps += [(float(v) / (c.m + c.n), i) for v in share]
+        steps.sort(key=lambda step: -step[0])
+        ranks = {c.node: 0 for c in cands}
+        for _, i in steps:
+            cost = cands[i].m + cands[i].n
+            if cost > budget:
+                continue  # a cheaper step of a smaller layer may still fit
+            budget -= cost
+            ranks[cands[i].node] += 1
+        newly_whole = {c.node for c in cands if c.node not in whole and ranks[c.node] * (c.m + c.n) >= c.m * c.n}
+        if not newly_whole:
+            break
+        whole |= newly_whole
+    for c in cands:
+        if c.node in whole:
+            ranks[c.node] = min(c.m, c.n)
+    return ranks
+
+
 @register_pass
 @dataclass
 class LowRank(Pass):
@@ -226,6 +266,7 @@ class LowRank(Pass):
     params_ratio: float | None = None  # the factors' share of the layer's parameters (bias included)
     conv: ConvMode = "channel"  # how KxK convs are split; 1x1 convs follow linears unless off
     whiten: bool = False  # rank and factors from the layer's output on calibration inputs
+    scope: Literal["layer", "global"] = "layer"  # global: params_ratio over all layers, ranks from spectra
 
     def __post_init__(self) -> None:
         given = [k for k in ("rank_ratio", "energy", "params_ratio") if getattr(self, k) is not None]
@@ -240,9 +281,15 @@ class LowRank(Pass):
             raise PassError(f"pass 'lowrank' option {key!r}: {value!r} is not {bounds}")
         if self.conv not in ("channel", "spatial", "off"):
             raise PassError(f"pass 'lowrank' option 'conv': {self.conv!r} is not one of channel, spatial, off")
+        if self.scope not in ("layer", "global"):
+            raise PassError(f"pass 'lowrank' option 'scope': {self.scope!r} is not layer or global")
+        if self.scope == "global" and self.params_ratio is None:
+            raise PassError("pass 'lowrank' option 'scope': global spends a parameter budget; give params_ratio")
 
     def planned_rank(self, cand: Candidate) -> int | None:
         """The rank the shape alone decides (None: it needs the spectrum)."""
+        if self.scope == "global":
+            return None
         if self.rank_ratio is not None:
             return max(1, math.floor(self.rank_ratio * min(cand.m, cand.n)))
         if self.params_ratio is not None:
@@ -279,21 +326,26 @@ class LowRank(Pass):
                 raise PassError("pass 'lowrank' option 'whiten': needs ctx.calibration_data or example_inputs")
             covs = input_covariances(graph, cands, data)
 
+        chols = {c.node: whitening_factor(covs[c.node]) if c.node in covs else None for c in cands}
+        global_ranks = {}
+        if self.scope == "global":
+            spectra = {c.node: torch.linalg.svdvals(weight_matrix(c) if chols[c.node] is None
+                                                    else weight_matrix(c) @ chols[c.node]) for c in cands}
+            global_ranks = global_budget_ranks(cands, spectra, self.params_ratio)
         plans = []  # decide everything before the first edit: refusals leave the graph untouched
         for cand in cands:
             info = layers[cand.node.name]
-            chol = whitening_factor(covs[cand.node]) if cand.node in covs else None
+            chol = chols[cand.node]
             if self.whiten:
                 info["whitened"] = chol is not None
-            rank = self.planned_rank(cand)
+            rank = global_ranks[cand.node] if self.scope == "global" else self.planned_rank(cand)
             if rank is None:
                 matrix = weight_matrix(cand)
                 rank = self.energy_rank(torch.linalg.svdvals(matrix if chol is None else matrix @ chol))
-                info["rank"] = rank
-                if reason := self._refusal(cand, rank):
-                    info["refused"] = reason
-                    continue
             info["rank"] = rank
+            if reason := self._refusal(cand, rank):
+                info["refused"] = reason
+                continue
             plans.append((cand, chol, rank))
 
         params_before = params_after = 0

@@ -6,7 +6,11 @@
    channels that must go together, and freezes what cannot be removed safely.
 2. A *group* is a set of layers (conv/linear outputs) whose channels share classes: a residual
    stream, a dense block's concatenations, a grouped conv and its neighbours.
-3. Importance per class: the criterion over every weight slice in the class, averaged.
+3. Importance per class: the criterion over every weight slice in the class, averaged. The
+   ``activation`` criterion looks at the data too (Wanda, Sun et al. 2024, made structured): a
+   channel that a linear or conv reads scores |W[:, j]|₂ |x_j|₂, its weight column times how
+   much signal it carries on the calibration inputs; a head or an FFN channel is only as
+   important as what it feeds forward.
 4. Selection: the lowest ``ratio`` of each group's prunable classes (``uniform``) or of all
    classes with importance normalized per group (``global``); every layer keeps at least
    ``min_channels`` and, with ``round_to``, a multiple of it.
@@ -26,12 +30,14 @@ import numpy as np
 import torch
 
 from slimgraph.errors import PassError, SlimgraphError
-from slimgraph.ir import Graph, Node
+from slimgraph.ir import Graph, Node, run
 from slimgraph.ir.ops import infer_types
 from slimgraph.passes.base import Pass, PassContext, PassResult, register_pass
+from slimgraph.passes.calibration import check_batches
 from slimgraph.passes.channels import ChannelGroups, Space, analyze
 
-Criterion = Literal["l1", "l2", "std", "mean", "bn_gamma", "random"]
+Criterion = Literal["l1", "l2", "std", "mean", "bn_gamma", "random", "activation"]
+CRITERIA = ("l1", "l2", "std", "mean", "bn_gamma", "random", "activation")
 
 
 @dataclass
@@ -61,8 +67,43 @@ def _weight_scores(tensor: torch.Tensor, axis: int, criterion: Criterion) -> tor
     return w.mean(dims).abs()  # "mean"
 
 
-def class_importance(cg: ChannelGroups, criterion: Criterion, seed: int = 0) -> dict[int, float]:
-    """Importance of every class: the criterion averaged over the class's weight slices."""
+@dataclass
+class ActivationNorms:
+    """|x_j|₂ over the calibration batches, by id of the weight of the linear or (ungrouped) conv:
+    of the channels it reads (``inputs``) and of those it writes (``outputs``)."""
+
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def activation_norms(graph: Graph, batches: list) -> ActivationNorms:
+    layers = [n for n in graph.nodes if n.op in ("linear", "conv") and n.inputs[1].is_constant
+              and (n.op == "linear" or n.attrs["groups"] == 1) and not n.inputs[0].is_constant]
+    values = list({id(v): v for n in layers for v in (n.inputs[0], n.outputs[0])}.values())
+    sums = ActivationNorms()
+    for batch in batches:
+        _, captured = run(graph, list(batch), capture=values)
+        for n in layers:
+            for x, into in ((n.inputs[0], sums.inputs), (n.outputs[0], sums.outputs)):
+                t = captured[x].detach().double().square()  # channels: last dim of a linear's, dim 1 of a conv's
+                per_channel = (t.reshape(-1, t.shape[-1]).sum(0) if n.op == "linear"
+                               else t.transpose(0, 1).flatten(1).sum(1))
+                into[id(n.inputs[1])] = into.get(id(n.inputs[1]), 0) + per_channel
+    root = lambda sums: {k: v.sqrt() for k, v in sums.items()}  # noqa: E731
+    return ActivationNorms(root(sums.inputs), root(sums.outputs))
+
+
+def class_importance(cg: ChannelGroups, criterion: Criterion, seed: int = 0,
+                     norms: ActivationNorms | None = None) -> dict[int, float]:
+    """Importance of every class: the criterion averaged over the class's weight slices. For
+    ``activation``: over the slices some layer reads (|W[:, j]|₂ |x_j|₂); a class no layer reads
+    as such (q and k dims, which a matmul of activations reads) by the norms of the outputs it
+    is made of, which the whole group then shares."""
+    if criterion == "activation":
+        norms = norms or ActivationNorms()
+        read = _mean_by_class(cg, norms.inputs, 1, lambda value, n: _weight_scores(value.const_value, 1, "l2") * n)
+        made = _mean_by_class(cg, norms.outputs, 0, lambda value, n: n)
+        return {**made, **read}
     parts: list[tuple[np.ndarray, np.ndarray]] = []  # (class of each index, its score), space by space
     bn_gammas = {id(n.inputs[1]) for n in cg.graph.nodes if n.op == "batch_norm" and n.inputs[1] is not None}
     for space in cg.spaces.values():
@@ -84,6 +125,23 @@ def class_importance(cg: ChannelGroups, criterion: Criterion, seed: int = 0) -> 
         gen = torch.Generator().manual_seed(seed)
         roots = sorted({cg.root(a) for space in cg.spaces.values() for a in space.atoms()})
         return dict(zip(roots, torch.rand(len(roots), generator=gen, dtype=torch.float64).tolist()))
+    return _class_means(parts)
+
+
+def _mean_by_class(cg: ChannelGroups, norms: dict[int, torch.Tensor], axis: int, score) -> dict[int, float]:
+    """The mean of ``score(weight value, norms)`` per class over the weight slices along ``axis``
+    of the layers ``norms`` holds."""
+    parts = []
+    for space in cg.spaces.values():
+        value = space.value
+        n = norms.get(id(value))
+        if n is None or not value.is_constant or space.axes != (axis,) or n.shape[0] != value.shape[axis]:
+            continue
+        parts.append((cg.roots()[space.base:space.base + space.size], score(value, n).detach().double().numpy()))
+    return _class_means(parts)
+
+
+def _class_means(parts: list[tuple[np.ndarray, np.ndarray]]) -> dict[int, float]:
     if not parts:
         return {}
     roots = np.concatenate([r for r, _ in parts])
@@ -377,7 +435,7 @@ def _update_attrs(node: Node, planned: dict[int, list[int]]) -> None:
     elif node.op == "split":
         axis = node.attrs["axis"]
         node.attrs["sizes"] = [planned.get(id(v), list(v.shape))[axis] for v in node.outputs]
-    elif node.op == "attention" and id(out) in planned:  # whole heads went: the head size stays
+    elif "num_heads" in node.attrs and id(out) in planned:  # whole heads went: the head size stays
         head_size = out.shape[-1] // node.attrs["num_heads"]
         node.attrs["num_heads"] = planned[id(out)][-1] // head_size
     elif node.op == "layer_norm":
@@ -403,7 +461,7 @@ def zero_plan(graph: Graph, plan: PrunePlan) -> None:
 def plan_pruning(graph: Graph, ratio: float, criterion: Criterion = "l1", scope: str = "uniform",
                  round_to: int = 1, ignore: list[str] | None = None, min_channels: int = 1,
                  seed: int = 0, cg: ChannelGroups | None = None, only_groups: set[int] | None = None,
-                 normalized: str = "freeze") -> PrunePlan:
+                 normalized: str = "freeze", norms: ActivationNorms | None = None) -> PrunePlan:
     """Analyze, score and select; ``only_groups`` restricts pruning to those group indices.
     ``normalized`` only matters when ``cg`` is not given (a given analysis already decided it)."""
     cg = cg or analyze(graph, normalized=normalized == "prune")
@@ -418,7 +476,7 @@ def plan_pruning(graph: Graph, ratio: float, criterion: Criterion = "l1", scope:
     groups = pruning_groups(cg)
     if only_groups is not None:
         groups = [g for k, g in enumerate(groups) if k in only_groups]
-    importance = class_importance(cg, criterion, seed)
+    importance = class_importance(cg, criterion, seed, norms)
     removed, reports = select(cg, groups, importance, ratio, scope, round_to, min_channels)
     plan = make_plan(graph, removed, cg, reports)
     plan.frozen_by_opaque = _frozen_by_opaque(graph, cg)
@@ -462,7 +520,7 @@ class Prune(Pass):
             raise PassError(f"pass 'prune' option 'round_to': {self.round_to} must be at least 1")
         if self.min_channels < 1:
             raise PassError(f"pass 'prune' option 'min_channels': {self.min_channels} must be at least 1")
-        if self.criterion not in ("l1", "l2", "std", "mean", "bn_gamma", "random"):
+        if self.criterion not in CRITERIA:
             raise PassError(f"pass 'prune' option 'criterion': {self.criterion!r} is not a criterion")
         if self.scope not in ("uniform", "global"):
             raise PassError(f"pass 'prune' option 'scope': {self.scope!r} is not uniform or global")
@@ -470,8 +528,17 @@ class Prune(Pass):
             raise PassError(f"pass 'prune' option 'normalized': {self.normalized!r} is not freeze or prune")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        norms = None
+        if self.criterion == "activation":
+            data = ctx.calibration_data
+            if data is None and ctx.example_inputs is not None:
+                data = [ctx.example_inputs]  # one batch
+            if data is None:
+                raise PassError("pass 'prune' criterion 'activation' measures channels on calibration_data "
+                                "(or the example inputs); give it")
+            norms = activation_norms(graph, check_batches(graph, data, "pass 'prune'"))
         plan = plan_pruning(graph, self.ratio, self.criterion, self.scope, self.round_to, self.ignore,
-                            self.min_channels, self.seed, normalized=self.normalized)
+                            self.min_channels, self.seed, normalized=self.normalized, norms=norms)
         notes = [f"{n} layer(s) kept whole: their channels reach opaque op {target}"
                  for target, n in plan.frozen_by_opaque.items()]
         if plan.empty:

@@ -297,3 +297,50 @@ def test_nothing_to_factor_leaves_the_graph_untouched(tiny):
     version = no_layers.version
     assert not make_pass("lowrank", {"energy": 0.5}).run(no_layers, PassContext()).changed
     assert no_layers.version == version
+
+
+# ---------------------------------------------------------------------------- global budget
+def test_global_budget_spends_ranks_where_the_whitened_spectrum_needs_them():
+    """fc0 reads inputs that live in 4 directions (little rank needed), fc1 and fc2 read white
+    noise (every direction counts). One budget of 40% of their parameters: the total stays within
+    it, fc0 gets less rank than the others, and the output error on held-out data is below that of
+    40% for each layer."""
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.randn(4, 64, generator=gen)
+
+    def inputs(n):
+        low = torch.randn(n, 4, generator=gen) @ basis + 0.01 * torch.randn(n, 64, generator=gen)
+        return low, torch.randn(n, 64, generator=gen)
+
+    def graph() -> Graph:
+        g = Graph()
+        low, full = g.add_input("low", (2, 64), DType.float32), g.add_input("full", (2, 64), DType.float32)
+        outs = []
+        for i, x in enumerate((low, full, full)):
+            w = g.add_constant(f"w{i}", torch.randn(64, 64, generator=torch.Generator().manual_seed(i)) / 8)
+            b = g.add_constant(f"b{i}", torch.zeros(64))
+            outs.append(g.create_node("linear", [x, w, b], name=f"fc{i}").output)
+        g.set_outputs(outs)
+        return g
+
+    calib, held_out = [inputs(256) for _ in range(2)], inputs(512)
+    errors, layers = {}, {}
+    for scope in ("global", "layer"):
+        g = graph()
+        expected = run(g, list(held_out))
+        result = make_pass("lowrank", {"params_ratio": 0.4, "whiten": True, "scope": scope}).run(
+            g, PassContext(calibration_data=calib))
+        layers[scope] = result.stats["layers"]
+        errors[scope] = sum(rel_error(y, e) for y, e in zip(run(g, list(held_out)), expected))
+    glob = layers["global"]
+    assert sum(info["params_after"] for info in glob.values()) <= 0.4 * 3 * (64 * 64 + 64)
+    assert glob["fc0"]["rank"] < min(glob["fc1"]["rank"], glob["fc2"]["rank"]), glob
+    assert {info["rank"] for info in layers["layer"].values()} == {12}
+    assert errors["global"] < 0.9 * errors["layer"], errors  # measured 0.83x
+
+
+def test_global_scope_needs_a_parameter_budget():
+    with pytest.raises(PassError, match="option 'scope'"):
+        make_pass("lowrank", {"energy": 0.9, "scope": "global"})
+    with pytest.raises(PassError, match="option 'scope'"):
+        make_pass("lowrank", {"params_ratio": 0.5, "scope": "everywhere"})

@@ -12,7 +12,7 @@ from slimgraph.backends.onnx import run_onnxruntime
 from slimgraph.errors import PassError
 from slimgraph.ir import graph_stats, run, verify
 from slimgraph.passes.channels import analyze
-from slimgraph.passes.prune import apply_plan, plan_pruning, pruning_groups, zero_plan
+from slimgraph.passes.prune import activation_norms, apply_plan, plan_pruning, pruning_groups, zero_plan
 from tests.conftest import TinyNet, perturb_bn, rel_error
 
 torchvision = pytest.importorskip("torchvision")
@@ -337,3 +337,85 @@ def test_masked_and_causal_attention_import_and_prune_exactly(causal):
         assert rel_error(slimgraph.to_torch(graph)(x), model(x)) < 1e-6
     (y_onnx,) = run_onnxruntime(slimgraph.to_onnx(graph), [x])
     assert rel_error(y_onnx, model(x).detach()) < 1e-5
+
+
+# ---------------------------------------------------------------------------- activation criterion
+class DeadChannels(nn.Module):
+    """A hidden layer whose first 8 channels have the largest weights but a bias that keeps them
+    below zero on the data (dead after the ReLU): weight norms rank them first, the data last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 4)
+        with torch.no_grad():
+            self.up.weight.copy_(torch.randn(32, 16, generator=gen) * 0.1)
+            self.up.weight[:8] *= 10
+            self.up.bias.zero_()
+            self.up.bias[:8] = -100.0
+            self.down.weight.copy_(torch.randn(4, 32, generator=gen))
+            self.down.weight[:, :8] *= 10
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_activation_criterion_removes_what_carries_no_signal():
+    model, data = DeadChannels().eval(), [(torch.randn(16, 16),) for _ in range(4)]
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        want = model(x)
+    errors, kept = {}, {}
+    for criterion in ("l2", "activation"):
+        result = slimgraph.optimize(model, f"prune{{ratio=0.25,criterion={criterion}}}", example_inputs=data[0],
+                                    calibration_data=data)
+        errors[criterion] = rel_error(run(result.graph, [x])[0], want)
+        kept[criterion] = next(n for n in result.graph.nodes if n.op == "linear").inputs[1].shape[0]
+    assert kept == {"l2": 24, "activation": 24}
+    assert errors["activation"] < 1e-6 < errors["l2"], errors  # the dead channels went, exactly
+
+
+def test_activation_criterion_prunes_whole_heads_and_ffn_channels_of_bert():
+    """Hugging Face's attention comes in decomposed (head split by reshapes): prune then shrinks
+    every head alike, scoring q and k dims by their own norms; fused into one attention node
+    first, it removes whole heads."""
+    import transformers
+
+    from tests.frontends.test_transformers import dynamic, text_inputs
+
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)).eval()
+    inputs = text_inputs(2, 12)
+    data = [tuple(text_inputs(2, 9, seed=s).values()) for s in range(3)]
+    dims = dynamic(inputs)
+    decomposed = slimgraph.optimize(model, "prune{ratio=0.5,criterion=activation}", example_inputs=inputs,
+                                    dynamic_dims=dims, calibration_data=data)
+    q_dims = [n.inputs[1].shape[0] for n in decomposed.graph.nodes if n.op == "linear"][:3]
+    assert q_dims == [16, 16, 16]  # q, k, v: 4 heads of 4 dims each, from 8
+    result = slimgraph.optimize(model, "fuse{ops=[attention]},prune{ratio=0.5,criterion=activation}",
+                                example_inputs=inputs, dynamic_dims=dims, calibration_data=data)
+    assert [n.attrs["num_heads"] for n in result.graph.nodes if n.op == "multi_head_attention"] == [2, 2]
+    # exact: removing the heads computes what zeroing them in the fused original does
+    fused = slimgraph.optimize(model, "fuse{ops=[attention]}", example_inputs=inputs, dynamic_dims=dims).graph
+    plan = plan_pruning(fused, 0.5, "activation", norms=activation_norms(fused, data))
+    zeroed, pruned = fused.clone(), fused.clone()
+    zero_plan(zeroed, plan)
+    apply_plan(pruned, plan)
+    feed = list(text_inputs(3, 7, seed=4).values())
+    assert rel_error(run(pruned, feed)[0], run(zeroed, feed)[0]) < 1e-5
+    ffn = [n for n in result.graph.nodes if n.op == "linear" and n.inputs[1].shape[1] == 32]
+    assert sorted(n.inputs[1].shape[0] for n in ffn)[-2:] == [32, 32]  # 64 -> 32 hidden channels each
+    module = result.to_torch()
+    feed = text_inputs(3, 7, seed=5)
+    (y_onnx, *_) = run_onnxruntime(result.to_onnx(), list(feed.values()))
+    with torch.no_grad():
+        assert rel_error(y_onnx, module(*feed.values())[0]) < 1e-4
+
+
+def test_activation_criterion_needs_data():
+    from slimgraph.passes import PassContext, make_pass
+
+    graph = slimgraph.import_model(DeadChannels().eval(), (torch.randn(2, 16),))
+    with pytest.raises(PassError, match="criterion 'activation'"):
+        make_pass("prune", {"criterion": "activation"}).run(graph, PassContext())
