@@ -111,9 +111,24 @@ class AttentionMatch:
     output: Value  # the merged [batch, seq, heads * dim] value the fused node replaces
 
 
+def unfloored(scores: Value) -> Value:
+    """The softmax input before floor-softmax clamped it (max(x, amax(x) - margin)): exact to drop
+    where the softmax becomes one fused kernel's."""
+    clamp = scores.producer
+    if clamp is None or clamp.op != "maximum" or len(scores.uses) != 1:
+        return scores
+    x, floor = clamp.inputs
+    sub = floor.producer
+    row_max = sub.inputs[0].producer if sub is not None and sub.op == "sub" else None
+    if row_max is None or row_max.op != "amax" or row_max.inputs[0] is not x or len(x.uses) != 2:
+        return scores
+    return x
+
+
 def match_attention(softmax: Node) -> AttentionMatch | str:
     """The decomposed attention around ``softmax``, or why it is not one."""
-    scores = softmax.inputs[0]
+    scores = unfloored(softmax.inputs[0])
+    readers = 1 if scores is softmax.inputs[0] else 2  # the floor's amax and maximum read it twice
     if softmax.attrs["axis"] % scores.rank != scores.rank - 1 or scores.rank != 4:
         return "softmax not over the last dim of [batch, heads, seq, seq]"
     out = softmax.outputs[0]
@@ -122,7 +137,7 @@ def match_attention(softmax: Node) -> AttentionMatch | str:
     context = out.uses[0].node
     bias = None
     node = scores.producer
-    if node is not None and node.op == "add" and len(scores.uses) == 1:
+    if node is not None and node.op == "add" and len(scores.uses) == readers:
         sides = [i for i in (0, 1) if node.inputs[i].producer is not None and node.inputs[i].producer.op in (
             "mul", "matmul") and node.inputs[i].rank == 4]
         if not sides:
