@@ -9,9 +9,10 @@ calibration data) moves part of the outlier into the weights, which are quantize
 channel and barely notice. ``alpha`` sets how much moves, and no one value suits every model (on
 MiniLM 0.6 helps while 0.3 and 0.9 ruin it). By default it is searched: the alpha (or none at all)
 whose int8 copy of the graph (dynamic uint8 activations, nearest-rounded int8 weights) comes
-closest to the float graph's output on the calibration data. The search is end to end because
-each layer's own error misleads: on MiniLM the alpha that halves the summed per-layer error makes
-the sentence embeddings worse than no smoothing.
+closest to the float graph's output, with the scales measured on half the calibration batches and
+the error on the other half. The search is end to end because each layer's own error misleads: on
+MiniLM the alpha that halves the summed per-layer error makes the sentence embeddings worse than no
+smoothing; and held out because scoring on the batches the maxima came from picks too high an alpha.
 
 Where the division goes: into the LayerNorm or linear that makes x when nothing else reads x
 (its gamma and beta, or its rows and bias, divided by s: free at run time); else a ``mul`` by
