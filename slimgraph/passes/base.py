@@ -7,6 +7,7 @@ A pass is a small dataclass: a ``name``, options as typed fields, and
 from __future__ import annotations
 
 import dataclasses
+import threading
 import types
 import typing
 from collections.abc import Callable
@@ -199,18 +200,23 @@ def convert_option(pass_name: str, key: str, raw: Any, hint: Any) -> Any:
 
 
 _BUILTIN_LOADED = False
+_BUILTIN_LOCK = threading.RLock()  # re-entrant: a pass module may look passes up while it loads
 
 
 def _load_builtin_passes() -> None:
-    """Import every module of slimgraph.passes once, so each registers its passes."""
+    """Import every module of slimgraph.passes once, so each registers its passes. Under a lock, and
+    marked done only when done: a second thread must not look a pass up while the first imports."""
     global _BUILTIN_LOADED
     if _BUILTIN_LOADED:
         return
-    _BUILTIN_LOADED = True
-    import importlib
-    import pkgutil
+    with _BUILTIN_LOCK:
+        if _BUILTIN_LOADED:
+            return
+        import importlib
+        import pkgutil
 
-    import slimgraph.passes as package
+        import slimgraph.passes as package
 
-    for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"slimgraph.passes.{info.name}")
+        for info in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"slimgraph.passes.{info.name}")
+        _BUILTIN_LOADED = True

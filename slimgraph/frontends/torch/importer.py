@@ -9,6 +9,7 @@ inference semantics; the PyTorch backend restores trainable modules).
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,11 +22,21 @@ from slimgraph.frontends.torch.converter import DEFAULT, Converter, first_line
 from slimgraph.frontends.torch.copying import private_copy
 from slimgraph.ir import OPAQUE, Graph
 
+# torch.fx and torch.export patch process-wide state while they trace (functions, module calls,
+# dynamo's config): two threads tracing at once break each other, so imports take turns
+_TRACING = threading.RLock()
+
 
 def import_torch(model: torch.nn.Module, example_inputs: Any, dynamic_dims: Mapping | None = None) -> Graph:
     """``example_inputs``: a tensor, a tuple of positional tensors, or a mapping from the forward's
     argument names to tensors (what a Hugging Face tokenizer returns). ``dynamic_dims``: which dims
-    stay symbolic, by argument name, e.g. ``{"input_ids": {0: "batch", 1: "seq"}}``."""
+    stay symbolic, by argument name, e.g. ``{"input_ids": {0: "batch", 1: "seq"}}``. Thread-safe:
+    concurrent imports run one at a time."""
+    with _TRACING:
+        return _import_torch(model, example_inputs, dynamic_dims)
+
+
+def _import_torch(model: torch.nn.Module, example_inputs: Any, dynamic_dims: Mapping | None) -> Graph:
     if not isinstance(model, torch.nn.Module):
         raise ModelImportError(f"expected a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = _example_args(model, example_inputs)
