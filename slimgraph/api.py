@@ -16,11 +16,14 @@ from slimgraph.passes import NumericalCheck, Pass, PassContext, PassManager, Tra
 from slimgraph.passes.instruments import Instrument
 
 
-def import_model(model: Any, example_inputs: Any = None, dynamic_dims: dict | None = None) -> Graph:
+def import_model(model: Any, example_inputs: Any = None, dynamic_dims: dict | None = None, *,
+                 max_constant_bytes: int | None = None) -> Graph:
     """A torch.nn.Module (with example_inputs), an ONNX file path or ModelProto, or a Graph (copied)
     as an IR Graph. The model is never modified. ``dynamic_dims`` names the dims that stay symbolic,
     by the forward's argument names, as torch.onnx.export's dynamic_axes:
-    ``{"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}``."""
+    ``{"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}``.
+    ``max_constant_bytes`` caps what an ONNX file's stored tensors may declare (default 32 GiB):
+    a file over it is refused before anything is allocated for it."""
     example_inputs = as_tensors(example_inputs)
     if isinstance(model, torch.nn.Module):
         from slimgraph.frontends.torch import import_torch
@@ -31,11 +34,12 @@ def import_model(model: Any, example_inputs: Any = None, dynamic_dims: dict | No
     import onnx
 
     if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
-        from slimgraph.frontends.onnx import import_onnx
+        from slimgraph.frontends.onnx import MAX_CONSTANT_BYTES, import_onnx
 
         if isinstance(example_inputs, dict):
             raise ModelImportError("an ONNX model takes example_inputs as a sequence in its inputs' order")
-        return import_onnx(model, example_inputs)
+        return import_onnx(model, example_inputs, MAX_CONSTANT_BYTES if max_constant_bytes is None
+                           else max_constant_bytes)
     raise ModelImportError(
         f"cannot import a {type(model).__name__}: expected a torch.nn.Module, an ONNX path or ModelProto, or a Graph")
 
@@ -157,6 +161,7 @@ def optimize(
     rtol: float = 1e-4,
     calibration_data: Any = None,
     dynamic_dims: dict | None = None,
+    max_constant_bytes: int | None = None,
 ) -> OptimizeResult:
     """Import ``model`` (never modified), run ``passes`` and return the graph and its trace.
 
@@ -164,11 +169,12 @@ def optimize(
     numerically against its input on sample inputs: exact passes must stay within ``rtol``,
     lossy ones report ``max_abs_error`` in the trace. ``calibration_data`` is an iterable of
     input tuples (or single tensors) for passes that observe activations, e.g. ``quantize``.
-    ``dynamic_dims`` keeps dims symbolic (see ``import_model``).
+    ``dynamic_dims`` keeps dims symbolic and ``max_constant_bytes`` caps an ONNX file's stored
+    tensors (see ``import_model``).
     """
     pipeline = to_passes(passes)  # bad names and options fail before any work
     example_inputs = as_tensors(example_inputs)
-    graph = import_model(model, example_inputs, dynamic_dims)
+    graph = import_model(model, example_inputs, dynamic_dims, max_constant_bytes=max_constant_bytes)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if isinstance(example_inputs, dict):  # by argument name, as the graph's inputs are named

@@ -11,6 +11,7 @@ emits them back unchanged and the interpreter runs them with the reference evalu
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -33,8 +34,14 @@ from slimgraph.onnx_proto import outer_names
 MIN_OPSET = 1
 
 
-def load_model(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:
-    """Parse a file (or take a ModelProto) and load external data from inside its folder only."""
+MAX_CONSTANT_BYTES = 32 * 2**30  # the default cap on a model's stored tensors: a 1.1B-parameter fp32 model is 4.4 GB
+
+
+def load_model(model: str | os.PathLike | onnx.ModelProto, max_constant_bytes: int = MAX_CONSTANT_BYTES
+               ) -> tuple[onnx.ModelProto, Path | None]:
+    """Parse a file (or take a ModelProto), check every stored tensor's declared size against what
+    it holds and against ``max_constant_bytes`` (before anything is allocated for it), and load
+    external data from inside its folder only."""
     if isinstance(model, onnx.ModelProto):
         proto, folder = model, None
     else:
@@ -46,8 +53,58 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelPr
         except Exception as exc:  # protobuf DecodeError and friends: truncated or not ONNX
             raise ModelImportError(f"{path}: not a valid ONNX file ({type(exc).__name__}: {exc})") from None
         folder = path.parent
+    check_sizes(proto, folder, max_constant_bytes)
     _load_external_data(proto, folder)
     return proto, folder
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+_PACKED_4BIT = {getattr(onnx.TensorProto, t) for t in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, t)}
+
+
+def check_sizes(proto: onnx.ModelProto, folder: Path | None, max_constant_bytes: int) -> None:
+    """Every initializer and constant (subgraphs included): dims non-negative, a known element type,
+    the bytes it declares equal to the bytes it holds, and all of them within the cap."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    for value in proto.graph.input:  # sample inputs are made at the declared static sizes
+        static = [d.dim_value for d in value.type.tensor_type.shape.dim if d.HasField("dim_value")]
+        if static and math.prod(max(d, 0) for d in static) > max_constant_bytes:  # at least a byte each
+            raise ModelImportError(f"graph input {value.name!r} declares dims {static}: a sample of it is over "
+                                   f"the cap of {max_constant_bytes:,} bytes (max_constant_bytes)")
+    total = 0
+    for tensor in _get_all_tensors(proto):
+        where = f"tensor {tensor.name!r}"
+        if any(d < 0 for d in tensor.dims):
+            raise ModelImportError(f"{where}: negative dims {list(tensor.dims)}")
+        try:
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        except Exception:
+            raise ModelImportError(f"{where}: unknown element type {tensor.data_type}") from None
+        count = math.prod(tensor.dims)
+        declared = count * itemsize
+        total += declared
+        if declared > max_constant_bytes or total > max_constant_bytes:
+            what = f"declares {list(tensor.dims)} ({declared:,} bytes)" if declared > max_constant_bytes \
+                else f"brings the model's stored tensors to {total:,} bytes"
+            raise ModelImportError(f"{where} {what}, over the cap of {max_constant_bytes:,} bytes "
+                                   "(max_constant_bytes)")
+        if tensor.data_type == onnx.TensorProto.STRING:
+            held, want = len(tensor.string_data), count
+        elif tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            if "length" not in info:
+                continue  # the loader checks the file; its size bounds what it can hold
+            held, want = int(info["length"]), declared
+        elif tensor.raw_data:
+            held, want = len(tensor.raw_data), -(-count // 2) if tensor.data_type in _PACKED_4BIT else declared
+        else:  # one value per element in one of the typed fields (two for complex, a pair per int32 for 4 bits)
+            held = max(len(getattr(tensor, f)) for f in _TYPED_FIELDS)
+            want = count * 2 if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) \
+                else -(-count // 2) if tensor.data_type in _PACKED_4BIT else count
+        if held != want:
+            raise ModelImportError(f"{where} declares {list(tensor.dims)} but holds {held} of the {want} "
+                                   f"{'bytes' if tensor.raw_data or tensor.data_location else 'values'} that needs")
 
 
 def _external_tensors(proto: onnx.ModelProto):
@@ -126,9 +183,9 @@ def _node_label(node: onnx.NodeProto, index: int) -> str:
     return f"{node.name or node.output[0] if node.output else index} ({node.op_type})"
 
 
-def import_onnx(model: str | os.PathLike | onnx.ModelProto, example_inputs: Sequence[torch.Tensor] | None = None
-                ) -> Graph:
-    proto, _ = load_model(model)
+def import_onnx(model: str | os.PathLike | onnx.ModelProto, example_inputs: Sequence[torch.Tensor] | None = None,
+                max_constant_bytes: int = MAX_CONSTANT_BYTES) -> Graph:
+    proto, _ = load_model(model, max_constant_bytes)
     check_structure(proto)
     source_opset = default_opset(proto)
     try:
