@@ -192,7 +192,7 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto, example_inputs: Sequ
         proto = onnx.shape_inference.infer_shapes(proto)
     except Exception as exc:
         raise ModelImportError(f"onnx shape inference failed: {exc}") from None
-    graph = _Converter(proto, example_inputs).convert()
+    graph = _Converter(proto, example_inputs, max_constant_bytes).convert()
     graph.meta["source"] = "onnx"
     if source_opset is not None:
         graph.meta["opset"] = source_opset  # written back at this opset unless asked otherwise
@@ -225,8 +225,10 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 class _Converter:
-    def __init__(self, proto: onnx.ModelProto, example_inputs: Sequence[torch.Tensor] | None) -> None:
+    def __init__(self, proto: onnx.ModelProto, example_inputs: Sequence[torch.Tensor] | None,
+                 max_constant_bytes: int = MAX_CONSTANT_BYTES) -> None:
         self.proto = proto
+        self.max_constant_bytes = max_constant_bytes
         self.opset = default_opset(proto) or 0  # 0: no ai.onnx ops, so nothing maps to canonical ones
         self.example_inputs = list(example_inputs) if example_inputs is not None else None
         self.gs_graph = gs.import_onnx(proto)
@@ -320,6 +322,7 @@ class _Converter:
         if all(x is None or isinstance(x, np.ndarray) for x in inputs + implicit) \
                 and node.op not in onnx_ops.NEVER_FOLD \
                 and not any(isinstance(x, np.ndarray) and x.dtype == object for x in inputs + implicit):
+            self._check_evaluation_size(node, inputs)
             for tensor, array in zip(node.outputs, self._evaluate(node, inputs, dict(zip(outer, implicit)))):
                 self.env[tensor.name] = array
             return
@@ -400,6 +403,19 @@ class _Converter:
         node = self.graph.create_node(op, list(inputs), attrs, name=self.name + suffix,
                                       meta={"origin": f"onnx:{self.node.name or self.node.op}"})
         return node.outputs[0] if len(node.outputs) == 1 else node.outputs
+
+    def _check_evaluation_size(self, node: gs.Node, inputs: list) -> None:
+        """Refuse to evaluate a node whose outputs would not fit the cap, before allocating them:
+        the ops whose output size is data (ConstantOfShape, Expand, Tile, Range) by their inputs,
+        the others by onnx's inferred output shapes."""
+        elements = output_elements(node.op, inputs)
+        if elements is None:
+            known = [t.shape for t in node.outputs if t.shape is not None
+                     and all(isinstance(d, int) and d >= 0 for d in t.shape)]
+            elements = max((math.prod(s) for s in known), default=0)
+        if elements * 8 > self.max_constant_bytes:  # at most 8 bytes an element
+            raise ModelImportError(f"node {self.name} ({node.op}): its output would hold {elements:,} elements, "
+                                   f"over the cap of {self.max_constant_bytes:,} bytes (max_constant_bytes)")
 
     def _evaluate(self, node: gs.Node, inputs: list, implicit: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run one node with onnx's reference evaluator, under the model's opset."""
@@ -510,6 +526,27 @@ def _run_all(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, 
         return {k: np.asarray(v) for k, v in results.items() if isinstance(v, np.ndarray) or np.isscalar(v)}
     except Exception:
         return {}
+
+
+def output_elements(op: str, inputs: list) -> int | None:
+    """How many elements an op whose output size is data makes from these static inputs (None:
+    not such an op, or inputs it cannot read). Python integers: no overflow on absurd sizes."""
+    try:
+        if op == "ConstantOfShape":
+            return math.prod(max(int(d), 0) for d in np.asarray(inputs[0]).reshape(-1))
+        if op == "Expand":
+            data, shape = np.shape(inputs[0]), [int(d) for d in np.asarray(inputs[1]).reshape(-1)]
+            rank = max(len(data), len(shape))
+            a, b = [1] * (rank - len(data)) + list(data), [1] * (rank - len(shape)) + shape
+            return math.prod(max(x, y, 0) for x, y in zip(a, b))
+        if op == "Tile":
+            return math.prod(np.shape(inputs[0])) * math.prod(max(int(r), 0) for r in np.asarray(inputs[1]).reshape(-1))
+        if op == "Range":
+            start, limit, delta = (float(np.asarray(x)) for x in inputs[:3])
+            return max(math.ceil((limit - start) / delta), 0) if delta else 0
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return None
 
 
 def _dtype_of_array(array: np.ndarray, name: str) -> DType:

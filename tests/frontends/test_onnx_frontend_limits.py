@@ -52,3 +52,24 @@ def test_a_graph_input_too_large_to_sample_is_refused():
     w = numpy_helper.from_array(np.ones((1, 4), np.float32), "w")
     with pytest.raises(SlimgraphError, match="graph input 'x' declares dims"):
         slimgraph.import_model(model_with(w, input_dims=(10**7, 10**7)))
+
+
+@pytest.mark.parametrize("op,inputs", [
+    ("ConstantOfShape", [np.array([10**6, 10**6], np.int64)]),
+    ("Expand", [np.ones((1, 1), np.float32), np.array([10**6, 10**6], np.int64)]),
+    ("Tile", [np.ones((2, 2), np.float32), np.array([10**6, 10**6], np.int64)]),
+    ("Range", [np.array(0, np.int64), np.array(10**13, np.int64), np.array(1, np.int64)]),
+])
+def test_a_static_node_whose_output_would_not_fit_is_refused_before_it_is_evaluated(op, inputs):
+    names = [f"c{i}" for i in range(len(inputs))]
+    initializers = [numpy_helper.from_array(a, n) for a, n in zip(inputs, names)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [helper.make_node(op, names, ["big"], name="blowup"), helper.make_node("Shape", ["big"], ["s"]),
+             helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceSum", ["sf"], ["total"], keepdims=0),
+             helper.make_node("Add", ["x", "total"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [x], [out], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(SlimgraphError, match=rf"node big \({op}\): its output would hold"):
+        slimgraph.import_model(model)
