@@ -86,6 +86,8 @@ SLIMGRAPH_PATHS = [  # (label, pipeline): the presets, then what each part of on
     ("int8 parts: fold-bn,canonicalize + dynamic int8", f"fold-bn,canonicalize,{Q}"),
     ("int8 parts: + floor-softmax", f"fold-bn,canonicalize,floor-softmax,{Q}"),
     ("int8 parts: + floor-softmax + smooth", f"fold-bn,canonicalize,floor-softmax,smooth,{Q}"),
+    ("static int8 instead (QDQ): onnxruntime-fp32 + quantize + fold-int8",
+     "onnxruntime-fp32,quantize{progress=false},fold-int8"),
     ("slimgraph onnxruntime-fp32 + fuse{ops=[attention]}", "onnxruntime-fp32,fuse{ops=[attention]}"),
     ("slimgraph onnxruntime-fp32 + fuse{ops=[skip_layer_norm]}", "onnxruntime-fp32,fuse{ops=[skip_layer_norm]}"),
 ]
