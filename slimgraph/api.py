@@ -150,6 +150,15 @@ def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int | No
                 dynamic_batch=dynamic_batch)
 
 
+def _fits(tensor: torch.Tensor, value) -> bool:
+    """Whether ``tensor`` can feed input ``value``: the same rank and size on every dim but the
+    batch and the symbolic ones (a graph with a symbolic seq takes any sequence length)."""
+    if tensor.dim() != value.rank:
+        return False
+    sym = value.sym or (None,) * value.rank
+    return all(i == 0 or s is not None or a == b for i, (a, b, s) in enumerate(zip(tensor.shape, value.shape, sym)))
+
+
 def optimize(
     model: Any,
     passes: str | Sequence[str | Pass] | Pass,
@@ -183,7 +192,7 @@ def optimize(
     if len(inputs) != len(graph.inputs):
         raise SlimgraphError(f"the graph takes {len(graph.inputs)} inputs, example_inputs has {len(inputs)}")
     for value, tensor in zip(graph.inputs, inputs):
-        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape[1:]) != tuple(value.shape[1:]):
+        if not isinstance(tensor, torch.Tensor) or not _fits(tensor, value):
             got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise SlimgraphError(f"example input for %{value.name}: expected {value.type_str()}, got {got}")
     chosen: list[Instrument] = [TraceInstrument()]

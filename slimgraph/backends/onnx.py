@@ -168,12 +168,26 @@ def _simple(onnx_op: str, **fixed: Any) -> Emitter:
     return emit
 
 
-for _op, _onnx in {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "erf": "Erf", "exp": "Exp",
+for _op, _onnx in {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "exp": "Exp",
                    "log": "Log", "sqrt": "Sqrt", "neg": "Neg", "abs": "Abs", "softplus": "Softplus",
                    "selu": "Selu", "identity": "Identity", "stochastic_depth": "Identity",
                    "matmul": "MatMul", "maximum": "Max", "minimum": "Min", "hardswish": "HardSwish"}.items():
     EMITTERS[_op] = _simple(_onnx)
 EMITTERS["hardsigmoid"] = _simple("HardSigmoid", alpha=1.0 / 6.0, beta=0.5)
+
+
+def _erf(b: _Builder, x: str, value: Value, out: str | None = None) -> str:
+    """Erf of ``x`` (into ``out`` if given); onnxruntime has no float64 Erf kernel (nor Gelu, built
+    on it), so a float64 one is computed in float32 and cast back (float32's 1e-7 relative error)."""
+    if value.dtype != DType.float64:
+        return b.add("Erf", [x], [out] if out else 1)[0]
+    single = b.add("Cast", [x], 1, to=onnx.TensorProto.FLOAT)[0]
+    return b.add("Cast", [b.add("Erf", [single], 1)[0]], [out] if out else 1, to=onnx.TensorProto.DOUBLE)[0]
+
+
+@emitter("erf")
+def emit_erf(b, node):
+    _erf(b, b.inp(0), node.inputs[0], b.out())
 
 
 @emitter("dropout")
@@ -367,7 +381,7 @@ def emit_silu(b, node):
 def emit_gelu(b, node):
     x = node.inputs[0]
     approximate = node.attrs.get("approximate", "none")
-    if b.opset >= 20:
+    if b.opset >= 20 and (approximate == "tanh" or x.dtype != DType.float64):
         b.add("Gelu", [b.inp(0)], [b.out()], approximate=approximate)
         return
     if approximate == "tanh":
@@ -375,7 +389,7 @@ def emit_gelu(b, node):
         inner = b.add("Add", [b.inp(0), b.add("Mul", [cube, b.scalar_like(0.044715, x, "k")], 1)[0]], 1)[0]
         t = b.add("Tanh", [b.add("Mul", [inner, b.scalar_like(math.sqrt(2 / math.pi), x, "s")], 1)[0]], 1)[0]
     else:
-        t = b.add("Erf", [b.add("Div", [b.inp(0), b.scalar_like(math.sqrt(2.0), x, "sqrt2")], 1)[0]], 1)[0]
+        t = _erf(b, b.add("Div", [b.inp(0), b.scalar_like(math.sqrt(2.0), x, "sqrt2")], 1)[0], x)
     one_plus = b.add("Add", [t, b.scalar_like(1.0, x, "one")], 1)[0]
     half_x = b.add("Mul", [b.inp(0), b.scalar_like(0.5, x, "half")], 1)[0]
     b.add("Mul", [half_x, one_plus], [b.out()])

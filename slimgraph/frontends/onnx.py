@@ -58,7 +58,6 @@ def load_model(model: str | os.PathLike | onnx.ModelProto, max_constant_bytes: i
     return proto, folder
 
 
-_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
 _PACKED_4BIT = {getattr(onnx.TensorProto, t) for t in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, t)}
 
 
@@ -98,8 +97,11 @@ def check_sizes(proto: onnx.ModelProto, folder: Path | None, max_constant_bytes:
             held, want = int(info["length"]), declared
         elif tensor.raw_data:
             held, want = len(tensor.raw_data), -(-count // 2) if tensor.data_type in _PACKED_4BIT else declared
-        else:  # one value per element in one of the typed fields (two for complex, a pair per int32 for 4 bits)
-            held = max(len(getattr(tensor, f)) for f in _TYPED_FIELDS)
+        else:  # one value per element in the type's field (two for complex, a pair per int32 for 4 bits)
+            try:
+                held = len(getattr(tensor, onnx.helper.tensor_dtype_to_field(tensor.data_type)))
+            except Exception:
+                raise ModelImportError(f"{where}: element type {tensor.data_type} has no field to hold it") from None
             want = count * 2 if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) \
                 else -(-count // 2) if tensor.data_type in _PACKED_4BIT else count
         if held != want:
@@ -224,6 +226,12 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array, copy=True, order="C"))  # keeps 0-d arrays 0-d
 
 
+def _in_order(graph: gs.Graph) -> bool:
+    """Whether every node comes after the nodes producing its inputs."""
+    producers = {t.name: i for i, n in enumerate(graph.nodes) for t in n.outputs if t.name}
+    return all(producers.get(t.name, -1) < i for i, n in enumerate(graph.nodes) for t in n.inputs if t.name)
+
+
 class _Converter:
     def __init__(self, proto: onnx.ModelProto, example_inputs: Sequence[torch.Tensor] | None,
                  max_constant_bytes: int = MAX_CONSTANT_BYTES) -> None:
@@ -248,7 +256,8 @@ class _Converter:
             if isinstance(tensor, gs.Constant):
                 self.env[tensor.name] = np.asarray(tensor.values)
         try:
-            self.gs_graph.toposort()
+            if not _in_order(self.gs_graph):  # a sorted file keeps its order: round trips print the same
+                self.gs_graph.toposort()
         except Exception as exc:
             raise ModelImportError(f"cannot order the graph: {exc}") from None
         for node in self.gs_graph.nodes:
@@ -316,7 +325,7 @@ class _Converter:
                 raise ModelImportError(f"node {self.name} ({node.op}): cannot compute sizes over the symbolic "
                                        f"dims: {exc}") from None
             for tensor, array in zip(node.outputs, arrays):
-                self.env[tensor.name] = array  # sizes over the graph's symbols (SymDims), computed now
+                self.env[tensor.name] = shape_arith.normalized(array)  # sizes over the symbols, computed now
             return
         implicit = [self.env.get(n) for n in outer]
         if all(x is None or isinstance(x, np.ndarray) for x in inputs + implicit) \
@@ -400,7 +409,10 @@ class _Converter:
         return self.value(self.node.inputs[index].name)
 
     def emit(self, op: str, inputs: Sequence[Value | None], attrs: dict | None = None, suffix: str = "") -> Any:
-        node = self.graph.create_node(op, list(inputs), attrs, name=self.name + suffix,
+        names = None  # a node of several outputs keeps the file's names for them (Split's halves)
+        if not suffix and len(self.node.outputs) > 1:
+            names = [t.name or f"{self.name}_{i}" for i, t in enumerate(self.node.outputs)]
+        node = self.graph.create_node(op, list(inputs), attrs, name=self.name + suffix, output_names=names,
                                       meta={"origin": f"onnx:{self.node.name or self.node.op}"})
         return node.outputs[0] if len(node.outputs) == 1 else node.outputs
 

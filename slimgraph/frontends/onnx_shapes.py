@@ -34,6 +34,16 @@ def applies(op: str, inputs: list) -> bool:
     return _sizes_array(inputs[0])
 
 
+def normalized(x: Any) -> np.ndarray:
+    """An evaluated result as an array: an object array where it holds a symbol, else plain int64
+    (a Gather of one static dim gives a bare int, which later nodes fold as a constant)."""
+    array = np.asarray(x, dtype=object) if not isinstance(x, np.ndarray) else x
+    if array.dtype == object and not any(isinstance(v, SymDim) for v in array.reshape(-1)):
+        return array.astype(bool if all(isinstance(v, (bool, np.bool_)) for v in array.reshape(-1)) and array.size
+                            else np.int64)
+    return array
+
+
 def sizes(values: list) -> np.ndarray:
     array = np.empty(len(values), dtype=object)
     array[:] = [v if isinstance(v, SymDim) else int(v) for v in values]

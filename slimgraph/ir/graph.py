@@ -187,6 +187,16 @@ class Graph:
         node.graph = None
         self.touch()
 
+    def take_name(self, node: Node, removed: Node) -> None:
+        """Give ``node`` the names of ``removed`` (already out of the graph), output by output: a
+        rewrite that replaces one node by another keeps the names diffs and round trips see."""
+        if removed.graph is not None or len(removed.outputs) != len(node.outputs):
+            raise VerificationError(f"{node.name} cannot take the names of {removed.name}")
+        node.name = removed.name
+        for new, old in zip(node.outputs, removed.outputs):
+            new.name = old.name
+        self.touch()
+
     def remove_constant(self, value: Value) -> None:
         if value.uses or value in self.outputs:
             raise VerificationError(f"cannot remove constant %{value.name}: still used")

@@ -42,12 +42,24 @@ def format_node(node: Node) -> str:
     return text
 
 
+def _constants_by_first_use(graph: Graph) -> list:
+    """Constants in the order the nodes first read them (unread ones last): the printout does not
+    depend on the order a frontend or pass happened to create them in."""
+    order = {id(v): i for i, v in enumerate(graph.constants.values())}
+    first: dict[int, tuple[int, int]] = {}
+    for position, node in enumerate(graph.nodes):
+        for index, v in enumerate(node.inputs):
+            if v is not None and id(v) in order:
+                first.setdefault(id(v), (position, index))
+    return sorted(graph.constants.values(), key=lambda v: (first.get(id(v), (len(graph.nodes), 0)), order[id(v)]))
+
+
 def print_graph(graph: Graph, constants: bool = True) -> str:
     lines = [f"graph {graph.name}("]
     lines += [f"    %{v.name}: {v.type_str()}," for v in graph.inputs]
     lines.append(") {")
     if constants:
-        lines += [f"  const %{v.name}: {v.type_str()}" for v in graph.constants.values()]
+        lines += [f"  const %{v.name}: {v.type_str()}" for v in _constants_by_first_use(graph)]
     lines += [f"  {format_node(n)}" for n in graph.nodes]
     lines.append("  return " + ", ".join(f"%{v.name}" for v in graph.outputs))
     lines.append("}")

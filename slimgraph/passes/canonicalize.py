@@ -267,7 +267,9 @@ class LinearForm(Pass):
             w = _constant(weight)
             if x.is_constant or x.rank < 1 or w is None or w.dim() != 2 or x.dtype != weight.dtype:
                 continue
-            inputs = [x, graph.add_constant(f"{weight.name}_t", w.t().contiguous(),
+            # the ONNX backend writes a linear's weight transposed as <name>_t: back, it is <name> again
+            name = weight.name[:-2] if weight.name.endswith("_t") else f"{weight.name}_t"
+            inputs = [x, graph.add_constant(name, w.t().contiguous(),
                                             trainable=bool(weight.meta.get("trainable")))]
             add = _only_reader(node.outputs[0], graph)
             bias = _bias_of(graph, add, node.outputs[0], w.shape[1]) if add is not None else None
@@ -279,6 +281,7 @@ class LinearForm(Pass):
             graph.replace_all_uses_with(replaced.outputs[0], linear.outputs[0])
             for old in ([add, node] if bias is not None else [node]):
                 graph.remove_node(old)
+            graph.take_name(linear, replaced)
             _remove_orphans(graph, orphans)
             made, biased = made + 1, biased + (bias is not None)
         return PassResult(made > 0, {"linears": made, "with_bias": biased})

@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 import torch
 
 from slimgraph.errors import PassError
-from slimgraph.ir import Graph, Node, Value
+from slimgraph.ir import DType, Graph, Node, Value
 from slimgraph.ir.ops import run_reference
 from slimgraph.passes.base import Pass, PassContext, PassResult, register_pass
 from slimgraph.passes.cleanup import eliminate_dead_code
 
 TARGETS = ("onnxruntime",)
 FUSIONS = ("attention", "skip_layer_norm")
+KERNEL_DTYPES = (DType.float32, DType.float16)  # what onnxruntime's MultiHeadAttention and SkipLayerNorm take
 _VIEWS = ("reshape", "permute")
 
 
@@ -195,6 +196,9 @@ class Fuse(Pass):
             if node.graph is None:
                 continue
             attention, skip_norm = "attention" in self.ops, "skip_layer_norm" in self.ops
+            if node.op in ("attention", "softmax", "layer_norm") and node.inputs[0].dtype not in KERNEL_DTYPES:
+                skipped[node.name] = f"onnxruntime's kernels take float32 or float16, not {node.inputs[0].dtype}"
+                continue
             if attention and node.op == "attention" and node.inputs[0].rank == 3 and not node.attrs.get("dropout"):
                 new = graph.create_node("multi_head_attention", list(node.inputs),
                                         {"num_heads": node.attrs["num_heads"], "scale": node.attrs["scale"]},
@@ -205,6 +209,8 @@ class Fuse(Pass):
                 skip_fused += 1
             elif attention and node.op == "softmax":
                 found = match_attention(node)
+                if not isinstance(found, str) and found.q.dtype not in KERNEL_DTYPES:
+                    found = f"onnxruntime's MultiHeadAttention takes float32 or float16, not {found.q.dtype}"
                 if isinstance(found, str):
                     skipped[node.name] = found
                     continue

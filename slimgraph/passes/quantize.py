@@ -355,6 +355,7 @@ class Quantize(Pass):
             new = graph.create_node("dynamic_quant_matmul", [node.inputs[0], q, s, *bias], name=node.name,
                                     before=node, meta={**node.meta, "origin": "quantize"})
             replaced.append((node, new))
+        created = bool(replaced)
         if "auto" in self.skip:
             sensitivity = _sensitivities(graph, replaced, batches[:SENSITIVITY_BATCHES])
             budget = self.float_budget * sum(get_op("linear").macs(n) for n, _ in replaced)
@@ -367,7 +368,8 @@ class Quantize(Pass):
         for node, new in replaced:
             graph.replace_all_uses_with(node.outputs[0], new.outputs[0])
             graph.remove_node(node)
-        eliminate_dead_code(graph)
+        if created:  # the int8 copies of the layers auto kept float; dead code it found stays
+            eliminate_dead_code(graph)
         kept = [n.name for n in graph.nodes if n.op in _WEIGHTED]
         stats = {"quantized_ops": len(replaced), "float_layers": len(kept),
                  "activations": "dynamic (per tensor, uint8)", "cpu": wrange.cpu, "weight_bits": wrange.bits,
@@ -378,7 +380,7 @@ class Quantize(Pass):
         if sensitivity:
             stats["sensitivity"] = dict(sorted(sensitivity.items(), key=lambda kv: -kv[1]))
             stats["kept_float_by_auto"] = sorted(set(kept) & set(sensitivity))
-        return PassResult(bool(replaced), stats)
+        return PassResult(created, stats)
 
     def needs_calibration(self) -> bool:
         return self.activations != "dynamic" or "auto" in self.skip

@@ -1,46 +1,41 @@
-"""Properties every pass must keep on graphs nobody wrote by hand (tests/fuzz/nets.py): exact
-passes keep the outputs in the interpreter, the PyTorch backend and onnxruntime; pruning removes
-exactly what zeroing the same channels removes. A failure names its seed: RandomNet(seed)."""
+"""Every property of properties.py on a fixed budget of random nets (nets.py): CNNs and
+transformers, each reproduced by one number, e.g. ``python -m tests.fuzz --kind cnn --seed 17``.
+Longer campaigns: ``python -m tests.fuzz --graphs 10000``. Seeds that once failed are kept in
+REGRESSIONS with the bug they found."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
-import torch
 
-import slimgraph
-from slimgraph.backends.onnx import run_onnxruntime
-from slimgraph.ir import run
-from slimgraph.passes.prune import apply_plan, plan_pruning, zero_plan
-from tests.conftest import rel_error
-from tests.fuzz.nets import RandomNet
+from tests.fuzz.properties import PROPERTIES, NotApplicable, make_case
 
-# the test suite's budget; a longer campaign: SLIMGRAPH_FUZZ_SEEDS=10000 pytest tests/fuzz
-SEEDS = range(int(os.environ.get("SLIMGRAPH_FUZZ_SEEDS", "60")))
+# the suite's budget (SLIMGRAPH_FUZZ_SEEDS raises it): CNNs are cheap, transformers cost an export each
+CNN_SEEDS = range(int(os.environ.get("SLIMGRAPH_FUZZ_SEEDS", "60")))
+TRANSFORMER_SEEDS = range(int(os.environ.get("SLIMGRAPH_FUZZ_SEEDS", "24")))
 
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_exact_passes_keep_outputs_in_every_backend(seed):
-    model = RandomNet(seed).eval()
-    x = model.example()
-    result = slimgraph.optimize(model, "dce,fold-bn,remove-identity,canonicalize", example_inputs=x)
-    other = model.example(batch=2, seed=1)
-    with torch.no_grad():
-        want = model(other)
-    assert rel_error(run(result.graph, [other])[0], want) < 1e-4, f"RandomNet({seed}): interpreter"
-    assert rel_error(result.to_torch()(other), want) < 1e-4, f"RandomNet({seed}): PyTorch backend"
-    assert rel_error(run_onnxruntime(result.to_onnx(), [other])[0], want) < 1e-4, f"RandomNet({seed}): onnxruntime"
+# (kind, seed): the bug it found, fixed since
+REGRESSIONS = {
+    ("transformer", 20): "fx traced an argument left at its None default as an input (mask=None); the ONNX "
+                         "importer could not read a Gather of one static dim from Shape (a bare int)",
+    ("transformer", 8): "fuse wrote float64 attention as onnxruntime's MultiHeadAttention (float32/16 only); "
+                        "float64 GELU was written as Erf, which onnxruntime has no double kernel for; optimize() "
+                        "refused example inputs of another length on a symbolic sequence dim",
+    ("transformer", 6): "quantize{activations=dynamic} removed dead code it found and said it changed nothing",
+    ("transformer", 1): "linear-form renamed weights and layers on every ONNX round trip (_t_t, matmul_1)",
+    ("transformer", 23): "printed constants followed creation order, which differs between importers",
+    ("cnn", 6): "a re-imported ONNX Split named its outputs after the node, not the file's tensors",
+    ("cnn", 12): "the ONNX importer reordered the nodes of an already sorted file",
+}
+CASES = sorted({("cnn", s) for s in CNN_SEEDS} | {("transformer", s) for s in TRANSFORMER_SEEDS} | set(REGRESSIONS))
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_pruning_removes_exactly_what_zeroing_removes(seed):
-    model = RandomNet(seed).eval()
-    x = model.example()
-    graph = slimgraph.import_model(model, (x,))
-    plan = plan_pruning(graph, 0.5)
-    zeroed, pruned = graph.clone(), graph.clone()
-    zero_plan(zeroed, plan)
-    apply_plan(pruned, plan)
-    pruned.verify()
-    assert rel_error(run(pruned, [x])[0], run(zeroed, [x])[0]) < 1e-4, f"RandomNet({seed})"
+@pytest.mark.parametrize("prop", list(PROPERTIES))
+@pytest.mark.parametrize("kind,seed", CASES)
+def test_property(kind, seed, prop):
+    case = make_case(kind, seed)
+    try:
+        PROPERTIES[prop](case)
+    except NotApplicable as exc:  # torch.onnx.export refuses the net: nothing of ours to check
+        pytest.skip(str(exc))

@@ -129,7 +129,7 @@ def _import(model: torch.nn.Module, args: tuple, kwargs: dict, dims: dict, adopt
         except ModelImportError as exc:
             export_error = exc
     try:
-        fx_graph = tracing.trace_fx(model)
+        fx_graph = tracing.trace_fx(model, _defaults_left(model, args, kwargs))
     except Exception as fx_error:  # data-dependent Python control flow, unsupported builtins...
         if dims:
             raise export_error from None
@@ -195,6 +195,19 @@ def _import_exported(model: torch.nn.Module, args: tuple, kwargs: dict, dims: di
     graph.meta["source"] = "torch.export"
     graph.meta["import"] = reason
     return graph
+
+
+def _defaults_left(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The forward's arguments the caller left at a non-tensor default (``mask=None``): fx must
+    trace them as those constants, not as inputs, or ``if mask is None`` takes the other branch."""
+    try:
+        signature = inspect.signature(model.forward)
+        bound = signature.bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return {}
+    return {name: p.default for name, p in signature.parameters.items()
+            if name not in bound and p.default is not inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and not isinstance(p.default, torch.Tensor)}
 
 
 def _fx_feeds(model: torch.nn.Module, fx_graph: torch.fx.Graph, args: tuple, kwargs: dict) -> list[Any]:

@@ -65,10 +65,11 @@ def _converts_as_is(graph: torch.fx.Graph) -> bool:
     return True
 
 
-def trace_fx(model: torch.nn.Module) -> torch.fx.Graph:
+def trace_fx(model: torch.nn.Module, constants: dict[str, Any] | None = None) -> torch.fx.Graph:
     """torch.fx.symbolic_trace without wrapping the result in a GraphModule: its generated code is
-    never run here, and the submodules it would hold are the model's own."""
-    return torch.fx.Tracer().trace(model)
+    never run here, and the submodules it would hold are the model's own. ``constants``: arguments
+    traced as these values (fx's concrete_args)."""
+    return torch.fx.Tracer().trace(model, concrete_args=constants or None)
 
 
 def export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None

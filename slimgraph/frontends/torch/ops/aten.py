@@ -230,6 +230,19 @@ handles("__and__.Tensor", "__or__.Tensor", "__xor__.Tensor")(  # Python's operat
         cv.current.target.__name__.split(".")[0]])(cv, p, real))
 
 
+@handles("rsub.Scalar", "rsub.Tensor")
+def rsub(cv, p, real):
+    """other - alpha * self: what ``1.0 - mask`` traces to."""
+    x, other = p["self"], p["other"]
+    if not isinstance(x, Value) and not isinstance(other, Value):
+        raise Unhandled
+    like = x if isinstance(x, Value) else other
+    x, other = operand(cv, x, like), operand(cv, other, like)
+    if p.get("alpha", 1) not in (None, 1):
+        x = cv.emit("mul", [x, cv.scalar(p["alpha"], x)])
+    return cv.emit("sub", [other, x])
+
+
 @handles("where.self", "where.ScalarSelf", "where.ScalarOther", "where.Scalar")
 def where(cv, p, real):
     cond, a, b = tensor_arg(p["condition"]), p["self"], p["other"]
@@ -330,6 +343,17 @@ def view(cv, p, real):
     return cv.emit("reshape", [x], {"shape": reshape_target(x, p.get("size", p.get("shape")))})
 
 
+@handles("unflatten.int")
+def unflatten(cv, p, real):
+    x = tensor_arg(p["self"])
+    dim, sizes = p["dim"] % x.rank, list(p["sizes"])
+    lead = [x.dim(i) for i in range(dim)]
+    if lead and not x.sym and -1 not in sizes:
+        lead[0] = -1  # the batch, kept free as torch's own unflatten keeps it
+    trail = [x.dim(i) for i in range(dim + 1, x.rank)]
+    return cv.emit("reshape", [x], {"shape": reshape_target(x, lead + sizes + trail)})
+
+
 @handles("permute", "permute_copy")
 def permute(cv, p, real):
     x = tensor_arg(p["self"])
@@ -396,10 +420,10 @@ def cat(cv, p, real):
     return cv.emit("concat", tensors, {"axis": p["dim"] % tensors[0].rank})
 
 
-@handles("split_with_sizes", "split.Tensor", "split_with_sizes_copy", "unbind.int")
+@handles("split_with_sizes", "split.Tensor", "split_with_sizes_copy", "unbind.int", "chunk.default")
 def split(cv, p, real):
     x = tensor_arg(p["self"])
-    axis = p["dim"] % x.rank
+    axis = p.get("dim", 0) % x.rank
     parts = split_outputs(cv, x, [t.shape[axis] for t in real], axis)
     if cv.current.target.__name__.startswith("unbind"):
         return tuple(cv.emit("squeeze", [v], {"axes": [axis]}, name=f"{cv.name}_squeeze") for v in parts)

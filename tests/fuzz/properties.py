@@ -1,0 +1,211 @@
+"""What every pass must keep on graphs nobody wrote by hand (nets.py): one check per property, each
+raising AssertionError that names the net (``cnn 17``: RandomNet(17); ``transformer 17``:
+RandomTransformer(17)) and what broke. The test suite runs them on a fixed budget of seeds;
+``python -m tests.fuzz`` runs campaigns.
+
+- exact: cleanups, canonicalize, fold-bn, fold-constants, fuse (transformers) and Winograd (CNNs,
+  to fp32 rounding) keep the outputs in the interpreter, the PyTorch backend and onnxruntime, at
+  another batch (and sequence length, where the net was imported with symbolic dims);
+- prune: the pruned graph equals the original with the same channels zeroed, and runs;
+- lowrank, int8 (quantize + fold-int8, dynamic for transformers), fp16: the graph verifies (each
+  pass is verified as optimize() runs it) and runs in every backend with the right output shapes,
+  finite; fp16 within 5e-2 of the float outputs;
+- round trips: IR -> ONNX -> IR prints the same IR, and IR -> PyTorch source -> IR the same up to
+  value names (fx names a node after the function its source calls), where every op has a one-node
+  form in both; otherwise (a linear on [B, L, E] is MatMul + Add in ONNX) the first trip gives
+  that form and every later trip prints it unchanged;
+- onnx-file: the net exported by torch.onnx.export imports and computes what the net computes.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import onnx
+import torch
+
+import slimgraph
+from slimgraph.backends.onnx import run_onnxruntime
+from slimgraph.ir import Graph, print_graph, run
+from slimgraph.passes.prune import apply_plan, plan_pruning, zero_plan
+from tests.fuzz.nets import RandomNet, RandomTransformer
+
+KINDS = ("cnn", "transformer")
+# ops written as one ONNX node and one PyTorch call that import back as the same op
+ONE_NODE_FORMS = {"conv", "batch_norm", "relu", "sigmoid", "hardswish", "clamp", "add", "mul", "concat",
+                    "split", "max_pool", "avg_pool", "adaptive_avg_pool", "flatten", "reshape", "permute"}
+
+
+@dataclass
+class Case:
+    kind: str
+    seed: int
+    model: torch.nn.Module
+    inputs: tuple  # what the graph was traced at
+    other: tuple  # what it is checked at: another batch, another sequence length where symbolic
+    dynamic_dims: dict | None
+    graph: Graph  # never modified by a check: passes run on copies
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.seed}"
+
+    def calibration(self) -> list[tuple]:
+        if self.kind == "cnn":
+            return [(self.model.example(batch=2, seed=k),) for k in range(2, 6)]
+        return [self.model.example(batch=2, seed=k) for k in range(2, 6)]
+
+
+@lru_cache(maxsize=512)
+def make_case(kind: str, seed: int) -> Case:
+    if kind == "cnn":
+        model = RandomNet(seed).eval()
+        inputs, other, dims = (model.example(),), (model.example(batch=3, seed=1),), None
+    elif kind == "transformer":
+        model = RandomTransformer(seed).eval()
+        inputs, dims = model.example(), model.dynamic_dims if model.symbolic else None
+        other = model.example(batch=3, seq=model.seq + 3 if model.symbolic else None, seed=1)
+    else:
+        raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+    graph = slimgraph.import_model(model, inputs, dims)
+    return Case(kind, seed, model, inputs, other, dims, graph)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max()) / max(float(b.abs().max()), 1e-12)
+
+
+def _feeds(case: Case, names: set[str], inputs: tuple) -> list[torch.Tensor]:
+    """The inputs a graph with these input names takes (torch.onnx.export drops unread ones)."""
+    return [x for name, x in zip(getattr(case.model, "input_names", ["x"]), inputs) if name in names]
+
+
+def _in_every_backend(case: Case, graph: Graph, what: str, bound: float | None, inputs: tuple | None = None) -> None:
+    """The graph's outputs at ``inputs`` (case.other) in the interpreter, the PyTorch backend and
+    onnxruntime: the right shape, finite, and within ``bound`` of the net's (None: shapes and
+    finiteness only)."""
+    inputs = inputs or case.other
+    with torch.no_grad():
+        want = case.model(*inputs)
+    feeds = _feeds(case, {v.name for v in graph.inputs}, inputs)
+    module = slimgraph.to_torch(graph)
+    with torch.no_grad():
+        got = {"interpreter": run(graph, feeds)[0], "PyTorch backend": module(*feeds)}
+    got["onnxruntime"] = run_onnxruntime(slimgraph.to_onnx(graph, dynamic_batch=True), feeds)[0]
+    for backend, y in got.items():
+        y = torch.as_tensor(y)
+        assert tuple(y.shape) == tuple(want.shape), f"{case}: {what}: {backend} gives {tuple(y.shape)}, " \
+                                                    f"not {tuple(want.shape)}"
+        assert torch.isfinite(y).all(), f"{case}: {what}: {backend} gives non-finite outputs"
+        if bound is not None:
+            error = rel_error(y, want)
+            assert error < bound, f"{case}: {what}: {backend} is {error:.2e} off (bound {bound:.0e})"
+
+
+def _tolerance(case: Case) -> float:
+    return 1e-6 if getattr(case.model, "dtype", None) == torch.float64 else 1e-4
+
+
+def check_exact(case: Case) -> None:
+    passes = "dce,remove-identity,fold-bn,fold-constants,canonicalize" + (",fuse" if case.kind == "transformer" else "")
+    result = slimgraph.optimize(case.graph, passes, example_inputs=case.inputs)
+    _in_every_backend(case, result.graph, passes, _tolerance(case))
+    if case.kind == "cnn":  # exact in exact arithmetic; F(4x4) amplifies fp32 rounding the most
+        for tile, bound in ((2, 1e-3), (4, 1e-2)):
+            result = slimgraph.optimize(case.graph, f"winograd{{tile={tile}}}", example_inputs=case.inputs)
+            _in_every_backend(case, result.graph, f"winograd{{tile={tile}}}", bound)
+
+
+def check_prune(case: Case) -> None:
+    plan = plan_pruning(case.graph, 0.5)
+    zeroed, pruned = case.graph.clone(), case.graph.clone()
+    zero_plan(zeroed, plan)
+    apply_plan(pruned, plan)
+    pruned.verify()
+    want = run(zeroed, list(case.other))[0]
+    got = run(pruned, list(case.other))[0]
+    error = rel_error(got, want)
+    assert error < _tolerance(case), f"{case}: pruning differs from zeroing by {error:.2e}"
+    _in_every_backend(case, pruned, "prune", None)
+
+
+def check_lowrank(case: Case) -> None:
+    result = slimgraph.optimize(case.graph, "lowrank{rank_ratio=0.5}", example_inputs=case.inputs)
+    _in_every_backend(case, result.graph, "lowrank", None)
+
+
+def check_int8(case: Case) -> None:
+    passes = "fold-bn,quantize,fold-int8" if case.kind == "cnn" else "quantize{activations=dynamic}"
+    result = slimgraph.optimize(case.graph, passes, example_inputs=case.inputs, calibration_data=case.calibration())
+    _in_every_backend(case, result.graph, passes, None)
+
+
+def check_fp16(case: Case) -> None:
+    result = slimgraph.optimize(case.graph, "fp16", example_inputs=case.inputs)
+    _in_every_backend(case, result.graph, "fp16", 5e-2)
+
+
+def _unnamed(graph: Graph) -> str:
+    """The printout with every %name replaced by its order of first appearance, the header dropped."""
+    text = print_graph(graph).split("\n", 1)[1]
+    names: dict[str, str] = {}
+    return re.sub(r"%[\w.:/-]+", lambda m: names.setdefault(m.group(0), f"%v{len(names)}"), text)
+
+
+def check_round_trips(case: Case) -> None:
+    """Back the same where every op has a one-node form in the target (a CNN's); otherwise (a linear
+    on [B, L, E] is MatMul + Add in ONNX, attention a helper function in PyTorch source) back as that
+    form after the first trip, and unchanged by every trip after it."""
+    def canonical(graph: Graph) -> Graph:
+        return slimgraph.optimize(graph, "dce,remove-identity,canonicalize", example_inputs=case.inputs).graph
+
+    def via_onnx(graph: Graph) -> Graph:
+        return canonical(slimgraph.import_model(slimgraph.to_onnx(graph)))
+
+    def via_torch(graph: Graph) -> Graph:
+        return canonical(slimgraph.import_model(slimgraph.to_torch(graph), case.inputs, case.dynamic_dims))
+
+    graph = canonical(case.graph)
+    one_node = all(n.op in ONE_NODE_FORMS or n.op == "linear" and n.inputs[0].rank == 2 for n in graph.nodes)
+    for trip, printed, what in ((via_onnx, print_graph, "ONNX"), (via_torch, _unnamed, "PyTorch source")):
+        again = trip(graph)
+        if one_node:
+            assert printed(again) == printed(graph), f"{case}: IR -> {what} -> IR prints another IR"
+        else:
+            assert printed(trip(again)) == printed(again), f"{case}: IR -> {what} -> IR is not a fixed point"
+
+
+class NotApplicable(Exception):
+    """The property cannot be asked of this net (torch.onnx.export cannot export it)."""
+
+
+def check_onnx_file(case: Case) -> None:
+    names = getattr(case.model, "input_names", ["x"])
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            torch.onnx.export(case.model, case.inputs, buffer, dynamo=False, input_names=names,
+                              dynamic_axes=case.dynamic_dims or {name: {0: "batch"} for name in names})
+    except Exception as exc:  # e.g. a float64 attention mask: "Unsupported type for attn_mask"
+        raise NotApplicable(f"torch.onnx.export cannot export it: {exc}") from None
+    proto = onnx.load_from_string(buffer.getvalue())
+    inputs = case.other
+    held = {i.name for i in proto.graph.input}
+    try:
+        run_onnxruntime(proto, _feeds(case, held, inputs))
+    except Exception:  # the exporter wrote a traced size into the file (nn.MultiheadAttention's reshapes)
+        inputs = case.inputs
+    result = slimgraph.optimize(proto, "dce,canonicalize", example_inputs=_feeds(case, held, inputs))
+    _in_every_backend(case, result.graph, "torch.onnx.export", _tolerance(case), inputs)
+
+
+PROPERTIES: dict[str, Callable[[Case], None]] = {
+    "exact": check_exact, "prune": check_prune, "lowrank": check_lowrank, "int8": check_int8, "fp16": check_fp16,
+    "round-trips": check_round_trips, "onnx-file": check_onnx_file,
+}
