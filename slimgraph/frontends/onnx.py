@@ -94,6 +94,9 @@ def check_sizes(proto: onnx.ModelProto, folder: Path | None, max_constant_bytes:
             info = {e.key: e.value for e in tensor.external_data}
             if "length" not in info:
                 continue  # the loader checks the file; its size bounds what it can hold
+            for key in ("offset", "length"):
+                if key in info and not (info[key].isascii() and info[key].isdigit()):
+                    raise ModelImportError(f"{where}: external data {key} {info[key]!r} is not a non-negative integer")
             held, want = int(info["length"]), declared
         elif tensor.raw_data:
             held, want = len(tensor.raw_data), -(-count // 2) if tensor.data_type in _PACKED_4BIT else declared

@@ -342,11 +342,12 @@ def softmax(cv):
 
 # ============================================================================ shapes
 def _batch_target(x: Value, target: list[int], allowzero: bool) -> list:
-    """ONNX reshape target -> IR target; a copied leading dim (0) stays the symbolic batch."""
+    """ONNX reshape target -> IR target; a copied dim (0) stays symbolic: the input's expression
+    where it has one (``seq``), the batch for a leading dim, else the size."""
     out: list = []
     for i, d in enumerate(target):
         if d == 0 and not allowzero:
-            out.append(BATCH if i == 0 else x.shape[i])
+            out.append(x.dim(i) if x.sym and x.sym[i] is not None else BATCH if i == 0 else x.shape[i])
         else:
             out.append(d)
     return out

@@ -8,6 +8,7 @@ s = gamma / sqrt(var + eps) and t = beta - mean * s, computed in float64.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -273,8 +274,7 @@ class LinearForm(Pass):
                                             trainable=bool(weight.meta.get("trainable")))]
             add = _only_reader(node.outputs[0], graph)
             bias = _bias_of(graph, add, node.outputs[0], w.shape[1]) if add is not None else None
-            if bias is not None:
-                inputs.append(bias)
+            inputs.append(bias)  # None: no bias, as every frontend writes it
             linear = graph.create_node("linear", inputs, name=node.name, before=node, meta=dict(node.meta))
             replaced = add if bias is not None else node
             orphans = [weight, *(add.inputs if bias is not None else [])]
@@ -349,14 +349,52 @@ def fold_node(graph: Graph, node: Node) -> None:
     _remove_orphans(graph, inputs)
 
 
+@register_pass
+@dataclass
+class AttentionForm(Pass):
+    """Attention written out (q, k, v split into heads, scaled q @ k^T, softmax, @ v, heads merged
+    back) as one ``attention`` node, the form nn.MultiheadAttention imports as and the backends
+    emit: prune then sees whole heads, and a graph written to ONNX (where attention is those ops)
+    comes back as it was. Attention with an additive mask stays written out: ``attention`` takes
+    none (``fuse`` turns it into onnxruntime's kernel, mask and all)."""
+
+    name = "attention-form"
+    description = "written-out unmasked attention (split heads, scaled q k^T, softmax, @ v, merge) as attention"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        from slimgraph.passes.fuse import match_attention
+
+        made = 0
+        for node in list(graph.nodes):
+            if node.graph is None or node.op != "softmax":
+                continue
+            m = match_attention(node)
+            if isinstance(m, str) or m.bias is not None or m.scores_floored:
+                continue
+            anchor = m.output.producer
+            scale = 1.0 / math.sqrt(m.q.shape[-1] // m.heads)
+            if abs(m.scale - scale) > 1e-6 * scale:  # else the usual scale, read back from a float32 constant
+                scale = m.scale
+            new = graph.create_node("attention", [m.q, m.k, m.v],
+                                    {"dropout": 0.0, "num_heads": m.heads, "scale": scale},
+                                    name=f"{anchor.name}_attention", before=anchor, meta=dict(anchor.meta))
+            graph.replace_all_uses_with(m.output, new.outputs[0])
+            DeadCodeElimination().run(graph, ctx)
+            if anchor.graph is None:
+                graph.take_name(new, anchor)
+            made += 1
+        return PassResult(made > 0, {"attentions": made})
+
+
 # ---------------------------------------------------------------------------- canonicalize
 @register_pass
 @dataclass
 class Canonicalize(Pass):
-    """fold-constants, remove-identity, linear-form and dce, repeated until a round changes nothing."""
+    """fold-constants, remove-identity, linear-form, attention-form and dce, repeated until a round
+    changes nothing."""
 
     name = "canonicalize"
-    description = "fold-constants, remove-identity, linear-form and dce repeated until nothing changes"
+    description = "fold-constants, remove-identity, linear-form, attention-form and dce repeated until nothing changes"
     max_growth: float = 1.0
     max_iterations: int = 10
 
@@ -368,7 +406,8 @@ class Canonicalize(Pass):
         _check_growth(self.name, self.max_growth)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        passes: list[Pass] = [FoldConstants(self.max_growth), RemoveIdentity(), LinearForm(), DeadCodeElimination()]
+        passes: list[Pass] = [FoldConstants(self.max_growth), RemoveIdentity(), LinearForm(), AttentionForm(),
+                              DeadCodeElimination()]
         stats: dict[str, int] = {"iterations": 0}
         changed = False
         for _ in range(self.max_iterations):

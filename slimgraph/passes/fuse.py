@@ -33,7 +33,7 @@ from slimgraph.passes.cleanup import eliminate_dead_code
 TARGETS = ("onnxruntime",)
 FUSIONS = ("attention", "skip_layer_norm")
 KERNEL_DTYPES = (DType.float32, DType.float16)  # what onnxruntime's MultiHeadAttention and SkipLayerNorm take
-_VIEWS = ("reshape", "permute")
+_VIEWS = ("reshape", "permute", "flatten")
 
 
 def _views_back(value: Value, limit: int = 4) -> list[Node]:
@@ -60,11 +60,12 @@ def _probe(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.arange(torch.Size(shape).numel(), dtype=torch.float64).reshape(shape)
 
 
-def split_source(value: Value) -> Value | None:
-    """The [batch, seq, heads * dim] value that ``value`` ([batch, heads, seq, dim]) splits into heads."""
+def split_source(value: Value, transposed: bool = False) -> Value | None:
+    """The [batch, seq, heads * dim] value that ``value`` ([batch, heads, seq, dim], or with
+    ``transposed`` [batch, heads, dim, seq], as k^T is written at once) splits into heads."""
     if value.rank != 4:
         return None
-    batch, heads, seq, dim = value.shape
+    batch, heads, seq, dim = value.shape if not transposed else (*value.shape[:2], value.shape[3], value.shape[2])
     chain = _views_back(value)
     for start in range(len(chain)):
         source = chain[start].inputs[0]
@@ -72,7 +73,9 @@ def split_source(value: Value) -> Value | None:
             continue
         probe = _probe(source.shape)
         got = _run_chain(chain[start:], probe)
-        if got is not None and torch.equal(got, probe.unflatten(-1, (heads, dim)).transpose(1, 2)):
+        heads_split = probe.unflatten(-1, (heads, dim))
+        want = heads_split.permute(0, 2, 3, 1) if transposed else heads_split.transpose(1, 2)
+        if got is not None and torch.equal(got, want):
             return source
     return None
 
@@ -110,6 +113,7 @@ class AttentionMatch:
     scale: float
     heads: int
     output: Value  # the merged [batch, seq, heads * dim] value the fused node replaces
+    scores_floored: bool = False  # floor-softmax clamped the scores (exact to drop in a fused kernel)
 
 
 def unfloored(scores: Value) -> Value:
@@ -156,11 +160,13 @@ def match_attention(softmax: Node) -> AttentionMatch | str:
     if node is None or node.op != "matmul" or len(scores.uses) != 1:
         return "no q @ k^T matmul"
     q4, kt = node.inputs
-    if kt.producer is None or kt.producer.op != "permute" or list(kt.producer.attrs["perm"]) != [0, 1, 3, 2]:
-        return "k is not transposed by a permute"
-    k4, v4 = kt.producer.inputs[0], context.inputs[1]
+    v4 = context.inputs[1]
     heads = q4.shape[1]
-    sources = [split_source(x) for x in (q4, k4, v4)]
+    if kt.producer is not None and kt.producer.op == "permute" and list(kt.producer.attrs["perm"]) == [0, 1, 3, 2]:
+        k = split_source(kt.producer.inputs[0])
+    else:  # k split into heads and transposed by one permute (how the backends write it)
+        k = split_source(kt, transposed=True)
+    sources = [split_source(q4), k, split_source(v4)]
     if any(s is None for s in sources):
         return "q, k or v is not a head split of a [batch, seq, heads * dim] value"
     merged = merge_target(context.outputs[0])
@@ -171,7 +177,7 @@ def match_attention(softmax: Node) -> AttentionMatch | str:
         shape = (1,) * (4 - bias.rank) + tuple(bias.shape)
         if bias.rank > 4 or shape[2:] != (seq_q, seq_k) or shape[0] not in (1, batch) or shape[1] not in (1, heads):
             return f"bias {tuple(bias.shape)} is not [batch or 1, heads or 1, {seq_q}, {seq_k}]"
-    return AttentionMatch(*sources, bias, scale, heads, merged)
+    return AttentionMatch(*sources, bias, scale, heads, merged, readers == 2)
 
 
 @register_pass

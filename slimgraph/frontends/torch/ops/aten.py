@@ -27,6 +27,7 @@ from slimgraph.frontends.torch.ops.functions import (
 )
 from slimgraph.frontends.torch.ops.registry import FUNCTIONS, Unhandled, ints, tensor_arg
 from slimgraph.ir import DType, Value
+from slimgraph.ir.opdefs.shape import BATCH
 from slimgraph.ir.symbolic import SymDim
 
 aten = torch.ops.aten
@@ -347,11 +348,10 @@ def view(cv, p, real):
 def unflatten(cv, p, real):
     x = tensor_arg(p["self"])
     dim, sizes = p["dim"] % x.rank, list(p["sizes"])
-    lead = [x.dim(i) for i in range(dim)]
-    if lead and not x.sym and -1 not in sizes:
-        lead[0] = -1  # the batch, kept free as torch's own unflatten keeps it
-    trail = [x.dim(i) for i in range(dim + 1, x.rank)]
-    return cv.emit("reshape", [x], {"shape": reshape_target(x, lead + sizes + trail)})
+    shape = [x.dim(i) for i in range(dim)] + sizes + [x.dim(i) for i in range(dim + 1, x.rank)]
+    if dim > 0 and not x.sym:  # the input's own leading dim: the batch stays free
+        return cv.emit("reshape", [x], {"shape": [BATCH, *(int(d) for d in shape[1:])]})
+    return cv.emit("reshape", [x], {"shape": reshape_target(x, shape)})
 
 
 @handles("permute", "permute_copy")
