@@ -12,6 +12,8 @@ import torch
 
 from slimgraph.errors import ModelImportError, SlimgraphError
 from slimgraph.ir import Graph
+from slimgraph.measure import RUNTIMES, Snapshots
+from slimgraph.measure import measure as measure_latency
 from slimgraph.passes import NumericalCheck, Pass, PassContext, PassManager, Trace, TraceInstrument, to_passes
 from slimgraph.passes.instruments import Instrument
 
@@ -171,6 +173,8 @@ def optimize(
     calibration_data: Any = None,
     dynamic_dims: dict | None = None,
     max_constant_bytes: int | None = None,
+    measure: str | None = None,
+    measure_threads: int = 1,
 ) -> OptimizeResult:
     """Import ``model`` (never modified), run ``passes`` and return the graph and its trace.
 
@@ -179,7 +183,9 @@ def optimize(
     lossy ones report ``max_abs_error`` in the trace. ``calibration_data`` is an iterable of
     input tuples (or single tensors) for passes that observe activations, e.g. ``quantize``.
     ``dynamic_dims`` keeps dims symbolic and ``max_constant_bytes`` caps an ONNX file's stored
-    tensors (see ``import_model``).
+    tensors (see ``import_model``). ``measure="onnxruntime"`` (or ``"torch"``) times the graph after
+    every pass on the example inputs (``measure_threads`` threads, interleaved runs, medians) into
+    each record's ``latency_ms``; lossy passes also record ``layer_errors`` (worst value first).
     """
     pipeline = to_passes(passes)  # bad names and options fail before any work
     example_inputs = as_tensors(example_inputs)
@@ -195,10 +201,17 @@ def optimize(
         if not isinstance(tensor, torch.Tensor) or not _fits(tensor, value):
             got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise SlimgraphError(f"example input for %{value.name}: expected {value.type_str()}, got {got}")
+    if measure is not None and measure not in RUNTIMES:
+        raise SlimgraphError(f"measure={measure!r} is not one of {', '.join(RUNTIMES)}")
     chosen: list[Instrument] = [TraceInstrument()]
+    snapshots = Snapshots() if measure else None
+    if snapshots:
+        chosen.append(snapshots)
     if verify:
         chosen.append(NumericalCheck(inputs, rtol=rtol))
     chosen += list(instruments)
     ctx = PassContext(example_inputs=inputs, calibration_data=calibration_data)
     trace = PassManager(pipeline, chosen, verify=verify, fixed_point=fixed_point).run(graph, ctx)
+    if snapshots:
+        measure_latency(snapshots, trace, measure, inputs, threads=measure_threads)
     return OptimizeResult(graph, trace, inputs)

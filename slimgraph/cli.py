@@ -269,7 +269,8 @@ def _cmd_optimize(args) -> None:
         calibration = load_calibration_data(args.calibration_data, model)
     instruments = [PrintAfterChange()] if args.print_after_change else []
     result = optimize(model, pipeline, example_inputs=inputs, instruments=instruments,
-                      calibration_data=calibration, dynamic_dims=None if args.calibration_data else dynamic_dims)
+                      calibration_data=calibration, dynamic_dims=None if args.calibration_data else dynamic_dims,
+                      measure=args.measure)
     print(result.trace.summary())
     if onnx_out:
         result.to_onnx(args.output, opset=args.opset, overwrite=args.force, quant_format=args.quant_format,
@@ -301,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "float ops, the default) or qoperator (QLinearConv, QGemm, ... written out)")
     p.add_argument("--dynamic-batch", action="store_true",
                    help="ONNX output: a symbolic batch dim (N) on inputs and outputs, so it runs at any batch size")
+    p.add_argument("--measure", choices=("onnxruntime", "torch"),
+                   help="time the graph after every pass on this runtime (one thread): a latency column")
     p.set_defaults(func=_cmd_optimize)
     p = sub.add_parser("inspect", help="print a model's IR and stats")
     p.add_argument("model")

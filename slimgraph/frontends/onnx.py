@@ -98,7 +98,7 @@ def check_sizes(proto: onnx.ModelProto, folder: Path | None, max_constant_bytes:
                 if key in info and not (info[key].isascii() and info[key].isdigit()):
                     raise ModelImportError(f"{where}: external data {key} {info[key]!r} is not a non-negative integer")
             held, want = int(info["length"]), declared
-        elif tensor.raw_data:
+        elif tensor.HasField("raw_data"):  # set, even empty, it is what onnx reads
             held, want = len(tensor.raw_data), -(-count // 2) if tensor.data_type in _PACKED_4BIT else declared
         else:  # one value per element in the type's field (two for complex, a pair per int32 for 4 bits)
             try:
@@ -108,8 +108,9 @@ def check_sizes(proto: onnx.ModelProto, folder: Path | None, max_constant_bytes:
             want = count * 2 if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) \
                 else -(-count // 2) if tensor.data_type in _PACKED_4BIT else count
         if held != want:
+            unit = "bytes" if tensor.HasField("raw_data") or tensor.data_location else "values"
             raise ModelImportError(f"{where} declares {list(tensor.dims)} but holds {held} of the {want} "
-                                   f"{'bytes' if tensor.raw_data or tensor.data_location else 'values'} that needs")
+                                   f"{unit} that needs")
 
 
 def _external_tensors(proto: onnx.ModelProto):
@@ -242,7 +243,10 @@ class _Converter:
         self.max_constant_bytes = max_constant_bytes
         self.opset = default_opset(proto) or 0  # 0: no ai.onnx ops, so nothing maps to canonical ones
         self.example_inputs = list(example_inputs) if example_inputs is not None else None
-        self.gs_graph = gs.import_onnx(proto)
+        try:
+            self.gs_graph = gs.import_onnx(proto)
+        except Exception as exc:  # what onnx-graphsurgeon cannot read (an attribute of type UNDEFINED)
+            raise ModelImportError(f"cannot read the graph: {type(exc).__name__}: {exc}") from None
         self.graph = Graph(proto.graph.name or "onnx")
         self.env: dict[str, Value | np.ndarray] = {}  # tensor name -> IR value or static array
         self.const_values: dict[str, Value] = {}

@@ -63,9 +63,10 @@ class NumericalCheck(Instrument):
     or the pipeline stops with a NumericalError; lossy passes only report their error.
     """
 
-    def __init__(self, inputs: Sequence[torch.Tensor], rtol: float = 1e-4) -> None:
+    def __init__(self, inputs: Sequence[torch.Tensor], rtol: float = 1e-4, layer_errors: bool = True) -> None:
         self.inputs = list(inputs)
         self.rtol = rtol
+        self.layer_errors = layer_errors
         self._cache: tuple[int, int, list[torch.Tensor]] | None = None
 
     def _outputs(self, graph: Graph) -> list[torch.Tensor]:
@@ -75,14 +76,29 @@ class NumericalCheck(Instrument):
         self._cache = (id(graph), graph.version, outs)
         return outs
 
+    def _capturing(self, graph: Graph) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """Outputs, and every node's float outputs by name."""
+        values = [v for n in graph.nodes for v in n.outputs if v.dtype is not None and v.dtype.is_float]
+        outs, captured = run(graph, self.inputs, capture=values)
+        return outs, {v.name: t for v, t in captured.items()}
+
     def before_pass(self, pass_, graph, record):
-        self._before = self._outputs(graph)
+        self._values = None
+        if pass_.exact or not self.layer_errors:
+            self._before = self._outputs(graph)
+        else:  # a lossy pass: where in the network its error arises
+            self._before, self._values = self._capturing(graph)
 
     def after_pass(self, pass_, graph, record):
         if not record.changed and self._cache and self._cache[:2] == (id(graph), graph.version):
             record.max_abs_error = record.max_rel_error = 0.0
             return
-        after = self._outputs(graph)
+        if self._values is not None:
+            after, values = self._capturing(graph)
+            record.layer_errors = _layer_errors(self._values, values)
+            self._values = None
+        else:
+            after = self._outputs(graph)
         abs_err, rel_err = 0.0, 0.0
         for i, (b, a) in enumerate(zip(self._before, after)):
             if b.shape != a.shape:
@@ -102,6 +118,20 @@ class NumericalCheck(Instrument):
                 f"pass {record.name} is exact but changed the outputs by {rel_err:.3g} relative "
                 f"({abs_err:.3g} absolute), above {self.rtol:g}"
             )
+
+
+def relative_error(after: torch.Tensor, before: torch.Tensor) -> float:
+    """max |after - before| / max |before| (the absolute error where ``before`` is all zeros)."""
+    diff = float((after.double() - before.double()).abs().max()) if before.numel() else 0.0
+    scale = float(before.double().abs().max()) if before.numel() else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def _layer_errors(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Relative error of every value named the same, of the same shape, in both runs; worst first."""
+    errors = {name: relative_error(after[name], b) for name, b in before.items()
+              if name in after and after[name].shape == b.shape}
+    return dict(sorted(errors.items(), key=lambda kv: -kv[1]))
 
 
 class PrintAfterChange(Instrument):

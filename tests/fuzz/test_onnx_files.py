@@ -50,7 +50,14 @@ def _regression_files() -> dict[str, bytes]:
     external.data_location = onnx.TensorProto.EXTERNAL
     for key, value in (("location", "w.bin"), ("length", "16)4")):  # a flipped byte in the length
         external.external_data.add(key=key, value=value)
-    return {"values in another dtype's field": model(retyped), "external length not a number": model(external)}
+    empty_raw = helper.make_tensor("w", onnx.TensorProto.FLOAT, [1, 4], [1.0, 2.0, 3.0, 4.0])
+    empty_raw.raw_data = b""  # set but empty: onnx reads it, not float_data
+    undefined = onnx.load_from_string(model(helper.make_tensor("w", onnx.TensorProto.FLOAT, [1, 4], [0.0] * 4)))
+    undefined.graph.node[0].attribute.append(helper.make_attribute("axis", 1))
+    undefined.graph.node[0].attribute[0].type = onnx.AttributeProto.TENSOR  # an empty tensor of element type 0
+    return {"values in another dtype's field": model(retyped), "external length not a number": model(external),
+            "empty raw_data beside float_data": model(empty_raw),
+            "int attribute retyped as a tensor": undefined.SerializeToString()}
 
 
 def test_files_the_campaigns_found():

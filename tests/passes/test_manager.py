@@ -168,3 +168,38 @@ def test_analysis_cache_recomputes_after_a_change():
     assert ctx.analysis(g, count) == 4 and ctx.analysis(g, count) == 4 and len(calls) == 1
     RemoveOneIdentity().run(g, ctx)
     assert ctx.analysis(g, count) == 3 and len(calls) == 2
+
+
+def test_layer_errors_of_a_lossy_pass_are_the_interpreters_sorted_worst_first():
+    torchvision = pytest.importorskip("torchvision")
+    import slimgraph
+    from slimgraph.ir import run
+
+    torch.manual_seed(0)
+    model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)
+    calibration = [torch.randn(1, 3, 64, 64) for _ in range(2)]
+    before = slimgraph.optimize(model, "fold-bn", example_inputs=x).graph
+    result = slimgraph.optimize(before, "quantize", example_inputs=x, calibration_data=calibration)
+    errors = result.trace[0].layer_errors
+    assert len(errors) > 20 and list(errors.values()) == sorted(errors.values(), reverse=True)
+    worst, error = next(iter(errors.items()))
+    assert error > 0
+    value = lambda graph: next(v for n in graph.nodes for v in n.outputs if v.name == worst)  # noqa: E731
+    (_, want), (_, got) = (next(iter(run(g, [x], capture=[value(g)])[1].items())) for g in (before, result.graph))
+    assert error == pytest.approx(float((got - want).abs().max() / want.abs().max()), rel=1e-6)
+    assert not slimgraph.optimize(before, "fold-bn", example_inputs=x).trace[0].layer_errors  # exact: none
+
+
+def test_measured_latency_per_pass_is_a_column_that_fits():
+    torchvision = pytest.importorskip("torchvision")
+    import slimgraph
+
+    torch.manual_seed(0)
+    model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)
+    result = slimgraph.optimize(model, "fold-bn,prune{ratio=0.5}", example_inputs=x, measure="onnxruntime")
+    assert result.trace.input_latency_ms > 0 and all(r.latency_ms > 0 for r in result.trace)
+    assert result.trace.measure_seconds > 0
+    summary = result.trace.summary()
+    assert "latency (ms)" in summary.splitlines()[0] and max(len(line) for line in summary.splitlines()) <= 120
+    with pytest.raises(slimgraph.SlimgraphError, match="measure='tensorrt'"):
+        slimgraph.optimize(model, "dce", example_inputs=x, measure="tensorrt")
