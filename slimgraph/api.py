@@ -107,6 +107,15 @@ class OptimizeResult:
     graph: Graph
     trace: Trace
     example_inputs: tuple[torch.Tensor, ...] | None = None
+    snapshots: Snapshots | None = None  # the graph before the pipeline and after each pass
+
+    def report(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write a self-contained HTML report of what every pass did (see slimgraph/report.py)."""
+        from slimgraph.report import write_report
+
+        if self.snapshots is None or self.snapshots.before is None:
+            raise SlimgraphError("this result holds no per-pass graphs to report (it did not come from optimize)")
+        return write_report(self.trace, self.snapshots.graphs(), path, overwrite=overwrite)
 
     def to_torch(self) -> torch.nn.Module:
         return to_torch(self.graph)
@@ -203,15 +212,13 @@ def optimize(
             raise SlimgraphError(f"example input for %{value.name}: expected {value.type_str()}, got {got}")
     if measure is not None and measure not in RUNTIMES:
         raise SlimgraphError(f"measure={measure!r} is not one of {', '.join(RUNTIMES)}")
-    chosen: list[Instrument] = [TraceInstrument()]
-    snapshots = Snapshots() if measure else None
-    if snapshots:
-        chosen.append(snapshots)
+    snapshots = Snapshots()  # the graph after each pass (structure only: constants are shared)
+    chosen: list[Instrument] = [TraceInstrument(), snapshots]
     if verify:
         chosen.append(NumericalCheck(inputs, rtol=rtol))
     chosen += list(instruments)
     ctx = PassContext(example_inputs=inputs, calibration_data=calibration_data)
     trace = PassManager(pipeline, chosen, verify=verify, fixed_point=fixed_point).run(graph, ctx)
-    if snapshots:
+    if measure:
         measure_latency(snapshots, trace, measure, inputs, threads=measure_threads)
-    return OptimizeResult(graph, trace, inputs)
+    return OptimizeResult(graph, trace, inputs, snapshots)

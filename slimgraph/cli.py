@@ -272,6 +272,8 @@ def _cmd_optimize(args) -> None:
                       calibration_data=calibration, dynamic_dims=None if args.calibration_data else dynamic_dims,
                       measure=args.measure)
     print(result.trace.summary())
+    if args.report:
+        print(f"report: {result.report(args.report, overwrite=args.force)}")
     if onnx_out:
         result.to_onnx(args.output, opset=args.opset, overwrite=args.force, quant_format=args.quant_format,
                        dynamic_batch=args.dynamic_batch)
@@ -302,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "float ops, the default) or qoperator (QLinearConv, QGemm, ... written out)")
     p.add_argument("--dynamic-batch", action="store_true",
                    help="ONNX output: a symbolic batch dim (N) on inputs and outputs, so it runs at any batch size")
+    p.add_argument("--report", metavar="PATH", help="write an HTML report of what every pass did")
     p.add_argument("--measure", choices=("onnxruntime", "torch"),
                    help="time the graph after every pass on this runtime (one thread): a latency column")
     p.set_defaults(func=_cmd_optimize)

@@ -35,6 +35,13 @@ class Snapshots(Instrument):
     def after_pass(self, pass_: Pass, graph: Graph, record: PassRecord) -> None:
         self.after.append((record, graph.clone() if record.changed else None))
 
+    def graphs(self) -> list[Graph]:
+        """The graph before the first pass, then after each pass."""
+        out = [self.before]
+        for _, graph in self.after:
+            out.append(graph if graph is not None else out[-1])
+        return out
+
 
 def _runner(graph: Graph, runtime: str, inputs: Sequence[torch.Tensor], threads: int) -> Callable[[], object]:
     if runtime == "onnxruntime":

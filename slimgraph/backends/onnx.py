@@ -128,8 +128,9 @@ class _Builder:
         dtype = value.dtype.torch if value.dtype is not None else torch.float32
         return self.initializer(torch.tensor(number, dtype=dtype), base)
 
-    def initializer(self, tensor: torch.Tensor, base: str) -> str:
-        name = self.fresh(f"{self.node.name}_{base}" if self.node else base)
+    def initializer(self, tensor: torch.Tensor, base: str, prefixed: bool = True) -> str:
+        """A new initializer named after the node being written (``prefixed``) or as ``base`` alone."""
+        name = self.fresh(f"{self.node.name}_{base}" if self.node and prefixed else base)
         fill_tensor_proto(self.initializers.add(), tensor, name)
         return name
 
@@ -237,7 +238,8 @@ def emit_linear(b, node):
         b.add("Gemm", [b.inp(0), b.inp(1)] + ([b.inp(2)] if bias is not None else []), [b.out()], transB=1)
         return
     if w.is_constant:
-        wt = b.initializer(w.const_value.t().contiguous(), "weight_t")
+        # named after the weight: linear-form reads <name>_t back as <name>
+        wt = b.initializer(w.const_value.t().contiguous(), f"{w.name}_t", prefixed=False)
     elif _transposable_int8_weight(w.producer):
         wt = _dequantize_transposed(b, w.producer)
     else:

@@ -23,9 +23,10 @@ REGRESSIONS = {
                         "float64 GELU was written as Erf, which onnxruntime has no double kernel for; optimize() "
                         "refused example inputs of another length on a symbolic sequence dim",
     ("transformer", 6): "quantize{activations=dynamic} removed dead code it found and said it changed nothing",
-    ("transformer", 1): "linear-form renamed weights and layers on every ONNX round trip (_t_t, matmul_1); "
-                        "the PyTorch backend's attention helper came back with its batch fixed (unflatten)",
+    ("transformer", 1): "linear-form renamed weights and layers on every ONNX round trip (_t_t, matmul_1)",
     ("transformer", 12): "the ONNX importer froze a copied (0) dim of a symbolic sequence at its import size",
+    ("transformer", 10151): "the ONNX backend named a linear's transposed weight after the node, not the weight: "
+                            "torch.export-imported layers came back with other weight names",
     ("transformer", 23): "printed constants followed creation order, which differs between importers",
     ("cnn", 6): "a re-imported ONNX Split named its outputs after the node, not the file's tensors",
     ("cnn", 12): "the ONNX importer reordered the nodes of an already sorted file",
