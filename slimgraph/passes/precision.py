@@ -21,8 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
+
 from slimgraph.errors import PassError
-from slimgraph.ir import Graph, Node, Value, get_op
+from slimgraph.ir import Graph, Node, Value, get_op, run
 from slimgraph.ir.dtypes import DType
 from slimgraph.ir.ops import OPAQUE, infer_types
 from slimgraph.passes.base import Pass, PassContext, PassResult, register_pass
@@ -79,10 +81,26 @@ class _LowPrecision(Pass):
         return [i for i, v in enumerate(node.inputs) if v is not None and v.dtype in (_F32, self.low)]
 
     # ------------------------------------------------------------------ the rewrite
+    def _out_of_range(self, graph: Graph, ctx: PassContext) -> list[str]:
+        """Nodes that read or write a value beyond half the low dtype's largest finite number on the
+        example inputs (float16 overflows at 65504, where float32 does not): they stay float32."""
+        limit = torch.finfo(self.low.torch).max / 2
+        if ctx.example_inputs is None or limit >= torch.finfo(torch.float32).max / 2:
+            return []
+        values = [v for v in graph.inputs if v.dtype == _F32] + [
+            v for n in graph.nodes for v in n.outputs if v.dtype == _F32]
+        _, captured = run(graph, list(ctx.example_inputs), capture=values)
+        big = {id(v) for v, t in captured.items() if t.numel() and float(t.abs().max()) > limit}
+        return [n.name for n in graph.nodes if any(v is not None and id(v) in big for v in (*n.inputs, *n.outputs))]
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         low = self.low
         kept = self._kept_nodes(graph)
         stats = {"lowered_nodes": 0, "kept_fp32": 0, "constants": 0, "casts": 0}
+        over = set(self._out_of_range(graph, ctx))
+        if over:
+            kept |= {id(n) for n in graph.nodes if n.name in over}
+            stats["kept_for_range"] = sorted(over)
 
         def mode(node: Node) -> str:
             if node.op == "cast" or not self._floats(node):
