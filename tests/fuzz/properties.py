@@ -14,7 +14,8 @@ RandomTransformer(17)) and what broke. The test suite runs them on a fixed budge
   value names (fx names a node after the function its source calls), where every op has a one-node
   form in both (canonicalize forms linears on [B, L, E] and unmasked attention back); otherwise the
   first trip gives the targets' form and every later trip prints it unchanged;
-- onnx-file: the net exported by torch.onnx.export imports and computes what the net computes.
+- onnx-file: the net exported by torch.onnx.export (or, where torch refuses it, written by slimgraph)
+  imports and computes what the net computes.
 """
 
 from __future__ import annotations
@@ -180,10 +181,6 @@ def check_round_trips(case: Case) -> None:
             assert printed(trip(again)) == printed(again), f"{case}: IR -> {what} -> IR is not a fixed point"
 
 
-class NotApplicable(Exception):
-    """The property cannot be asked of this net (torch.onnx.export cannot export it)."""
-
-
 def check_onnx_file(case: Case) -> None:
     names = getattr(case.model, "input_names", ["x"])
     buffer = io.BytesIO()
@@ -192,9 +189,9 @@ def check_onnx_file(case: Case) -> None:
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             torch.onnx.export(case.model, case.inputs, buffer, dynamo=False, input_names=names,
                               dynamic_axes=case.dynamic_dims or {name: {0: "batch"} for name in names})
-    except Exception as exc:  # e.g. a float64 attention mask: "Unsupported type for attn_mask"
-        raise NotApplicable(f"torch.onnx.export cannot export it: {exc}") from None
-    proto = onnx.load_from_string(buffer.getvalue())
+        proto = onnx.load_from_string(buffer.getvalue())
+    except Exception:  # torch refuses some nets (a float64 attention mask): the file slimgraph writes instead
+        proto = slimgraph.to_onnx(case.graph, dynamic_batch=True)
     inputs = case.other
     held = {i.name for i in proto.graph.input}
     try:
