@@ -11,6 +11,7 @@ from typing import Any
 from slimgraph.ir.graph import Graph
 from slimgraph.ir.node import Node
 from slimgraph.ir.ops import OPAQUE
+from slimgraph.ir.symbolic import SymDim
 
 LONG = 16  # lists longer than this print their head, length and a digest (a change still shows)
 
@@ -26,6 +27,8 @@ def format_attr(value: Any) -> str:
         return "[" + ",".join(items) + "]"
     if isinstance(value, str):
         return value
+    if isinstance(value, SymDim):  # as shapes print: the expression, not the traced example's size
+        return str(value).replace(" ", "")
     return repr(value)
 
 

@@ -127,3 +127,20 @@ def test_int8_values_and_quantization_dtypes_fit():
     q = g.add_constant("wq", torch.randint(-128, 127, (4, 4), dtype=torch.int8))
     assert q.dtype is DType.int8 and q.nbytes == 16
     assert DType.uint8.torch is torch.uint8
+
+
+def test_symbolic_sizes_in_attrs_print_as_their_expressions_whatever_size_was_traced():
+    """A graph traced at seq=5 prints as the one traced at seq=8 (the hints are the example's sizes, not
+    the program): reshape targets print as shapes do."""
+    from slimgraph.ir.symbolic import SymDim
+
+    def graph(seq: int) -> str:
+        g = Graph("g")
+        x = g.add_input("x", (2, seq, 8), DType.float32, sym=("batch", "seq", None))
+        split = g.create_node("reshape", [x], {"shape": [x.dim(0), x.dim(1), 2, 4]})
+        g.set_outputs([split.output])
+        assert isinstance(split.attrs["shape"][1], SymDim)
+        return print_graph(g)
+
+    assert graph(5) == graph(8)
+    assert "reshape(%x) {shape=[batch,seq,2,4]}" in graph(5)
