@@ -116,12 +116,24 @@ def gemm(cv):
         a = cv.emit("permute", [a], {"perm": [1, 0]}, suffix="_at")
     bias = None
     if isinstance(b, np.ndarray):
+        # the file's tensors keep their names where they are used as they are (a round trip of a
+        # linear on [B, E], written as Gemm, gives back its weight's name); a transposed weight is
+        # named as linear-form names one (<name>_t back to <name>)
         w = b if trans_b else b.T
-        cv.env[cv.name + "::W"] = np.ascontiguousarray(w * alpha if alpha != 1.0 else w)
-        weight = cv.value(cv.name + "::W", f"{cv.name}_weight")
+        if trans_b and alpha == 1.0:
+            weight = cv.tensor_input(1)
+        else:
+            source = cv.node.inputs[1].name
+            label = f"{cv.name}_weight" if alpha != 1.0 else source[:-2] if source.endswith("_t") else f"{source}_t"
+            cv.env[cv.name + "::W"] = np.ascontiguousarray(w * alpha if alpha != 1.0 else w)
+            weight = cv.value(cv.name + "::W", label)
         if isinstance(c, np.ndarray) and c.size == w.shape[0] and (c.ndim == 1 or c.shape[-1] == c.size):
-            cv.env[cv.name + "::B"] = (c * beta).reshape(-1).astype(c.dtype)
-            bias, c = cv.value(cv.name + "::B", f"{cv.name}_bias"), None
+            if c.ndim == 1 and beta == 1.0:
+                bias = cv.tensor_input(2)
+            else:
+                cv.env[cv.name + "::B"] = (c * beta).reshape(-1).astype(c.dtype)
+                bias = cv.value(cv.name + "::B", f"{cv.name}_bias")
+            c = None
         y = cv.emit("linear", [a, weight, bias], suffix="_mm" if c is not None else "")
     else:
         bt = cv.tensor_input(1)

@@ -12,7 +12,7 @@ import slimgraph
 from slimgraph.backends.onnx import run_onnxruntime
 from slimgraph.cli import main
 from slimgraph.errors import SlimgraphError
-from slimgraph.ir import run
+from slimgraph.ir import print_graph, run
 from tests.conftest import HostRoundTrip
 
 
@@ -272,3 +272,25 @@ def test_string_example_inputs_are_refused_clearly():
         slimgraph.optimize(model, "dce", example_inputs=[np.array(["a"], dtype=object)])
     with pytest.raises(SlimgraphError, match="tensor 's'"):
         slimgraph.import_model(model)
+
+
+@pytest.mark.parametrize("trans_b,alpha,beta", [(1, 1.0, 1.0), (0, 1.0, 1.0), (1, 2.0, 0.5)])
+def test_gemm_keeps_the_files_tensor_names_where_it_uses_them_as_they_are(trans_b, alpha, beta):
+    """A linear on [B, E] is written as Gemm: read back, its weight and bias keep their names (a
+    transposed weight is named as linear-form names one: <name>_t); scaled ones are the node's."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 4) if trans_b else (4, 5)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    model = _model([helper.make_node("Gemm", ["x", "fc_weight", "fc_bias"], ["y"], name="fc", transB=trans_b,
+                                     alpha=alpha, beta=beta)],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
+                   inits=[numpy_helper.from_array(w, "fc_weight"), numpy_helper.from_array(b, "fc_bias")])
+    graph = slimgraph.import_model(model)
+    (linear,) = graph.nodes
+    want = {(1, 1.0): ["fc_weight", "fc_bias"], (0, 1.0): ["fc_weight_t", "fc_bias"], (1, 2.0): ["y_weight", "y_bias"]}
+    assert linear.op == "linear" and [v.name for v in linear.inputs[1:]] == want[trans_b, alpha]
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(run(graph, [x])[0], run_onnxruntime(model, [x])[0])
+    again = slimgraph.import_model(slimgraph.to_onnx(graph))
+    assert print_graph(again) == print_graph(graph)
