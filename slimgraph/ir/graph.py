@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from slimgraph.errors import VerificationError
+from slimgraph.ir.axes import normalize_axes
 from slimgraph.ir.dtypes import DType
 from slimgraph.ir.node import Node
 from slimgraph.ir.ops import OPAQUE, TensorType, get_op, infer_types
@@ -144,6 +145,7 @@ class Graph:
             value.producer, value.output_index = node, i
             outs.append(value)
         node.outputs = tuple(outs)
+        normalize_axes(node)  # one sign for axis attrs, whichever frontend or pass wrote them
         if op != OPAQUE and (any(v is not None and v.sym for v in inputs) or has_symbols(node.attrs)):
             syms = infer_syms(node, get_op(op).reference)
             for value, sym in zip(outs, syms or ()):

@@ -144,3 +144,35 @@ def test_symbolic_sizes_in_attrs_print_as_their_expressions_whatever_size_was_tr
 
     assert graph(5) == graph(8)
     assert "reshape(%x) {shape=[batch,seq,2,4]}" in graph(5)
+
+
+@pytest.mark.parametrize("op,shapes,attrs,canonical", [
+    ("softmax", [(2, 3, 4)], {"axis": -1}, {"axis": 2}),
+    ("concat", [(2, 3), (2, 5)], {"axis": -1}, {"axis": 1}),
+    ("mean", [(2, 3, 4)], {"axes": [-1, 0], "keepdim": False}, {"axes": [2, 0]}),
+    ("unsqueeze", [(2, 3)], {"axes": [-1]}, {"axes": [2]}),  # counted in the result's rank
+    ("permute", [(2, 3, 4)], {"perm": [0, -1, 1]}, {"perm": [0, 2, 1]}),
+    ("flatten", [(2, 3, 4)], {"start": 1, "end": -1}, {"start": 1, "end": 2}),
+])
+def test_axis_attrs_are_stored_non_negative_whoever_writes_them(op, shapes, attrs, canonical):
+    g = Graph("g")
+    xs = [g.add_input(f"x{i}", shape, DType.float32) for i, shape in enumerate(shapes)]
+    node = g.create_node(op, xs, attrs)
+    assert {k: node.attrs[k] for k in canonical} == canonical
+    positive = g.create_node(op, xs, {**attrs, **canonical})
+    assert positive.outputs[0].shape == node.outputs[0].shape
+    tensors = [torch.randn(s) for s in shapes]
+    torch.testing.assert_close(run(_alone(node), tensors)[0], run(_alone(positive), tensors)[0])
+
+
+def _alone(node):
+    g = Graph("alone")
+    xs = [g.add_input(v.name, v.shape, v.dtype) for v in node.inputs]
+    g.set_outputs([g.create_node(node.op, xs, node.attrs).outputs[0]])
+    return g
+
+
+def test_an_axis_out_of_range_is_left_as_written():
+    g = Graph("g")
+    x = g.add_input("x", (2, 3), DType.float32)
+    assert g.create_node("softmax", [x], {"axis": -3}).attrs["axis"] == -3  # not silently made valid
