@@ -19,6 +19,7 @@ from slimgraph.ir.ops import run_reference
 from slimgraph.ir.symbolic import has_symbols
 from slimgraph.passes.base import Pass, PassContext, PassResult, register_pass
 from slimgraph.passes.cleanup import DeadCodeElimination, RemoveIdentity
+from slimgraph.passes.forms import GeluForm, SiluForm, SqueezeForm
 
 _WEIGHTED = ("conv", "linear")
 
@@ -390,11 +391,12 @@ class AttentionForm(Pass):
 @register_pass
 @dataclass
 class Canonicalize(Pass):
-    """fold-constants, remove-identity, linear-form, attention-form and dce, repeated until a round
-    changes nothing."""
+    """fold-constants, remove-identity, linear-form, gelu-form, silu-form, squeeze-form,
+    attention-form and dce, repeated until a round changes nothing."""
 
     name = "canonicalize"
-    description = "fold-constants, remove-identity, linear-form, attention-form and dce repeated until nothing changes"
+    description = ("fold-constants, remove-identity, linear-form, gelu-form, silu-form, squeeze-form, attention-form "
+                   "and dce repeated until nothing changes")
     max_growth: float = 1.0
     max_iterations: int = 10
 
@@ -406,8 +408,8 @@ class Canonicalize(Pass):
         _check_growth(self.name, self.max_growth)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        passes: list[Pass] = [FoldConstants(self.max_growth), RemoveIdentity(), LinearForm(), AttentionForm(),
-                              DeadCodeElimination()]
+        passes: list[Pass] = [FoldConstants(self.max_growth), RemoveIdentity(), LinearForm(), GeluForm(), SiluForm(),
+                              SqueezeForm(), AttentionForm(), DeadCodeElimination()]
         stats: dict[str, int] = {"iterations": 0}
         changed = False
         for _ in range(self.max_iterations):
