@@ -189,6 +189,9 @@ def emit_index(b, node):
     """Integer tensors at some axes: transpose those axes to the front, GatherND on the broadcast
     indices stacked last, then put the result dims where torch does (in place when adjacent)."""
     x, axes = node.inputs[0], node.attrs["axes"]
+    if len(axes) == 1 and node.inputs[1].dtype != DType.bool:  # one integer index: take, a plain Gather
+        b.add("Gather", [b.inp(0), _int64(b, node.inputs[1])], [b.out()], axis=axes[0])
+        return
     indices = [_int64(b, v) for v in node.inputs[1:]]
     rest = [a for a in range(x.rank) if a not in axes]
     front = b.add("Transpose", [b.inp(0)], 1, perm=axes + rest)[0] if axes != list(range(len(axes))) else b.inp(0)

@@ -30,8 +30,7 @@ from slimgraph.ir import OPAQUE, DType, Graph, Node, OpaqueImpl, Value, clean_na
 from slimgraph.ir.opaque import Slot
 from slimgraph.ir.symbolic import SymDim
 
-RESERVED = {"self", "torch", "nn", "F", "os", "math", "importlib", "stochastic_depth", "fake_quant", "qconv", "load",
-            "Model"}
+RESERVED = {"self", "torch", "nn", "F", "os", "math", "importlib", "load", "Model"}
 
 
 @dataclass
@@ -93,7 +92,8 @@ class _Ctx:
 
 def _ident(name: str) -> str:
     name = clean_name(name)
-    if name in RESERVED or hasattr(builtins, name) or keyword.iskeyword(name):
+    # a local named like a helper the module defines (attention, fake_quant, ...) would shadow it
+    if name in RESERVED or name in _HELPERS or hasattr(builtins, name) or keyword.iskeyword(name):
         name += "_"
     return name
 

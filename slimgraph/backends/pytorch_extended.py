@@ -55,15 +55,17 @@ def emit_reduce_by_axis(ctx, node, a):
     return expr
 
 
-def _index_expr(a0: str, axes: list[int], indices: list[str]) -> str:
+def _index_expr(a0: str, axes: list[int], indices: list[str], rank: int) -> str:
+    axes = [a % rank for a in axes]
     parts = [":"] * (max(axes) + 1)
     for axis, idx in zip(axes, indices):
         parts[axis] = f"{idx}.long()"
     return f"{a0}[{', '.join(parts)}]"
 
 
-EMITTERS["take"] = lambda ctx, node, a: _index_expr(a[0], [node.attrs["axis"]], [a[1]])
-EMITTERS["index"] = lambda ctx, node, a: _index_expr(a[0], node.attrs["axes"], [a[i] for i in range(1, len(a))])
+EMITTERS["take"] = lambda ctx, node, a: _index_expr(a[0], [node.attrs["axis"]], [a[1]], node.inputs[0].rank)
+EMITTERS["index"] = lambda ctx, node, a: _index_expr(a[0], node.attrs["axes"], [a[i] for i in range(1, len(a))],
+                                                     node.inputs[0].rank)
 
 
 @emitter("index_put")
@@ -72,8 +74,9 @@ def emit_index_put(ctx, node, a):
     slots = ["None"] * (max(axes) + 1)
     for axis, i in zip(axes, range(2, len(a))):
         slots[axis] = f"{a[i]}.long()"
-    return (f"{a[0]}.index_put(({', '.join(slots)},), {a[1]}, "
-            f"accumulate={bool(node.attrs.get('accumulate', False))})")
+    values = a[1] if node.inputs[1].dtype == node.inputs[0].dtype else f"{a[1]}.to({a[0]}.dtype)"
+    return (f"torch.ops.aten.index_put({a[0]}, [{', '.join(slots)}], {values}, "
+            f"{bool(node.attrs.get('accumulate', False))})")
 
 
 @emitter("scatter")

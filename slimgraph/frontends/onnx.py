@@ -458,8 +458,9 @@ class _Converter:
         impl = OpaqueImpl(node.op, "onnx", tuple(Slot(i) for i in range(len(present))), fn=runner, source="onnx",
                           extra={"node": proto.graph.node[0], "implicit": implicit,
                                  "opset": [(o.domain, o.version) for o in self.proto.opset_import]})
+        names = [t.name or f"{self.name}_{i}" for i, t in enumerate(node.outputs)] if len(node.outputs) > 1 else None
         out = self.graph.create_node(OPAQUE, present, {"impl": impl}, name=self.name, output_types=types,
-                                     meta={"origin": f"onnx:{node.name or node.op}"})
+                                     output_names=names, meta={"origin": f"onnx:{node.name or node.op}"})
         for tensor, value in zip([t for t in node.outputs if t.name], out.outputs):  # optional ones unnamed
             self.env[tensor.name] = value
             dims = [_symbol(d) if isinstance(d, str) and _symbol(d) in self.symbols else None

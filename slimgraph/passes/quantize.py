@@ -575,6 +575,9 @@ def _fold_fake_quant(graph: Graph, fq: Node) -> bool:
         weight = False
     dq = graph.create_node("dequantize_linear", [source, scale, zero_point], attrs, name=f"{x.name}_dq",
                            before=fq, meta=dict(fq.meta))
+    if dq.outputs[0].dtype != x.dtype:  # DequantizeLinear gives its scale's type: back to a float64 graph's
+        dq = graph.create_node("cast", [dq.outputs[0]], {"dtype": str(x.dtype.torch).removeprefix("torch.")},
+                               name=f"{x.name}_dq_cast", before=fq, meta=dict(fq.meta))
     graph.replace_all_uses_with(fq.outputs[0], dq.outputs[0])
     graph.remove_node(fq)
     return weight

@@ -133,3 +133,26 @@ def test_opaque_module_with_parameters_loads_its_weights():
     with torch.no_grad():
         module.bil.weight.zero_()  # training one export leaves the graph and the other exports alone
     assert torch.equal(other(x), model(x)) and torch.equal(slimgraph.to_torch(graph)(x), model(x))
+
+
+def test_a_value_named_like_a_helper_does_not_shadow_it():
+    """fuzz-found (ir 7): a node named `attention` became a local that shadowed the attention helper."""
+    graph = Graph("g")
+    x = graph.add_input("x", (2, 3, 8), DType.float32)
+    attention = graph.create_node("attention", [x, x, x], {"num_heads": 2, "scale": 0.5}, name="attention")
+    fake_quant = graph.create_node("relu", [attention.outputs[0]], name="fake_quant")
+    graph.set_outputs([fake_quant.outputs[0]])
+    inputs = torch.randn(2, 3, 8)
+    torch.testing.assert_close(slimgraph.to_torch(graph)(inputs), slimgraph.ir.run(graph, [inputs])[0])
+
+
+def test_take_and_index_at_a_negative_axis():
+    """fuzz-found (ir 72): the emitted subscript put a negative axis's index out of place."""
+    graph = Graph("g")
+    x = graph.add_input("x", (2, 4, 4), DType.float32)
+    idx = graph.add_constant("idx", torch.tensor([3, 0, -1]))
+    take = graph.create_node("take", [x, idx], {"axis": -1})
+    index = graph.create_node("index", [take.outputs[0], idx], {"axes": [-2]})
+    graph.set_outputs([index.outputs[0]])
+    inputs = torch.randn(2, 4, 4)
+    torch.testing.assert_close(slimgraph.to_torch(graph)(inputs), inputs[:, :, [3, 0, 3]][:, [3, 0, 3]])

@@ -315,3 +315,19 @@ def test_what_stays_opaque_is_named_by_the_trace_and_by_prune():
     summary = result.summary()
     assert "1 layer(s) kept whole: their channels reach opaque op host" in summary
     assert "opaque ops (passes skip them and keep the channels they touch): host" in summary
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_slice_scatter_at_any_dim_in_every_backend(dim):
+    """fuzz-found: index_put (slice_scatter's form) failed shape inference past the leading axis."""
+    class Scatter(torch.nn.Module):
+        def forward(self, x):
+            src = torch.zeros_like(x).narrow(dim, 0, 2)
+            return torch.slice_scatter(x, src, dim=dim, start=1, end=5, step=2) * 2
+
+    x = torch.randn(4, 5, 6)
+    graph = slimgraph.import_model(Scatter(), (x,))
+    assert any(n.op == "index_put" for n in graph.nodes)
+    want = Scatter()(x)
+    torch.testing.assert_close(slimgraph.to_torch(graph)(x), want)
+    torch.testing.assert_close(torch.as_tensor(run_onnxruntime(slimgraph.to_onnx(graph), [x])[0]), want)

@@ -74,8 +74,13 @@ register_op(
 
 
 def index_put_ref(xs, a):
+    """The axes it does not index are None up to the last it does (aten's index_put takes those;
+    Tensor.index_put takes neither None nor slices)."""
     x, values, indices = xs[0], xs[1], xs[2:]
-    return x.index_put(_index_tuple(x, a["axes"], indices), values, accumulate=a.get("accumulate", False))
+    index: list = [None] * (max(a["axes"]) + 1)
+    for axis, idx in zip(a["axes"], indices):
+        index[axis] = idx if idx.dtype == torch.bool else idx.long()
+    return torch.ops.aten.index_put(x, index, values.to(x.dtype), a.get("accumulate", False))
 
 
 register_op(
