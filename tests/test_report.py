@@ -1,5 +1,6 @@
 """The HTML report (slimgraph/report.py): one self-contained file, a drawing per changed pass with
-the changed nodes marked. Opening it in a real browser is left to a later test (issue 14)."""
+the changed nodes marked, laid out so chains stay straight. tests/test_report_browser.py opens it in
+Chromium."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 import slimgraph
 from slimgraph.errors import SlimgraphError
-from slimgraph.report import change_marks
+from slimgraph.report import BLOCK_NODES, BOX_H, GAP_Y, change_marks, draw
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -60,3 +61,40 @@ def test_the_report_never_overwrites(resnet18_result, tmp_path):
     with pytest.raises(SlimgraphError, match="already exists"):
         resnet18_result.report(path)
     assert path.read_text() == "mine"
+
+
+def _boxes(svg: str) -> dict[str, tuple[float, float]]:
+    """Node name -> (x, y) of its box in a drawing."""
+    return {name: (float(x), float(y)) for name, x, y in
+            re.findall(r'data-name="([^"]+)"><rect x="([\d.]+)" y="([\d.]+)"', svg)}
+
+
+def test_a_tall_chain_is_drawn_straight_and_folded_into_columns():
+    layers = [m for _ in range(25) for m in (torch.nn.Linear(16, 16), torch.nn.ReLU())]
+    graph = slimgraph.import_model(torch.nn.Sequential(*layers).eval(), torch.randn(2, 16))
+    names = [n.name for n in graph.nodes]
+    boxes = _boxes(draw(graph, names, {}))
+    columns = sorted({x for x, _ in boxes.values()})
+    assert len(boxes) == 50 and 2 <= len(columns) <= 3  # folded, one straight line of boxes per column
+    for a, b in zip(names, names[1:]):  # down a column, then to the top of the next
+        (xa, ya), (xb, yb) = boxes[a], boxes[b]
+        assert (xb == xa and yb > ya) or (xb > xa and yb < ya)
+
+
+def test_weights_sit_beside_their_layer_and_the_chain_stays_straight(resnet18_result):
+    graphs = resnet18_result.snapshots.graphs()
+    quantized = graphs[3]  # after fold-bn, prune, quantize
+    names = [n.name for n in quantized.nodes][:BLOCK_NODES]
+    boxes = _boxes(draw(quantized, names, {}))
+    by_name = {n.name: n for n in quantized.nodes}
+    weights = 0
+    for name in names:
+        node = by_name[name]
+        readers = {use.name for v in node.outputs for use in v.users()} & set(names)
+        if node.op == "fake_quant" and node.inputs[0].const_value is not None and readers:
+            (reader,) = readers  # a weight's fake-quant: one row above its conv, to the right of its input
+            weights += 1
+            assert boxes[name][1] == boxes[reader][1] - BOX_H - GAP_Y and boxes[name][0] > boxes[reader][0]
+    assert weights >= 5
+    convs = [n for n in names if by_name[n].op == "conv" and "downsample" not in n]
+    assert len({boxes[n][0] for n in convs}) == 1  # the main chain in one column
