@@ -1,7 +1,6 @@
 """slimgraph: one IR where every rewrite composes, each pass verified and shown as a diff."""
 
-from slimgraph.api import OptimizeResult, import_model, optimize, to_onnx, to_torch
-from slimgraph.backends.pytorch import load_weights
+from slimgraph.api import OptimizeResult, import_model, load_weights, optimize, to_onnx, to_torch
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir import Graph
 from slimgraph.iterative import bn_l1_penalty, iterative_prune

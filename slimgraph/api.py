@@ -1,4 +1,4 @@
-"""The public entry points: import_model, optimize, to_torch and OptimizeResult."""
+"""The public entry points: import_model, optimize, to_torch, load_weights and OptimizeResult."""
 
 from __future__ import annotations
 
@@ -148,6 +148,17 @@ def to_torch(graph: Graph) -> torch.nn.Module:
     from slimgraph.backends.pytorch import to_torch as emit
 
     return emit(graph)
+
+
+def load_weights(graph: Graph, module: torch.nn.Module) -> int:
+    """Copy the trained weights of a module made by ``to_torch(graph)`` back into the graph (see
+    ``slimgraph.backends.pytorch.load_weights``). A module wrapped for data-parallel training
+    (``DistributedDataParallel``, ``DataParallel``) is read through its ``.module``."""
+    from slimgraph.backends.pytorch import load_weights as load
+
+    while isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        module = module.module
+    return load(graph, module)
 
 
 def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int | None = None, overwrite: bool = False,
