@@ -13,7 +13,8 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/slimgraph optimize torchvision:resnet18 --passes "fold-bn,prune{ratio=0.5},winograd,canonicalize" -o out/resnet18 --force
+	$(BIN)/slimgraph optimize torchvision:resnet18 --passes "fold-bn,prune{ratio=0.5},winograd,canonicalize" -o out/resnet18 --force \
+		--report out/resnet18.html
 	HF_HUB_OFFLINE=1 $(BIN)/python -m examples.minilm_int8 --out out/minilm
 
 test: $(BIN)/.installed
