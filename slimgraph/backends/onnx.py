@@ -524,7 +524,8 @@ def emit_cast(b, node):
 
 @emitter("attention")
 def emit_attention(b, node):
-    """Heads split from the last dim, then MatMul/Softmax/MatMul; batch and sequence stay dynamic."""
+    """Heads split from the last dim, then MatMul/Mul/(Add mask)/Softmax/MatMul; batch and sequence
+    stay dynamic. A boolean keep-mask is added as Where(keep, 0, -inf), as torch adds it."""
     heads, rank = node.attrs["num_heads"], node.inputs[0].rank
     lead = list(range(rank - 2))
     split = b.ints([0] * (rank - 1) + [heads, -1], "heads")  # [..., L, E] -> [..., L, heads, E / heads]
@@ -587,6 +588,12 @@ def emit_opaque(b, node):
         b.nodes.append(copy)
     else:
         b.nodes.extend(_converted_node(b, node, copy, source_opsets))
+    if len(node.inputs) > 3:
+        mask = b.inp(3)
+        if node.inputs[3].dtype == DType.bool:
+            mask = b.add("Where", [mask, b.scalar_like(0.0, node.inputs[0], "attend"),
+                                   b.scalar_like(float("-inf"), node.inputs[0], "masked")], 1)[0]
+        scores = b.add("Add", [scores, mask], 1)[0]
     for domain, version in impl.extra.get("opset", []):
         if domain not in ("", "ai.onnx"):
             b.extra_opsets[domain] = version

@@ -276,12 +276,12 @@ def emit_gather(ctx, node, a):
 
 @emitter("attention", "multi_head_attention")
 def emit_attention(ctx, node, a):
-    """attention and onnxruntime's multi_head_attention (which adds a bias input) share a helper."""
+    """attention and onnxruntime's multi_head_attention (whose attention_bias is a float mask) share a helper."""
     ctx.uses_helpers.add("attention")
     at = node.attrs
     dropout = f", {at['dropout']!r}, self.training" if at.get("dropout") else ""
-    bias = f", bias={a[3]}" if len(node.inputs) > 3 else ""
-    return f"attention({a[0]}, {a[1]}, {a[2]}, {at['num_heads']}, {at['scale']!r}{dropout}{bias})"
+    mask = f", mask={a[3]}" if len(node.inputs) > 3 else ""
+    return f"attention({a[0]}, {a[1]}, {a[2]}, {at['num_heads']}, {at['scale']!r}{dropout}{mask})"
 
 
 @emitter("skip_layer_norm")
@@ -764,11 +764,12 @@ _HELPERS = {
     "fake_quant": _FAKE_QUANT,
     "qconv": _QCONV,
     "attention": '''
-def attention(q, k, v, num_heads, scale, dropout=0.0, training=False, bias=None):
+def attention(q, k, v, num_heads, scale, dropout=0.0, training=False, mask=None):
     """Scaled dot-product attention over num_heads heads of the last dim of [batch, seq, heads * dim],
-    with an optional additive bias [batch or 1, heads or 1, seq_q, seq_k]."""
+    with an optional mask broadcast to [batch, heads, seq_q, seq_k]: added to the scaled scores, or a
+    boolean keep-mask (True: attend)."""
     q, k, v = (t.unflatten(-1, (num_heads, -1)).transpose(-3, -2) for t in (q, k, v))
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout if training else 0.0, scale=scale)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout if training else 0.0, scale=scale)
     return y.transpose(-3, -2).flatten(-2)
 ''',
     "skip_layer_norm": '''

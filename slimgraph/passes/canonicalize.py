@@ -8,7 +8,6 @@ s = gamma / sqrt(var + eps) and t = beta - mean * s, computed in float64.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,7 @@ from slimgraph.errors import PassError
 from slimgraph.ir import Graph, Node, Value, get_op, is_canonical
 from slimgraph.ir.ops import run_reference
 from slimgraph.ir.symbolic import has_symbols
+from slimgraph.passes.attention import AttentionForm
 from slimgraph.passes.base import Pass, PassContext, PassResult, register_pass
 from slimgraph.passes.cleanup import DeadCodeElimination, RemoveIdentity
 from slimgraph.passes.forms import GeluForm, SiluForm, SqueezeForm
@@ -348,43 +348,6 @@ def fold_node(graph: Graph, node: Node) -> None:
     inputs = list(node.inputs)
     graph.remove_node(node)
     _remove_orphans(graph, inputs)
-
-
-@register_pass
-@dataclass
-class AttentionForm(Pass):
-    """Attention written out (q, k, v split into heads, scaled q @ k^T, softmax, @ v, heads merged
-    back) as one ``attention`` node, the form nn.MultiheadAttention imports as and the backends
-    emit: prune then sees whole heads, and a graph written to ONNX (where attention is those ops)
-    comes back as it was. Attention with an additive mask stays written out: ``attention`` takes
-    none (``fuse`` turns it into onnxruntime's kernel, mask and all)."""
-
-    name = "attention-form"
-    description = "written-out unmasked attention (split heads, scaled q k^T, softmax, @ v, merge) as attention"
-
-    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        from slimgraph.passes.fuse import match_attention
-
-        made = 0
-        for node in list(graph.nodes):
-            if node.graph is None or node.op != "softmax":
-                continue
-            m = match_attention(node)
-            if isinstance(m, str) or m.bias is not None or m.scores_floored:
-                continue
-            anchor = m.output.producer
-            scale = 1.0 / math.sqrt(m.q.shape[-1] // m.heads)
-            if abs(m.scale - scale) > 1e-6 * scale:  # else the usual scale, read back from a float32 constant
-                scale = m.scale
-            new = graph.create_node("attention", [m.q, m.k, m.v],
-                                    {"dropout": 0.0, "num_heads": m.heads, "scale": scale},
-                                    name=f"{anchor.name}_attention", before=anchor, meta=dict(anchor.meta))
-            graph.replace_all_uses_with(m.output, new.outputs[0])
-            DeadCodeElimination().run(graph, ctx)
-            if anchor.graph is None:
-                graph.take_name(new, anchor)
-            made += 1
-        return PassResult(made > 0, {"attentions": made})
 
 
 # ---------------------------------------------------------------------------- canonicalize

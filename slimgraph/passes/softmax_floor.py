@@ -10,6 +10,9 @@ denormal arithmetic is slow wherever the thread does not flush them.
 minus 80 has probability under e^-80 (about 1.8e-35) either way, far below what float32 resolves
 next to the row's largest probability (at least 1 / row length). A row that is all -inf stays
 all -inf (NaN out, as before). Three cheap ops (a row max, a subtraction, a max) per softmax.
+
+A masked ``attention`` node holds its softmax inside: it is written out (attention.py's
+``write_out``, the ops the ONNX backend writes for it) so that its softmax can be floored.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from slimgraph.errors import PassError
 from slimgraph.ir import Graph
+from slimgraph.passes.attention import write_out
 from slimgraph.passes.base import Pass, PassContext, PassResult, register_pass
 
 MASKING_OPS = ("add", "sub", "where")  # how masks reach a softmax
@@ -44,6 +48,11 @@ class FloorSoftmax(Pass):
             raise PassError(f"pass 'floor-softmax' option 'margin': {self.margin!r} is not in [20, 87]")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        written_out = []
+        for node in graph.nodes:
+            if node.op == "attention" and len(node.inputs) > 3 and node.inputs[0].dtype.is_float:
+                written_out.append(node.name)
+                write_out(graph, node, self.name)
         floored = []
         for node in graph.nodes:
             x = node.inputs[0] if node.op == "softmax" else None
@@ -60,4 +69,7 @@ class FloorSoftmax(Pass):
                                         meta={"origin": self.name})
             node.set_input(0, clamped.outputs[0])
             floored.append(node.name)
-        return PassResult(bool(floored), {"floored": floored})
+        stats = {"floored": floored}
+        if written_out:
+            stats["written_out"] = written_out
+        return PassResult(bool(floored or written_out), stats)

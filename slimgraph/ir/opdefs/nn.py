@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from slimgraph.ir.coupling import Coupling, frozen, inp, out, same
+from slimgraph.ir.dtypes import DType
 from slimgraph.ir.ops import register_op
 
 
@@ -397,32 +398,48 @@ register_op("stochastic_depth", lambda xs, a: xs[0],
 # torch.nn.MultiheadAttention is imported as three linear projections, this core op and an output
 # linear: the projections are then ordinary layers (pruning, low rank, quantization, fp16 see them).
 def attention_ref(xs, a):
-    """Heads split off the last dim of q, k, v; an additive bias (xs[3]) where the op takes one."""
+    """Heads split off the last dim of q, k, v; the mask (xs[3], where given) as torch's
+    scaled_dot_product_attention takes attn_mask: added to the scaled scores, or a boolean keep-mask."""
     q, k, v = (t.unflatten(-1, (a["num_heads"], -1)).transpose(-3, -2) for t in xs[:3])
-    bias = xs[3] if len(xs) > 3 else None
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=a["scale"])
+    mask = xs[3] if len(xs) > 3 else None
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a["scale"])
     return y.transpose(-3, -2).flatten(-2)
 
 
 def attention_coupling(node) -> list[Coupling]:
-    """q and k share head dims, v and the output theirs; heads go as whole units across all four."""
-    return _head_couplings(node.inputs[0].rank, node.attrs["num_heads"])
+    """q and k share head dims, v and the output theirs; heads go as whole units across all four,
+    and across the mask's head dim where it has one of num_heads (one mask per head: pruning a
+    head slices it, or freezes the heads where the mask cannot be sliced, a graph input's)."""
+    heads = node.attrs["num_heads"]
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    per_head = mask is not None and mask.rank >= 3 and heads > 1 and mask.shape[-3] == heads
+    return _head_couplings(node.inputs[0].rank, heads, [inp(3, mask.rank - 3)] if per_head else [])
 
 
-def _head_couplings(rank: int, num_heads: int) -> list[Coupling]:
+def _head_couplings(rank: int, num_heads: int, mask_heads: list | None = None) -> list[Coupling]:
     couplings = [same(inp(0, a), inp(1, a), inp(2, a), out(0, a)) for a in range(rank - 2)]
     couplings += [same(inp(0, rank - 2), out(0, rank - 2)), same(inp(1, rank - 2), inp(2, rank - 2))]
-    heads = (inp(0, rank - 1), inp(1, rank - 1), inp(2, rank - 1), out(0, rank - 1))
+    heads = (inp(0, rank - 1), inp(1, rank - 1), inp(2, rank - 1), out(0, rank - 1), *(mask_heads or []))
     return couplings + [Coupling("heads", heads, (num_heads,))]
 
 
+def _broadcasts(shape: tuple, target: tuple) -> bool:
+    return len(shape) <= len(target) and all(d in (1, t) for d, t in zip(reversed(shape), reversed(target)))
+
+
 def attention_infer(node) -> list:
-    q, k, v = node.inputs
+    q, k, v = node.inputs[:3]
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
     heads = node.attrs["num_heads"]
     ok = (q.rank == k.rank == v.rank >= 3 and q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2]
           and q.shape[-1] % heads == 0 and v.shape[-1] % heads == 0 and q.shape[:-2] == k.shape[:-2] == v.shape[:-2])
     if not ok:
         raise ValueError(f"attention over {heads} heads: q {q.shape}, k {k.shape}, v {v.shape} do not fit")
+    scores = (*q.shape[:-2], heads, q.shape[-2], k.shape[-2])
+    if mask is not None and (mask.dtype not in (DType.bool, q.dtype) or mask.rank < 2  # as torch's attn_mask
+                             or not _broadcasts(tuple(mask.shape), scores)):
+        raise ValueError(f"attention: the mask {mask.type_str()} is neither bool nor {q.dtype.short}, or not of rank "
+                         f">= 2 broadcasting to the scores [{','.join(str(d) for d in scores)}]")
     return [((*q.shape[:-1], v.shape[-1]), q.dtype)]
 
 
@@ -434,9 +451,10 @@ def attention_macs(node) -> int:
 register_op(
     "attention",
     attention_ref,
-    description="scaled dot-product attention over num_heads heads of the last dim; attrs num_heads, scale, "
-                "dropout (on the attention weights, training only)",
-    num_inputs=(3, 3),
+    description="scaled dot-product attention over num_heads heads of the last dim of q, k, v, with an optional "
+                "mask (as torch's attn_mask: added to the scaled scores, or a boolean keep-mask; broadcast to "
+                "[..., heads, seq_q, seq_k]); attrs num_heads, scale, dropout (on the attention weights, in training)",
+    num_inputs=(3, 4),
     coupling=attention_coupling,
     macs=attention_macs,
     infer=attention_infer,
@@ -461,10 +479,8 @@ def multi_head_attention_infer(node) -> list:
 
 
 def multi_head_attention_coupling(node) -> list[Coupling]:
-    couplings = _head_couplings(3, node.attrs["num_heads"])
-    if len(node.inputs) > 3:
-        couplings.append(frozen(*[inp(3, a) for a in range(node.inputs[3].rank)]))
-    return couplings
+    """As attention's; the bias's batch and sequence dims are not channels (pruning leaves them)."""
+    return attention_coupling(node)
 
 
 register_op(

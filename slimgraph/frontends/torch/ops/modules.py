@@ -18,7 +18,7 @@ from slimgraph.frontends.torch.ops.functions import (
     max_pool,
 )
 from slimgraph.frontends.torch.ops.registry import MODULES, Unhandled, arg, module, tensor_arg
-from slimgraph.ir import Value
+from slimgraph.ir import DType, Value
 
 
 # ============================================================================ modules
@@ -157,6 +157,40 @@ def _in_projection(cv, m: nn.MultiheadAttention, i: int, path: str) -> list[Valu
     return values
 
 
+def _mha_mask(cv, m: nn.MultiheadAttention, key_padding_mask, attn_mask, like: Value) -> Value | None:
+    """nn.MultiheadAttention's masks as the attention op's one mask. True in its boolean masks means
+    *masked* (the opposite of scaled_dot_product_attention's attn_mask); float masks are added.
+    key_padding_mask [batch, seq_k] becomes [batch, 1, 1, seq_k]; attn_mask [seq_q, seq_k] stays,
+    [batch * heads, seq_q, seq_k] becomes [batch, heads, seq_q, seq_k]. One boolean mask becomes a
+    keep-mask; two masks are summed as float masks (-inf where masked), as torch merges them. Masks
+    of another dtype or rank stay opaque (Unhandled)."""
+    parts = []
+    for mask, padding in ((key_padding_mask, True), (attn_mask, False)):
+        if mask is None:
+            continue
+        value = cv.as_value(mask)
+        if value.dtype not in (DType.bool, like.dtype) or value.rank not in ((2,) if padding else (2, 3)):
+            raise Unhandled
+        if padding:
+            value = cv.emit("unsqueeze", [value], {"axes": [1, 2]}, name=f"{cv.name}_key_padding")
+        elif value.rank == 3:
+            value = cv.emit("reshape", [value], {"shape": [-1, m.num_heads, value.dim(1), value.dim(2)]},
+                            name=f"{cv.name}_attn_mask")
+        parts.append(value)
+    if not parts:
+        return None
+    if len(parts) == 1 and parts[0].dtype == DType.bool:
+        return cv.emit("logical_not", parts, name=f"{cv.name}_keep")
+    floats = []
+    for value in parts:
+        if value.dtype == DType.bool:
+            masked = cv.graph.add_constant(f"{cv.name}_masked", torch.tensor(float("-inf"), dtype=like.dtype.torch))
+            attend = cv.graph.add_constant(f"{cv.name}_attend", torch.tensor(0.0, dtype=like.dtype.torch))
+            value = cv.emit("where", [value, masked, attend], name=f"{cv.name}_bias")
+        floats.append(value)
+    return floats[0] if len(floats) == 1 else cv.emit("add", floats, name=f"{cv.name}_mask")
+
+
 @module(nn.MultiheadAttention)
 def mha_module(cv, args, kwargs, real):
     m = cv.gm.get_submodule(cv.current.target)
@@ -164,9 +198,10 @@ def mha_module(cv, args, kwargs, real):
     extras = {n: arg(args, kwargs, i, n) for i, n in
               [(3, "key_padding_mask"), (5, "attn_mask"), (6, "average_attn_weights"), (7, "is_causal")]}
     need_weights = arg(args, kwargs, 4, "need_weights", True)
-    if (not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn or need_weights
-            or extras["key_padding_mask"] is not None or extras["attn_mask"] is not None or extras["is_causal"]):
+    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn or need_weights \
+            or (extras["is_causal"] and extras["attn_mask"] is None):  # torch refuses is_causal without the mask
         raise Unhandled
+    mask = _mha_mask(cv, m, extras["key_padding_mask"], extras["attn_mask"], q)
     path = cv.module_path()
     if not m.batch_first:  # [L, B, E] -> [B, L, E]: the attention op wants batch first
         moved: dict[int, Value] = {}
@@ -177,8 +212,9 @@ def mha_module(cv, args, kwargs, real):
     projected = [cv.emit("linear", [t, *_in_projection(cv, m, i, path)], name=f"{cv.name}_{'qkv'[i]}_proj")
                  for i, t in enumerate((q, k, v))]
     head_dim = m.embed_dim // m.num_heads
-    context = cv.emit("attention", projected, {"num_heads": m.num_heads, "scale": 1.0 / math.sqrt(head_dim),
-                                               "dropout": float(m.dropout)}, name=f"{cv.name}_attention")
+    context = cv.emit("attention", projected + ([mask] if mask is not None else []),
+                      {"num_heads": m.num_heads, "scale": 1.0 / math.sqrt(head_dim), "dropout": float(m.dropout)},
+                      name=f"{cv.name}_attention")
     w_out, b_out = _module_params(cv, m.out_proj, ["weight", "bias"], f"{path}.out_proj")
     y = cv.emit("linear", [context, w_out, b_out], name=f"{cv.name}_out_proj")
     if not m.batch_first:
