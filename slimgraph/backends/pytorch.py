@@ -33,6 +33,9 @@ from slimgraph.ir.symbolic import SymDim
 RESERVED = {"self", "torch", "nn", "F", "os", "math", "importlib", "load", "Model"}
 
 
+_MODULE = torch.nn.Module()  # the attributes every nn.Module has (training too, set per instance)
+
+
 @dataclass
 class _Ctx:
     graph: Graph
@@ -46,8 +49,9 @@ class _Ctx:
     uses_helpers: set[str] = field(default_factory=set)
 
     def attr(self, base: str) -> str:
+        """A fresh module attribute name; nn.Module's own (to, eval, forward, ...) stay its own."""
         name = _ident(base)
-        while name in self.attrs:
+        while name in self.attrs or hasattr(_MODULE, name):
             name += "_"
         self.attrs.add(name)
         return name

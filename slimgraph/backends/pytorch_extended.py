@@ -9,7 +9,7 @@ for _name in ("sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asin
               "floor", "round", "trunc", "sign", "reciprocal", "expm1", "log1p", "log2", "log10", "isnan", "isinf",
               "logical_not", "bitwise_not"):
     EMITTERS[_name] = (lambda name: lambda ctx, node, a: f"torch.{name}({a[0]})")(_name)
-for _name in ("softsign", "mish", "logsigmoid"):
+for _name in ("softsign", "mish", "logsigmoid", "softplus", "selu"):
     EMITTERS[_name] = (lambda name: lambda ctx, node, a: f"F.{name}({a[0]})")(_name)
 for _name in ("eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor", "bitwise_and",
               "bitwise_or", "bitwise_xor", "fmod", "remainder", "atan2"):

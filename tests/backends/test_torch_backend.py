@@ -156,3 +156,15 @@ def test_take_and_index_at_a_negative_axis():
     graph.set_outputs([index.outputs[0]])
     inputs = torch.randn(2, 4, 4)
     torch.testing.assert_close(slimgraph.to_torch(graph)(inputs), inputs[:, :, [3, 0, 3]][:, [3, 0, 3]])
+
+
+def test_constants_named_like_module_attributes_keep_the_module_working():
+    """Fuzz-found (ir 58): a constant named ``to`` was registered as a buffer over nn.Module.to."""
+    g = Graph("named")
+    x = g.add_input("x", (2, 3), DType.float32)
+    for name in ("to", "eval", "forward", "training"):
+        x = g.create_node("add", [x, g.add_constant(name, torch.randn(3))]).output
+    g.set_outputs([x])
+    model = slimgraph.to_torch(g)
+    inputs = torch.randn(2, 3)
+    torch.testing.assert_close(model.to(torch.float32)(inputs), slimgraph.ir.run(g, [inputs])[0])
