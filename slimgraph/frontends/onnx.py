@@ -253,6 +253,7 @@ class _Converter:
         self.node: gs.Node | None = None
         self.symbols: dict[str, int] = {}  # the graph's symbols (dim_params) and their sizes here
         self._observed_values: dict[str, np.ndarray] | None = None
+        self.absorbed: set[str] = set()  # nodes (by first output) a handler of an earlier node computed already
 
     # ------------------------------------------------------------------ driver
     def convert(self) -> Graph:
@@ -325,7 +326,7 @@ class _Converter:
             self._opaque(node, outer)
             return
         inputs = [self.env.get(t.name) if t.name else None for t in node.inputs]
-        if shape_arith.applies(node.op, inputs):
+        if shape_arith.applies(node.op, inputs, node.attrs):
             try:
                 arrays = shape_arith.evaluate(node, inputs)
             except (ValueError, IndexError, TypeError) as exc:
@@ -415,11 +416,13 @@ class _Converter:
             return None
         return self.value(self.node.inputs[index].name)
 
-    def emit(self, op: str, inputs: Sequence[Value | None], attrs: dict | None = None, suffix: str = "") -> Any:
+    def emit(self, op: str, inputs: Sequence[Value | None], attrs: dict | None = None, suffix: str = "",
+             name: str | None = None) -> Any:
+        """One IR node, named after the ONNX node's output (or ``name``) and ``suffix``."""
         names = None  # a node of several outputs keeps the file's names for them (Split's halves)
         if not suffix and len(self.node.outputs) > 1:
             names = [t.name or f"{self.name}_{i}" for i, t in enumerate(self.node.outputs)]
-        node = self.graph.create_node(op, list(inputs), attrs, name=self.name + suffix, output_names=names,
+        node = self.graph.create_node(op, list(inputs), attrs, name=(name or self.name) + suffix, output_names=names,
                                       meta={"origin": f"onnx:{self.node.name or self.node.op}"})
         return node.outputs[0] if len(node.outputs) == 1 else node.outputs
 

@@ -181,8 +181,26 @@ def layer_norm(cv):
 
 @handles("LRN")
 def lrn(cv):
-    return cv.emit("lrn", [_x(cv)], {"size": int(cv.attr("size")), "alpha": float(cv.attr("alpha", 1e-4)),
+    """torch's window is [c - size // 2, c + (size - 1) // 2], ONNX's [c - (size - 1) // 2, c + size // 2]:
+    the same for odd sizes only (an even one stays opaque)."""
+    size = int(cv.attr("size"))
+    if size % 2 == 0:
+        raise Unhandled
+    return cv.emit("lrn", [_x(cv)], {"size": size, "alpha": float(cv.attr("alpha", 1e-4)),
                                      "beta": float(cv.attr("beta", 0.75)), "k": float(cv.attr("bias", 1.0))})
+
+
+@handles("InstanceNormalization")
+def instance_norm(cv):
+    """Instance norm is group norm with a group per channel. Over one element per channel it is the
+    bias (x - mean is 0, or NaN where x is not finite): torch's group_norm refuses that at batch 1."""
+    x, scale, bias = _x(cv), cv.tensor_input(1), cv.tensor_input(2)
+    if x.rank < 3 or scale is None or bias is None or (x.sym and x.sym[1] is not None):
+        raise Unhandled
+    if int(np.prod(x.shape[2:])) == 1 and not (x.sym and any(x.sym[2:])):
+        per_channel = cv.emit("reshape", [bias], {"shape": [x.shape[1]] + [1] * (x.rank - 2)}, suffix="_bias")
+        return cv.emit("add", [cv.emit("sub", [x, x], suffix="_zero"), per_channel])
+    return cv.emit("group_norm", [x, scale, bias], {"num_groups": x.shape[1], "eps": float(cv.attr("epsilon", 1e-5))})
 
 
 @handles("MaxPool", "AveragePool")
@@ -199,10 +217,39 @@ def pool(cv):
     if cv.node.op == "MaxPool":
         if int(cv.attr("storage_order", 0)):
             raise Unhandled
-        return cv.emit("max_pool", [x], {**attrs, "dilation": dilations})
-    if dilations != [1] * nd:
+        op, attrs = "max_pool", {**attrs, "dilation": dilations}
+    elif dilations != [1] * nd:
         raise Unhandled
-    return cv.emit("avg_pool", [x], {**attrs, "count_include_pad": bool(cv.attr("count_include_pad", 0))})
+    else:
+        op, attrs = "avg_pool", {**attrs, "count_include_pad": bool(cv.attr("count_include_pad", 0))}
+    y = cv.emit(op, [x], attrs)
+    trim = _trimming_slice(cv, y) if attrs["ceil_mode"] else None
+    if trim is not None:
+        cv.graph.remove_node(y.producer)
+        y = cv.emit(op, [x], attrs, name=trim.outputs[0].name)
+        cv.absorbed.add(trim.outputs[0].name)
+    return y
+
+
+def _trimming_slice(cv, y: Value) -> Any:
+    """The Slice that is the only reader of a ceil-mode pool and keeps all of the pool's windows as
+    torch counts them, or None. ONNX's shape inference counts one more window where the last starts
+    in the padding (torch and onnxruntime do not), so slimgraph writes such a pool as the pool and
+    that Slice: the Slice is then no node and the pool takes its name (the file imports as the IR
+    it was written from)."""
+    tensor = cv.node.outputs[0]
+    if len(tensor.outputs) != 1 or tensor.outputs[0].op != "Slice" or tensor in cv.gs_graph.outputs:
+        return None
+    trim = tensor.outputs[0]
+    bounds = [cv.env.get(t.name) if t.name else None for t in trim.inputs[1:5]]
+    if len(bounds) < 3 or any(not isinstance(b, np.ndarray) or b.dtype == object for b in bounds[:3]) \
+            or (len(bounds) > 3 and bounds[3] is not None and not isinstance(bounds[3], np.ndarray)):
+        return None
+    starts, ends, axes = (b.reshape(-1) for b in bounds[:3])
+    steps = bounds[3].reshape(-1) if len(bounds) > 3 and bounds[3] is not None else np.ones_like(starts)
+    sym = y.sym or (None,) * y.rank
+    return trim if all(s == 0 and st == 1 and sym[int(a) % y.rank] is None and e >= y.shape[int(a) % y.rank]
+                       for s, e, a, st in zip(starts, ends, axes, steps)) else None
 
 
 @handles("GlobalAveragePool", "GlobalMaxPool")
@@ -316,7 +363,9 @@ def _binary(cv, op: str) -> Value:
         if trailing > 0:
             b = cv.emit("reshape", [b], {"shape": list(b.shape) + [1] * trailing}, suffix="_aligned")
     if op == "div" and not a.dtype.is_float:
-        raise Unhandled  # integer division truncates in ONNX
+        if a.dtype != b.dtype or a.dtype == DType.bool:
+            raise Unhandled
+        return cv.emit("div", [a, b], {"rounding_mode": "trunc"})  # ONNX's integer Div truncates
     if op == "pow" and a.dtype != b.dtype:
         raise Unhandled  # ONNX's Pow keeps the base's type (int ** float is an int), torch promotes
     return cv.emit(op, [a, b])
@@ -445,9 +494,22 @@ def split(cv):
     return list(outs) if isinstance(outs, tuple) else [outs]
 
 
+def _reversed(size: int, start: int, end: int, step: int) -> tuple[int, int, int]:
+    """A negative-step slice of ``size`` elements as a positive-step one of the flipped axis."""
+    s, e, st = slice(start, end, step).indices(size)
+    count = len(range(s, e, st))
+    if not count:
+        return 0, 0, 1
+    first = size - 1 - s
+    return first, first + (count - 1) * -st + 1, -st
+
+
 @handles("Slice")
 def slice_(cv):
+    """A negative step reverses its axis: flip, then a positive-step slice of the flipped axis."""
     x = _x(cv)
+    if cv.name in cv.absorbed:  # a ceil-mode pool's trim to torch's windows: the pool is its value
+        return x
     if cv.opset < 10:
         starts, ends = _ints(cv.attr("starts")), _ints(cv.attr("ends"))
         axes = _ints(cv.attr("axes")) if cv.attr("axes") is not None else list(range(len(starts)))
@@ -456,28 +518,40 @@ def slice_(cv):
         starts, ends = _ints(cv.static(1)), _ints(cv.static(2))
         axes = _ints(cv.static(3)) if cv.input(3) is not None else list(range(len(starts)))
         steps = _ints(cv.static(4)) if cv.input(4) is not None else [1] * len(starts)
-    norm = {"axes": [], "starts": [], "ends": [], "steps": []}
-    if _symbolic([*starts, *ends]) or x.sym:  # bounds over the graph's symbols: as given, clamped at run time
-        for axis, start, end, step in zip(axes, starts, ends, steps):
-            axis %= x.rank
-            if not isinstance(end, SymDim) and end >= 2 ** 62:
-                end = x.dim(axis)  # "to the end"
-            if step < 0:
-                raise Unhandled
-            for key, v in zip(norm, (axis, start, end, step)):
-                norm[key].append(v)
-        return cv.emit("slice", [x], norm)
+    norm: dict[str, list] = {"axes": [], "starts": [], "ends": [], "steps": []}
+    flips: list[int] = []
+    symbolic = _symbolic([*starts, *ends]) or bool(x.sym)
     for axis, start, end, step in zip(axes, starts, ends, steps):
         axis %= x.rank
         size = x.shape[axis]
-        # clamp like ONNX (and Python slicing) does; huge sentinels mean "to the end"
-        start = max(min(start, size), -size - 1) if step > 0 else max(min(start, size - 1), -size - 1)
-        end = max(min(end, size), -size - 1)
-        s, e, st = slice(start, end, step).indices(size)
-        if st < 0:
-            raise Unhandled  # negative steps: keep the ONNX node
-        for key, v in zip(norm, (axis, s, max(e, s), st)):
+        static = not (isinstance(start, SymDim) or isinstance(end, SymDim) or (x.sym and x.sym[axis] is not None))
+        if step < 0:
+            if static:
+                flips.append(axis)
+                start, end, step = _reversed(size, start, end, step)
+                if (start, end, step) == (0, size, 1):
+                    continue
+            elif step == -1 and not isinstance(start, SymDim) and (start == -1 or start >= 2 ** 62) \
+                    and not isinstance(end, SymDim) and end <= -2 ** 31:
+                flips.append(axis)  # the whole axis reversed, whatever its size
+                continue
+            else:
+                raise Unhandled
+        elif symbolic:  # bounds over the graph's symbols: as given, clamped at run time
+            if not isinstance(end, SymDim) and end >= 2 ** 62:
+                end = x.dim(axis)  # "to the end"
+        else:
+            # clamp like ONNX (and Python slicing) does; huge sentinels mean "to the end"
+            start = max(min(start, size), -size - 1)
+            end = max(min(end, size), -size - 1)
+            s, e, step = slice(start, end, step).indices(size)
+            start, end = s, max(e, s)
+        for key, v in zip(norm, (axis, start, end, step)):
             norm[key].append(v)
+    if flips:
+        x = cv.emit("flip", [x], {"dims": sorted(set(flips))}, suffix="_flip" if norm["axes"] else "")
+        if not norm["axes"]:
+            return x
     return cv.emit("slice", [x], norm)
 
 
@@ -547,24 +621,48 @@ def pad(cv):
     torch_pads: list[int] = []
     for d in reversed(range(n)):
         torch_pads += [pads[d], pads[n + d]]
-    while torch_pads[-2:] == [0, 0] and len(torch_pads) > 2:  # F.pad pads the last dims first
+    # F.pad pads the last dims first; its reflect and replicate modes take all spatial dims' pads
+    least = 2 if torch_mode == "constant" else 2 * max(x.rank - 2, 1)
+    while torch_pads[-2:] == [0, 0] and len(torch_pads) > least:
         torch_pads = torch_pads[:-2]
     if torch_mode != "constant" and len(torch_pads) // 2 > x.rank - 2:
         raise Unhandled  # torch reflects only spatial dims
     return cv.emit("pad", [x], {"pads": torch_pads, "mode": torch_mode, "value": value})
 
 
-@handles("ReduceMean", "ReduceSum")
+_REDUCE = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "amax", "ReduceMin": "amin", "ReduceProd": "prod"}
+
+
+@handles(*_REDUCE)
 def reduce(cv):
+    """Axes are an input from opset 18 (ReduceSum: 13), an attribute before; none (or an empty
+    input) reduces every axis unless noop_with_empty_axes says the node is an identity."""
     x = _x(cv)
-    op = "mean" if cv.node.op == "ReduceMean" else "sum"
+    op = _REDUCE[cv.node.op]
     axes_from_input = cv.node.op == "ReduceSum" and cv.opset >= 13 or cv.opset >= 18
     axes = _axes(cv) if axes_from_input else (_ints(cv.attr("axes")) if cv.attr("axes") is not None else None)
     if axes is None or not axes:
         if int(cv.attr("noop_with_empty_axes", 0)):
             return cv.emit("identity", [x])
         axes = list(range(x.rank))
-    return cv.emit(op, [x], {"axes": sorted(a % x.rank for a in axes), "keepdim": bool(cv.attr("keepdims", 1))})
+    if x.dtype == DType.bool or (op == "mean" and not x.dtype.is_float):
+        raise Unhandled  # not ONNX's types for these ops (torch's mean takes no integers)
+    attrs = {"axes": sorted({a % x.rank for a in axes}), "keepdim": bool(cv.attr("keepdims", 1))}
+    if op in ("sum", "prod") and not x.dtype.is_float and x.dtype != DType.int64:
+        # torch sums and multiplies narrower integers into int64; ONNX keeps the type
+        y = cv.emit(op, [x], attrs, suffix="_int64")
+        return cv.emit("cast", [y], {"dtype": str(x.dtype.torch).removeprefix("torch.")})
+    return cv.emit(op, [x], attrs)
+
+
+@handles("ArgMax", "ArgMin")
+def arg_reduce(cv):
+    """The first index of the max (min), as torch's; select_last_index has no IR form."""
+    x = _x(cv)
+    if int(cv.attr("select_last_index", 0)) or x.dtype == DType.bool or x.rank == 0:
+        raise Unhandled
+    return cv.emit("argmax" if cv.node.op == "ArgMax" else "argmin", [x],
+                   {"axes": [int(cv.attr("axis", 0)) % x.rank], "keepdim": bool(cv.attr("keepdims", 1))})
 
 
 @handles("Cast")
@@ -696,3 +794,6 @@ def gather_nd(cv):
     parts = [cv.emit("select", [indices], {"axis": indices.rank - 1, "index": k}, suffix=f"_index{k}")
              for k in range(indices.shape[-1])]
     return cv.emit("index", [x, *parts], {"axes": list(range(len(parts)))})
+
+
+from slimgraph.frontends import onnx_indexing, onnx_math  # noqa: E402, F401  (their handlers join HANDLERS)

@@ -11,9 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from onnx import TensorProto
 
 from slimgraph.ir.symbolic import SymDim
 
+_INTEGER_TYPES = {TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT64,
+                  TensorProto.UINT32, TensorProto.UINT16, TensorProto.UINT8}
 OPS = {"Gather", "Concat", "Unsqueeze", "Squeeze", "Slice", "Reshape", "Cast", "Identity", "Add", "Sub", "Mul",
        "Div", "Equal", "Where", "Max", "Min", "Neg"}
 
@@ -22,10 +25,13 @@ def _sizes_array(x: Any) -> bool:
     return isinstance(x, np.ndarray) and x.dtype == object
 
 
-def applies(op: str, inputs: list) -> bool:
+def applies(op: str, inputs: list, attrs: dict | None = None) -> bool:
     """Whether a node computes sizes: a size-arithmetic op whose data operand(s) hold SymDims (a
-    Slice of a constant table up to ``seq`` is a tensor op instead: its data is a plain array)."""
+    Slice of a constant table up to ``seq`` is a tensor op instead: its data is a plain array). A
+    Cast keeps sizes only to an integer type (to bool or float it is a tensor op on them)."""
     if op not in OPS or any(x is not None and not isinstance(x, np.ndarray) for x in inputs):
+        return False
+    if op == "Cast" and int((attrs or {}).get("to", TensorProto.INT64)) not in _INTEGER_TYPES:
         return False
     if op in ("Add", "Sub", "Mul", "Div", "Equal", "Max", "Min", "Concat"):
         return any(_sizes_array(x) for x in inputs)
