@@ -177,18 +177,7 @@ for _op, _onnx in {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "exp": 
 EMITTERS["hardsigmoid"] = _simple("HardSigmoid", alpha=1.0 / 6.0, beta=0.5)
 
 
-def _erf(b: _Builder, x: str, value: Value, out: str | None = None) -> str:
-    """Erf of ``x`` (into ``out`` if given); onnxruntime has no float64 Erf kernel (nor Gelu, built
-    on it), so a float64 one is computed in float32 and cast back (float32's 1e-7 relative error)."""
-    if value.dtype != DType.float64:
-        return b.add("Erf", [x], [out] if out else 1)[0]
-    single = b.add("Cast", [x], 1, to=onnx.TensorProto.FLOAT)[0]
-    return b.add("Cast", [b.add("Erf", [single], 1)[0]], [out] if out else 1, to=onnx.TensorProto.DOUBLE)[0]
-
-
-@emitter("erf")
-def emit_erf(b, node):
-    _erf(b, b.inp(0), node.inputs[0], b.out())
+EMITTERS["erf"] = _simple("Erf")  # float64: in float32 (NO_DOUBLE_KERNEL)
 
 
 @emitter("dropout")
@@ -279,24 +268,36 @@ def emit_layer_norm(b, node):
         b.add("Add", [normed, b.inp(2)], [b.out()])
 
 
+def _reduce_axes(b: _Builder, onnx_op: str, x: str, axes: list[int], keepdims: int = 1, outputs: Any = 1) -> str:
+    """A Reduce* node: axes as an input from opset 18 (ReduceSum's from 13), an attribute before."""
+    if b.opset >= 18 or (onnx_op == "ReduceSum" and b.opset >= 13):
+        return b.add(onnx_op, [x, b.ints(axes, "axes")], outputs, keepdims=keepdims)[0]
+    return b.add(onnx_op, [x], outputs, axes=axes, keepdims=keepdims)[0]
+
+
 def _reduce_mean(b: _Builder, x: str, axes: list[int], keepdims: int = 1, outputs: Any = 1) -> str:
-    if b.opset >= 18:
-        return b.add("ReduceMean", [x, b.ints(axes, "axes")], outputs, keepdims=keepdims)[0]
-    return b.add("ReduceMean", [x], outputs, axes=axes, keepdims=keepdims)[0]
+    return _reduce_axes(b, "ReduceMean", x, axes, keepdims, outputs)
 
 
 @emitter("group_norm")
 def emit_group_norm(b, node):
+    """A group per channel is InstanceNormalization; other groups are the channels of a reshape to
+    [N, groups, -1], normalized without scale, then scaled and shifted per channel."""
     x = node.inputs[0]
     groups = node.attrs["num_groups"]
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if groups == x.shape[1] and x.rank >= 3 and not (x.sym and x.sym[1] is not None):
+        scale = b.inp(1) if w is not None else b.initializer(torch.ones(groups, dtype=x.dtype.torch), "ones")
+        shift = b.inp(2) if bias is not None else b.initializer(torch.zeros(groups, dtype=x.dtype.torch), "zeros")
+        b.add("InstanceNormalization", [b.inp(0), scale, shift], [b.out()], epsilon=node.attrs["eps"])
+        return
     grouped = b.add("Reshape", [b.inp(0), b.ints([0, groups, -1], "grouped")], 1)[0]
     ones = b.initializer(torch.ones(groups, dtype=x.dtype.torch), "ones")
     zeros = b.initializer(torch.zeros(groups, dtype=x.dtype.torch), "zeros")
     normed = b.add("InstanceNormalization", [grouped, ones, zeros], 1, epsilon=node.attrs["eps"])[0]
     y = b.add("Reshape", [normed, b.ints([0] + list(x.shape[1:]), "shape")], 1)[0]
     per_channel = [x.shape[1]] + [1] * (x.rank - 2)
-    w = node.inputs[1] if len(node.inputs) > 1 else None
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
     if w is not None:
         y = b.add("Mul", [y, b.add("Reshape", [b.inp(1), b.ints(per_channel, "wshape")], 1)[0]], 1)[0]
     if bias is not None:
@@ -306,22 +307,64 @@ def emit_group_norm(b, node):
 
 @emitter("lrn")
 def emit_lrn(b, node):
-    a = node.attrs
-    b.add("LRN", [b.inp(0)], [b.out()], size=a["size"], alpha=a["alpha"], beta=a["beta"], bias=a["k"])
+    """ONNX's LRN sums the squares over channels [c - (size - 1) // 2, c + size // 2], torch's over
+    [c - size // 2, c + (size - 1) // 2], and onnxruntime runs odd sizes of 4-D inputs only: other
+    sizes and ranks are written out as torch computes them, x / (k + alpha / size * window sum of x^2)^beta."""
+    a, x = node.attrs, node.inputs[0]
+    size = a["size"]
+    if size % 2 and x.rank == 4:
+        b.add("LRN", [b.inp(0)], [b.out()], size=size, alpha=a["alpha"], beta=a["beta"], bias=a["k"])
+        return
+    channels = x.shape[1]
+    begin, end = [0] * x.rank, [0] * x.rank
+    begin[1], end[1] = size // 2, (size - 1) // 2
+    square = b.add("Mul", [b.inp(0), b.inp(0)], 1)[0]
+    padded = b.add("Pad", [square, b.ints(begin + end, "pads")], 1, mode="constant")[0]
+    total = None
+    for j in range(size):
+        part = b.add("Slice", [padded, b.ints([j], "start"), b.ints([j + channels], "end"), b.ints([1], "axis")],
+                     1)[0]
+        total = part if total is None else b.add("Add", [total, part], 1)[0]
+    scaled = b.add("Mul", [total, b.scalar_like(a["alpha"] / size, x, "alpha")], 1)[0]
+    base = b.add("Add", [scaled, b.scalar_like(a["k"], x, "k")], 1)[0]
+    b.add("Div", [b.inp(0), b.add("Pow", [base, b.scalar_like(a["beta"], x, "beta")], 1)[0]], [b.out()])
+
+
+def _pool(b: _Builder, node: Node, onnx_op: str, **attrs: Any) -> None:
+    """A pooling node. With ceil_mode, torch drops a last window that starts in the right padding;
+    onnxruntime does too, but ONNX's shape inference counts it, and onnx.checker rejects the output
+    shape: such a pool writes to an intermediate that a Slice cuts to torch's windows (a no-op in
+    onnxruntime)."""
+    a, x, y = node.attrs, node.inputs[0], node.outputs[0]
+    nd = len(a["kernel"])
+    cut = []
+    if a.get("ceil_mode") and not any((x.sym or ())[2:]):  # spatial sizes known
+        dilation = a.get("dilation", [1] * nd)
+        for i in range(nd):
+            span = dilation[i] * (a["kernel"][i] - 1) + 1
+            counted = -(-(x.shape[2 + i] + a["pads"][i] + a["pads"][nd + i] - span) // a["stride"][i]) + 1
+            if counted != y.shape[2 + i]:
+                cut.append((2 + i, y.shape[2 + i]))
+    if not cut:
+        b.add(onnx_op, [b.inp(0)], [b.out()], **attrs)
+        return
+    pooled = b.add(onnx_op, [b.inp(0)], 1, **attrs)[0]
+    axes, ends = [axis for axis, _ in cut], [end for _, end in cut]
+    b.add("Slice", [pooled, b.ints([0] * len(cut), "starts"), b.ints(ends, "ends"), b.ints(axes, "axes")], [b.out()])
 
 
 @emitter("max_pool")
 def emit_max_pool(b, node):
     a = node.attrs
     nd = len(a["kernel"])
-    b.add("MaxPool", [b.inp(0)], [b.out()], kernel_shape=a["kernel"], strides=a["stride"], pads=a["pads"],
+    _pool(b, node, "MaxPool", kernel_shape=a["kernel"], strides=a["stride"], pads=a["pads"],
           dilations=a.get("dilation", [1] * nd), ceil_mode=int(a.get("ceil_mode", False)))
 
 
 @emitter("avg_pool")
 def emit_avg_pool(b, node):
     a = node.attrs
-    b.add("AveragePool", [b.inp(0)], [b.out()], kernel_shape=a["kernel"], strides=a["stride"], pads=a["pads"],
+    _pool(b, node, "AveragePool", kernel_shape=a["kernel"], strides=a["stride"], pads=a["pads"],
           ceil_mode=int(a.get("ceil_mode", False)), count_include_pad=int(a.get("count_include_pad", True)))
 
 
@@ -333,10 +376,27 @@ def emit_adaptive(b, node):
         b.add("GlobalAveragePool" if is_avg else "GlobalMaxPool", [b.inp(0)], [b.out()])
         return
     spatial = x.shape[2:]
-    if any(d % s for d, s in zip(spatial, size)):
-        raise UnsupportedError(f"node {node.name}: adaptive pooling {spatial} -> {size} has no ONNX form")
-    kernel = [d // s for d, s in zip(spatial, size)]
-    b.add("AveragePool" if is_avg else "MaxPool", [b.inp(0)], [b.out()], kernel_shape=kernel, strides=kernel)
+    size = [d if s is None else s for d, s in zip(spatial, size)]
+    if not any(d % s for d, s in zip(spatial, size)):
+        kernel = [d // s for d, s in zip(spatial, size)]
+        b.add("AveragePool" if is_avg else "MaxPool", [b.inp(0)], [b.out()], kernel_shape=kernel, strides=kernel)
+        return
+    if any((x.sym or ())[2:]):
+        raise UnsupportedError(f"node {node.name}: adaptive pooling of symbolic spatial sizes to {size} has no "
+                               "ONNX form (its windows depend on the size)")
+    # windows of unequal sizes, [floor(i * d / s), ceil((i + 1) * d / s)) along each axis: a window is
+    # a box, so its mean (max) is the mean (max) along one axis of those along the others
+    name = b.inp(0)
+    for axis, (d, s) in enumerate(zip(spatial, size), start=2):
+        if d == s:
+            continue
+        parts = []
+        for i in range(s):
+            window = b.add("Slice", [name, b.ints([i * d // s], "start"), b.ints([-(-(i + 1) * d // s)], "end"),
+                                     b.ints([axis], "axis")], 1)[0]
+            parts.append(_reduce_axes(b, "ReduceMean" if is_avg else "ReduceMax", window, [axis]))
+        name = b.add("Concat", parts, 1, axis=axis)[0]
+    b.add("Identity", [name], [b.out()])
 
 
 @emitter("clip")
@@ -383,7 +443,7 @@ def emit_silu(b, node):
 def emit_gelu(b, node):
     x = node.inputs[0]
     approximate = node.attrs.get("approximate", "none")
-    if b.opset >= 20 and (approximate == "tanh" or x.dtype != DType.float64):
+    if b.opset >= 20 and (approximate == "tanh" or x.dtype != DType.float64):  # float64 Gelu-20 runs on Erf
         b.add("Gelu", [b.inp(0)], [b.out()], approximate=approximate)
         return
     if approximate == "tanh":
@@ -391,7 +451,7 @@ def emit_gelu(b, node):
         inner = b.add("Add", [b.inp(0), b.add("Mul", [cube, b.scalar_like(0.044715, x, "k")], 1)[0]], 1)[0]
         t = b.add("Tanh", [b.add("Mul", [inner, b.scalar_like(math.sqrt(2 / math.pi), x, "s")], 1)[0]], 1)[0]
     else:
-        t = _erf(b, b.add("Div", [b.inp(0), b.scalar_like(math.sqrt(2.0), x, "sqrt2")], 1)[0], x)
+        t = b.add("Erf", [b.add("Div", [b.inp(0), b.scalar_like(math.sqrt(2.0), x, "sqrt2")], 1)[0]], 1)[0]
     one_plus = b.add("Add", [t, b.scalar_like(1.0, x, "one")], 1)[0]
     half_x = b.add("Mul", [b.inp(0), b.scalar_like(0.5, x, "half")], 1)[0]
     b.add("Mul", [half_x, one_plus], [b.out()])
@@ -535,6 +595,12 @@ def emit_attention(b, node):
     kt = b.add("Transpose", [k], 1, perm=lead + [rank - 1, rank, rank - 2])[0]  # [..., heads, dim, S]
     scale = b.scalar_like(node.attrs["scale"], node.inputs[0], "scale")
     scores = b.add("Mul", [b.add("MatMul", [qh, kt], 1)[0], scale], 1)[0]
+    if len(node.inputs) > 3:
+        mask = b.inp(3)
+        if node.inputs[3].dtype == DType.bool:
+            mask = b.add("Where", [mask, b.scalar_like(0.0, node.inputs[0], "attend"),
+                                   b.scalar_like(float("-inf"), node.inputs[0], "masked")], 1)[0]
+        scores = b.add("Add", [scores, mask], 1)[0]
     context = b.add("MatMul", [b.add("Softmax", [scores], 1, axis=-1)[0], vh], 1)[0]
     merged = b.add("Transpose", [context], 1, perm=to_heads)[0]
     b.add("Reshape", [merged, b.ints([0] * (rank - 1) + [-1], "merge")], [b.out()])
@@ -588,12 +654,6 @@ def emit_opaque(b, node):
         b.nodes.append(copy)
     else:
         b.nodes.extend(_converted_node(b, node, copy, source_opsets))
-    if len(node.inputs) > 3:
-        mask = b.inp(3)
-        if node.inputs[3].dtype == DType.bool:
-            mask = b.add("Where", [mask, b.scalar_like(0.0, node.inputs[0], "attend"),
-                                   b.scalar_like(float("-inf"), node.inputs[0], "masked")], 1)[0]
-        scores = b.add("Add", [scores, mask], 1)[0]
     for domain, version in impl.extra.get("opset", []):
         if domain not in ("", "ai.onnx"):
             b.extra_opsets[domain] = version
@@ -692,12 +752,23 @@ def _only_transposed(graph: Graph, dq: Node) -> bool:
         and all(u.node.op == "linear" and u.index == 1 and u.node.inputs[0].rank != 2 for u in v.uses)
 
 
+def _quantizable(b: _Builder, value: Value) -> str:
+    """The input of a QuantizeLinear in its scale's type, float32: x takes no float64, and no 16-bit
+    floats before opset 19 (nor ones of another type than the scale's after)."""
+    if value.dtype == DType.float32 or not value.dtype.is_float:
+        return b.name(value)
+    return b.add("Cast", [b.name(value)], 1, to=TensorProto.FLOAT)[0]
+
+
 @emitter("quantize_linear", "dequantize_linear")
 def emit_quantize_dequantize(b, node):
     if node.op == "dequantize_linear" and _only_transposed(b.graph, node):
         return
     op = "QuantizeLinear" if node.op == "quantize_linear" else "DequantizeLinear"
-    b.add(op, [b.inp(i) for i, v in enumerate(node.inputs) if v is not None], [b.out()], **_axis_attr(node))
+    inputs = [b.inp(i) for i, v in enumerate(node.inputs) if v is not None]
+    if op == "QuantizeLinear":
+        inputs[0] = _quantizable(b, node.inputs[0])
+    b.add(op, inputs, [b.out()], **_axis_attr(node))
 
 
 @emitter("fake_quant")
@@ -705,13 +776,19 @@ def emit_fake_quant(b, node):
     """A QuantizeLinear -> DequantizeLinear pair sharing scale and zero point (what QDQ runtimes fuse);
     a range narrower than the integer type's (qmin/qmax: 7-bit weights) clips the integers between."""
     params = [b.inp(1), b.inp(2)]
-    q = b.add("QuantizeLinear", [b.inp(0), *params], 1, **_axis_attr(node))[0]
+    q = b.add("QuantizeLinear", [_quantizable(b, node.inputs[0]), *params], 1, **_axis_attr(node))[0]
     dtype = node.inputs[2].dtype.torch
     lo, hi = qrange(dtype, node.attrs)
     if (lo, hi) != QRANGE[dtype]:
         np_dtype = np.int8 if dtype == torch.int8 else np.uint8
         q = b.add("Clip", [q, b.const(lo, "qmin", np_dtype), b.const(hi, "qmax", np_dtype)], 1)[0]
-    b.add("DequantizeLinear", [q, *params], [b.out()], **_axis_attr(node))
+    out = node.outputs[0]
+    scale_type = node.inputs[1].dtype
+    if out.dtype == scale_type:
+        b.add("DequantizeLinear", [q, *params], [b.out()], **_axis_attr(node))
+    else:  # DequantizeLinear gives the scale's type
+        b.add("Cast", [b.add("DequantizeLinear", [q, *params], 1, **_axis_attr(node))[0]], [b.out()],
+              to=_ONNX_DTYPE[out.dtype])
 
 
 def onnxruntime_kernels(model: onnx.ModelProto | str | os.PathLike, level: str = "extended") -> dict[str, int]:
@@ -757,6 +834,72 @@ def _batch_symbols(graph: Graph, dynamic_batch: bool) -> tuple[list[str | None],
     return inputs, outputs
 
 
+# Ops onnxruntime's CPU provider has no float64 kernel for (checked against onnxruntime 1.32: a
+# session on a one-node float64 model fails with "Could not find an implementation", the same
+# node in float32 runs; tests/backends/test_onnx_float64.py keeps the list honest). In a float64
+# graph each runs in float32 between Casts (float32's ~1e-7 relative error) and the file stays
+# valid ONNX, only slower. HardSwish runs as its function body, on HardSigmoid; Gelu-20 too, on
+# Erf where approximate is none (emit_gelu writes that one out for float64, so Erf is wrapped).
+NO_DOUBLE_KERNEL = frozenset({
+    "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "Cosh", "Sinh", "Tan", "Erf",
+    "Elu", "HardSigmoid", "HardSwish", "Selu", "Softplus", "Softsign",
+    "Conv", "ConvTranspose", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+    "InstanceNormalization", "LRN", "Resize", "GridSample",
+})
+
+
+def _float64_in_float32(model: onnx.ModelProto) -> None:
+    """Wrap the float64 nodes of NO_DOUBLE_KERNEL ops in Casts: float64 inputs to float32, float64
+    outputs back. Element types come from onnx's type inference on the graph without its tensors'
+    data (types do not depend on it; a large model is not copied)."""
+    if not any(n.op_type in NO_DOUBLE_KERNEL and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version, skeleton.graph.name = model.ir_version, model.graph.name
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.graph.node.extend(model.graph.node)
+    skeleton.graph.input.extend(model.graph.input)
+    skeleton.graph.output.extend(model.graph.output)
+    skeleton.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                for t in model.graph.initializer)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton).graph
+    except Exception:
+        return  # check_model reports what is wrong with the file
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.input, *inferred.value_info, *inferred.output]}
+    nodes, used = [], {n for node in model.graph.node for n in [*node.input, *node.output]}
+
+    def fresh(base: str) -> str:
+        name, i = base, 1
+        while name in used:
+            name, i = f"{base}_{i}", i + 1
+        used.add(name)
+        return name
+
+    double = TensorProto.DOUBLE
+    for node in model.graph.node:
+        if node.op_type not in NO_DOUBLE_KERNEL or node.domain not in ("", "ai.onnx") or not any(
+                types.get(name) == double for name in node.input if name):
+            nodes.append(node)
+            continue
+        for i, name in enumerate(node.input):
+            if name and types.get(name) == double:
+                single = fresh(f"{name}_float32")
+                nodes.append(helper.make_node("Cast", [name], [single], name=fresh(f"{node.name}/CastIn{i}"),
+                                              to=TensorProto.FLOAT))
+                node.input[i] = single
+        after = []
+        for i, name in enumerate(node.output):
+            if name and types.get(name) == double:
+                single = fresh(f"{name}_float32")
+                after.append(helper.make_node("Cast", [single], [name], name=fresh(f"{node.name}/CastOut{i}"),
+                                              to=double))
+                node.output[i] = single
+        nodes += [node, *after]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
 def build_model(graph: Graph, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False) -> onnx.ModelProto:
     """The graph as a checked ModelProto. Raises UnsupportedError listing nodes without an ONNX form."""
     from slimgraph.backends import onnx_extended  # noqa: F401  (registers the wider op surface)
@@ -782,6 +925,9 @@ def build_model(graph: Graph, opset: int = DEFAULT_OPSET, dynamic_batch: bool = 
     model.graph.output.extend(_value_info(b.name(v), v, s) for v, s in zip(graph.outputs, out_symbols))
     model.opset_import.extend([helper.make_opsetid("", opset)] +
                               [helper.make_opsetid(d, v) for d, v in b.extra_opsets.items()])
+    if any(v.dtype == DType.float64 for v in [*graph.inputs, *graph.constants.values()] + [
+            o for n in graph.nodes for o in n.outputs]):
+        _float64_in_float32(model)
     return model
 
 

@@ -13,15 +13,15 @@ import numpy as np
 import torch
 from onnx import helper as onnx_helper
 
-from slimgraph.backends.onnx import _ONNX_DTYPE, EMITTERS, _Builder, _reduce_mean, _simple, emitter
+from slimgraph.backends.onnx import _ONNX_DTYPE, EMITTERS, _Builder, _reduce_axes, _reduce_mean, _simple, emitter
 from slimgraph.errors import UnsupportedError
 from slimgraph.ir import DType, Node, Value
 from slimgraph.ir.symbolic import SymDim
 
-for _op, _onnx in {"sin": "Sin", "cos": "Cos", "tan": "Tan", "asin": "Asin", "acos": "Acos", "atan": "Atan",
+for _op, _onnx in {"sin": "Sin", "cos": "Cos", "asin": "Asin", "acos": "Acos", "atan": "Atan",
                    "sinh": "Sinh", "cosh": "Cosh", "asinh": "Asinh", "acosh": "Acosh", "atanh": "Atanh",
                    "ceil": "Ceil", "floor": "Floor", "round": "Round", "sign": "Sign", "reciprocal": "Reciprocal",
-                   "isnan": "IsNaN", "isinf": "IsInf", "logical_not": "Not", "softsign": "Softsign"}.items():
+                   "isnan": "IsNaN", "softsign": "Softsign"}.items():
     EMITTERS[_op] = _simple(_onnx)
 
 
@@ -44,6 +44,33 @@ def _operands(b: _Builder, node: Node, dtype: DType | None = None) -> list[str]:
     return [_cast(b, b.name(v), v.dtype, dtype) for v in node.inputs[:2]]
 
 
+@emitter("isinf")
+def emit_isinf(b, node):
+    """IsInf takes float16 and bfloat16 from opset 20 on: before, they are cast to float32 (exactly)."""
+    x = node.inputs[0]
+    name = b.inp(0)
+    if b.opset < 20 and x.dtype in (DType.float16, DType.bfloat16):
+        name = _cast(b, name, x.dtype, DType.float32)
+    b.add("IsInf", [name], [b.out()])
+
+
+@emitter("tan")
+def emit_tan(b, node):
+    """onnxruntime has no float64 Tan, and in float32 (NO_DOUBLE_KERNEL) the input's rounding grows
+    by x * tan(x) near a pole (1e-4 relative at tan(x) = 1000): a float64 one is sin / cos."""
+    if node.inputs[0].dtype != DType.float64:
+        b.add("Tan", [b.inp(0)], [b.out()])
+        return
+    b.add("Div", [b.add("Sin", [b.inp(0)], 1)[0], b.add("Cos", [b.inp(0)], 1)[0]], [b.out()])
+
+
+@emitter("logical_not")
+def emit_logical_not(b, node):
+    """ONNX's Not takes bool only: other types are cast to it first (nonzero, NaN too, is true)."""
+    x = node.inputs[0]
+    b.add("Not", [_cast(b, b.inp(0), x.dtype, DType.bool)], [b.out()])
+
+
 @emitter("trunc")
 def emit_trunc(b, node):
     x = b.inp(0)
@@ -53,11 +80,10 @@ def emit_trunc(b, node):
 @emitter("expm1", "log1p", "log2", "log10", "logsigmoid", "mish")
 def emit_log_family(b, node):
     x, v = b.inp(0), node.inputs[0]
-    one = b.scalar_like(1.0, v, "one")
     if node.op == "expm1":
-        b.add("Sub", [b.add("Exp", [x], 1)[0], one], [b.out()])
+        b.add("Sub", [b.add("Exp", [x], 1)[0], b.scalar_like(1.0, v, "one")], [b.out()])
     elif node.op == "log1p":
-        b.add("Log", [b.add("Add", [x, one], 1)[0]], [b.out()])
+        b.add("Log", [b.add("Add", [x, b.scalar_like(1.0, v, "one")], 1)[0]], [b.out()])
     elif node.op in ("log2", "log10"):
         base = b.scalar_like(math.log(2.0 if node.op == "log2" else 10.0), v, "ln_base")
         b.add("Div", [b.add("Log", [x], 1)[0], base], [b.out()])
@@ -83,6 +109,11 @@ def emit_compare(b, node):
 
 @emitter("bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not")
 def emit_bitwise(b, node):
+    """Integer bitwise ops need opset 18; on bools they are the logical ones (any opset)."""
+    if all(v.dtype == DType.bool for v in node.inputs):
+        onnx_op = {"bitwise_and": "And", "bitwise_or": "Or", "bitwise_xor": "Xor", "bitwise_not": "Not"}[node.op]
+        b.add(onnx_op, [b.inp(i) for i in range(len(node.inputs))], [b.out()])
+        return
     if b.opset < 18:
         raise UnsupportedError(f"node {node.name}: integer {node.op} needs ONNX opset 18 or newer (asked for "
                                f"{b.opset}); pass opset=18")
@@ -104,11 +135,14 @@ def emit_mod(b, node):
 
 @emitter("atan2")
 def emit_atan2(b, node):
-    """atan(y / x), moved by +-pi into the left half-plane (x < 0), as torch.atan2."""
+    """atan(y / x), moved by +-pi into the left half-plane (x < 0), as torch.atan2; atan2(0, 0) is 0
+    (y / x would be NaN: x is 1 there)."""
     out = node.outputs[0]
     y, x = _operands(b, node, out.dtype)
-    base = b.add("Atan", [b.add("Div", [y, x], 1)[0]], 1)[0]
     zero = b.scalar_like(0.0, out, "zero")
+    origin = b.add("And", [b.add("Equal", [y, zero], 1)[0], b.add("Equal", [x, zero], 1)[0]], 1)[0]
+    divisor = b.add("Where", [origin, b.scalar_like(1.0, out, "one"), x], 1)[0]
+    base = b.add("Atan", [b.add("Div", [y, divisor], 1)[0]], 1)[0]
     pi = b.add("Where", [b.add("Less", [y, zero], 1)[0], b.scalar_like(-math.pi, out, "minus_pi"),
                          b.scalar_like(math.pi, out, "pi")], 1)[0]
     shift = b.add("Where", [b.add("Less", [x, zero], 1)[0], pi, zero], 1)[0]
@@ -124,9 +158,7 @@ def emit_where(b, node):
 
 # ---------------------------------------------------------------------------- reductions
 def _reduce(b: _Builder, onnx_op: str, x: str, axes: list[int], keep: int, outputs) -> str:
-    if b.opset >= 18:
-        return b.add(onnx_op, [x, b.ints(axes, "axes")], outputs, keepdims=keep)[0]
-    return b.add(onnx_op, [x], outputs, axes=axes, keepdims=keep)[0]
+    return _reduce_axes(b, onnx_op, x, axes, keep, outputs)
 
 
 @emitter("amax", "amin", "prod")
@@ -137,7 +169,10 @@ def emit_minmax(b, node):
 
 @emitter("any")
 def emit_any(b, node):
-    as_int = b.add("Cast", [b.inp(0)], 1, to=_ONNX_DTYPE[DType.int32])[0]
+    """Truth (nonzero) as 0 or 1, then the max: a float cast straight to an integer would truncate
+    0.25 to 0, and the max of -1 and 0 is 0."""
+    truth = _cast(b, b.inp(0), node.inputs[0].dtype, DType.bool)
+    as_int = b.add("Cast", [truth], 1, to=_ONNX_DTYPE[DType.int32])[0]
     top = _reduce(b, "ReduceMax", as_int, node.attrs["axes"], int(node.attrs.get("keepdim", False)), 1)
     b.add("Cast", [top], [b.out()], to=_ONNX_DTYPE[DType.bool])
 
@@ -231,10 +266,22 @@ def emit_index_put(b, node):
                 1)[0]
     idx = b.add("Expand", [idx, updates_shape], 1)[0]
     updates = b.add("Expand", [_cast(b, b.name(values), values.dtype, x.dtype), updates_shape], 1)[0]
-    reduction = {"reduction": "add"} if node.attrs.get("accumulate") else {}
-    if reduction and b.opset < 16:
+    if node.attrs.get("accumulate") and b.opset < 16:
         raise UnsupportedError(f"node {node.name}: index_put with accumulate needs ONNX opset 16 or newer")
-    b.add("ScatterElements", [b.inp(0), idx, updates], [b.out()], axis=axis, **reduction)
+    _scatter_elements(b, node, idx, updates, axis, "add" if node.attrs.get("accumulate") else None)
+
+
+def _scatter_elements(b: _Builder, node: Node, index: str, updates: str, axis: int, reduction: str | None) -> None:
+    """ScatterElements of input 0 into the node's output. onnxruntime reduces no 16-bit floats: a
+    float16 or bfloat16 one with a reduction runs in float32 (the sum rounded once, not per update)."""
+    x = node.inputs[0]
+    extra = {"reduction": reduction} if reduction else {}
+    if not reduction or x.dtype not in (DType.float16, DType.bfloat16):
+        b.add("ScatterElements", [b.inp(0), index, updates], [b.out()], axis=axis, **extra)
+        return
+    wide = [_cast(b, name, x.dtype, DType.float32) for name in (b.inp(0), updates)]
+    y = b.add("ScatterElements", [wide[0], index, wide[1]], 1, axis=axis, **extra)[0]
+    b.add("Cast", [y], [b.out()], to=_ONNX_DTYPE[x.dtype])
 
 
 @emitter("scatter")
@@ -244,11 +291,9 @@ def emit_scatter(b, node):
     needed = 18 if reduce in ("amax", "amin") else 16 if onnx_reduce else 13
     if b.opset < needed:
         raise UnsupportedError(f"node {node.name}: scatter with reduce={reduce} needs ONNX opset {needed} or newer")
-    extra = {"reduction": onnx_reduce} if onnx_reduce else {}
     src = node.inputs[2]
-    b.add("ScatterElements", [b.inp(0), _int64(b, node.inputs[1]), _cast(b, b.name(src), src.dtype,
-                                                                         node.inputs[0].dtype)],
-          [b.out()], axis=node.attrs["axis"], **extra)
+    _scatter_elements(b, node, _int64(b, node.inputs[1]), _cast(b, b.name(src), src.dtype, node.inputs[0].dtype),
+                      node.attrs["axis"], onnx_reduce)
 
 
 @emitter("flip")
@@ -335,12 +380,17 @@ def emit_grid_sample(b, node):
 
 @emitter("arange")
 def emit_arange(b, node):
+    """Range takes no 16-bit floats: those count in float32 and are cast (exact for what float16 holds)."""
     a, out = node.attrs, node.outputs[0]
+    count = DType.float32 if out.dtype in (DType.float16, DType.bfloat16) else out.dtype
     bounds = []
     for key in ("start", "end", "step"):
         scalar = b.add("Squeeze", [b.size(a[key]) if isinstance(a[key], SymDim) else b.ints([a[key]], key)], 1)[0]
-        bounds.append(_cast(b, scalar, DType.int64, out.dtype))
-    b.add("Range", bounds, [b.out()])
+        bounds.append(_cast(b, scalar, DType.int64, count))
+    if count == out.dtype:
+        b.add("Range", bounds, [b.out()])
+    else:
+        b.add("Cast", [b.add("Range", bounds, 1)[0]], [b.out()], to=_ONNX_DTYPE[out.dtype])
 
 
 @emitter("full")

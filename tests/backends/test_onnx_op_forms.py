@@ -1,0 +1,123 @@
+"""Ops whose ONNX form needs more than one node (found by tests/fuzz/test_op_surface.py's generator
+at other seeds): onnxruntime computes what the interpreter computes, onnx.checker accepts the file,
+and it imports back without an opaque node."""
+
+import pytest
+import torch
+
+import slimgraph
+from slimgraph.backends.onnx import run_onnxruntime
+from slimgraph.ir import DType, Graph, run
+
+
+def _one_node(op: str, inputs: list[torch.Tensor], attrs: dict, constants: tuple = ()) -> Graph:
+    g = Graph(op)
+    values = [g.add_input(f"x{i}", tuple(t.shape), DType.from_torch(t.dtype)) for i, t in enumerate(inputs)]
+    values += [g.add_constant(f"c{i}", t) for i, t in enumerate(constants)]
+    g.set_outputs(list(g.create_node(op, values, attrs).outputs))
+    return g
+
+
+def _check(graph: Graph, inputs: list[torch.Tensor], atol: float = 1e-6) -> None:
+    want = run(graph, inputs)
+    proto = slimgraph.to_onnx(graph)
+    for got, expected in zip(run_onnxruntime(proto, inputs), want):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, atol=atol, rtol=1e-5)
+    back = slimgraph.import_model(proto)
+    assert "opaque" not in [n.op for n in back.nodes]
+    for got, expected in zip(run(back, inputs), want):
+        torch.testing.assert_close(got, expected, atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size,shape", [(2, (2, 5, 3, 3)), (4, (2, 6, 4)), (3, (2, 5, 7))])
+def test_lrn_of_even_sizes_and_other_ranks_is_written_out(size, shape):
+    """onnxruntime runs odd sizes of 4-D inputs only, and ONNX centres an even window one channel later."""
+    x = torch.randn(shape)
+    _check(_one_node("lrn", [x], {"size": size, "alpha": 1e-2, "beta": 0.75, "k": 1.0}), [x], 1e-5)
+
+
+@pytest.mark.parametrize("op", ["max_pool", "avg_pool"])
+def test_ceil_mode_pools_drop_a_window_that_starts_in_the_padding(op):
+    x = torch.randn(2, 4, 3, 4)
+    attrs = {"kernel": [2, 2], "stride": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": True}
+    attrs.update({"count_include_pad": True} if op == "avg_pool" else {"dilation": [1, 1]})
+    graph = _one_node(op, [x], attrs)
+    assert graph.outputs[0].shape == (2, 4, 2, 3)
+    _check(graph, [x])
+
+
+@pytest.mark.parametrize("op", ["adaptive_avg_pool", "adaptive_max_pool"])
+def test_adaptive_pools_to_sizes_that_do_not_divide(op):
+    x = torch.randn(2, 3, 5, 7)
+    _check(_one_node(op, [x], {"output_size": [2, 3]}), [x])
+
+
+def test_atan2_at_the_origin_is_zero():
+    y, x = torch.tensor([0.0, 1.0, 0.0, -1.0]), torch.tensor([0.0, 0.0, -2.0, -1.0])
+    _check(_one_node("atan2", [y, x], {}), [y, x])
+
+
+def test_any_of_fractions_and_negatives():
+    x = torch.tensor([[0.0, 0.25, 0.0], [0.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
+    _check(_one_node("any", [x], {"axes": [1], "keepdim": False}), [x])
+
+
+def test_logical_not_of_floats():
+    x = torch.tensor([0.0, 0.5, -2.0, float("nan")])
+    _check(_one_node("logical_not", [x], {}), [x])
+
+
+def test_quantize_float64():
+    x = torch.randn(2, 8, dtype=torch.float64)
+    scale, zero = torch.tensor(0.05), torch.tensor(3, dtype=torch.int8)
+    _check(_one_node("quantize_linear", [x], {}, (scale, zero)), [x])
+    _check(_one_node("fake_quant", [x], {}, (scale, zero)), [x])
+
+
+def test_var_at_opsets_before_18():
+    x = torch.randn(2, 3, 4)
+    graph = _one_node("var", [x], {"axes": [1, 2], "keepdim": False, "correction": 1})
+    proto = slimgraph.to_onnx(graph, opset=17)
+    torch.testing.assert_close(run_onnxruntime(proto, [x])[0], run(graph, [x])[0])
+
+
+def test_float64_tan_near_a_pole():
+    x = torch.tensor([1.5707, -1.5706, 0.3], dtype=torch.float64)
+    _check(_one_node("tan", [x], {}), [x], atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate"])
+def test_reflect_and_replicate_pads_of_one_spatial_dim_import(mode):
+    x = torch.randn(2, 3, 4, 5)
+    _check(_one_node("pad", [x], {"pads": [1, 2, 0, 0], "mode": mode}), [x])
+
+
+def test_one_element_groups_of_group_norm_round_trip():
+    """x - mean is 0 up to torch's rounding of the mean, divided by sqrt(eps): 1e-4, not 1e-6."""
+    x = torch.randn(2, 4, 1)
+    graph = _one_node("group_norm", [x], {"num_groups": 4, "eps": 1e-5}, (torch.rand(4) + 0.5, torch.randn(4)))
+    _check(graph, [x], 1e-4)
+
+
+@pytest.mark.parametrize("op", ["bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not"])
+def test_bitwise_ops_of_bools_are_the_logical_ones_at_any_opset(op):
+    a, b = torch.tensor([True, False, True, False]), torch.tensor([True, True, False, False])
+    inputs = [a] if op == "bitwise_not" else [a, b]
+    graph = _one_node(op, inputs, {})
+    assert "Bitwise" not in str([n.op_type for n in slimgraph.to_onnx(graph).graph.node])
+    _check(graph, inputs)
+
+
+def test_float16_isinf_scatter_sum_and_arange():
+    x = torch.tensor([1.0, float("inf"), -float("inf"), 0.5], dtype=torch.float16)
+    _check(_one_node("isinf", [x], {}), [x])
+    data, src = torch.randn(3, 4).half(), torch.randn(3, 4).half()
+    index = torch.tensor([[0, 1, 1, 3]] * 3)  # onnxruntime reduces no float16: in float32
+    g = Graph("scatter")
+    d, s = (g.add_input(n, (3, 4), DType.float16) for n in ("d", "s"))
+    g.set_outputs([g.create_node("scatter", [d, g.add_constant("i", index), s], {"axis": 1, "reduce": "sum"}).output])
+    _check(g, [data, src], 1e-2)
+    g = Graph("arange")
+    g.set_outputs([g.create_node("arange", [], {"start": 0, "end": 6, "step": 2, "dtype": "float16"}).output])
+    _check(g, [])
