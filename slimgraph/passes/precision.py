@@ -6,7 +6,7 @@ What changes:
   * graph inputs stay float32, with one cast to 16 bits after each; graph outputs that were
     float32 are cast back to float32 once;
   * numerically sensitive ops (``KEEP_FP32``: softmax, log_softmax, layer/group/batch norm,
-    lrn, mean, sum, attention, whose softmax is inside it), opaque nodes, quantization ops,
+    lrn, mean, sum, tan, attention, whose softmax is inside it), opaque nodes, quantization ops,
     the ``keep`` list (node names or op types) and, with ``keep_first_last``, the first and
     last conv/linear run in float32.
 
@@ -32,6 +32,7 @@ from slimgraph.passes.base import Pass, PassContext, PassResult, register_pass
 # Ops computed in float32 regardless: wide dynamic range or long accumulations.
 KEEP_FP32 = frozenset({
     "softmax", "log_softmax", "layer_norm", "group_norm", "batch_norm", "lrn", "mean", "sum",
+    "tan",  # its poles amplify 16-bit rounding without bound
     "attention",  # computes a softmax inside (both backends emit it as one unit)
 })
 # Quantization ops work on float32 scales and activations: left exactly as they are.

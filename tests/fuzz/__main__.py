@@ -1,7 +1,8 @@
 """Fuzzing campaigns: ``python -m tests.fuzz --graphs 10000`` checks every property (properties.py)
-on that many random nets, CNNs and transformers in turn (``--mix cnn=2,transformer=1`` weighs
-them); ``--kind cnn --seed 17`` reproduces one net. ``--files 10000`` feeds that many mutated ONNX
-files (onnx_files.py) to the importer; a disallowed outcome's file is saved under ``--save``.
+on that many random nets, CNNs, transformers and IR graphs drawn from the op registry in turn
+(``--mix cnn=2,transformer=1,ir=3`` weighs them); ``--kind cnn --seed 17`` reproduces one net.
+``--files 10000`` feeds that many mutated ONNX files (onnx_files.py) to the importer; a
+disallowed outcome's file is saved under ``--save``.
 Failures print one line each, with what reproduces them."""
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ def _alarm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__)
-    parser.add_argument("--graphs", type=int, default=100, help="random nets to check, CNNs and transformers in turn")
+    parser.add_argument("--graphs", type=int, default=100, help="random nets to check, of each kind in turn")
     parser.add_argument("--start", type=int, default=0, help="first seed")
     parser.add_argument("--kind", choices=KINDS, help="only this kind of net")
     parser.add_argument("--seed", type=int, help="one net (with --kind)")
     parser.add_argument("--properties", default=",".join(PROPERTIES),
                         help="comma-separated, of " + ", ".join(PROPERTIES))
-    parser.add_argument("--mix", default="cnn=1,transformer=1", help="how many of each kind in turn")
+    parser.add_argument("--mix", default="cnn=1,transformer=1,ir=1", help="how many of each kind in turn")
     parser.add_argument("--timeout", type=int, default=300, help="seconds one net or file may take")
     parser.add_argument("--files", type=int, default=0, help="mutated ONNX files to check (no nets unless --graphs)")
     parser.add_argument("--save", default="fuzz-failures", help="folder for files with disallowed outcomes")

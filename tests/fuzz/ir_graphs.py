@@ -338,7 +338,7 @@ def _x(b: RandomGraph, rank=(1, 9), **kw) -> Entry:
 
 def _reduce(b, op):
     x = _x(b, exact=op in JUMPY or op == "any", floating=None if op == "any" else True)
-    axes = sorted({b.axis(x) for _ in range(b.rng.randint(1, 2))}, key=lambda a: a % x.rank)
+    axes = sorted({b.axis(x) % x.rank: None for _ in range(b.rng.randint(1, 2))})  # distinct dims
     attrs = {"axes": axes[:1] if op in ("argmax", "argmin") else axes, "keepdim": b.rng.random() < 0.5}
     if op in ("argmax", "argmin") and not x.distinct(axes[0] % x.rank):
         raise Rejected("ties")
@@ -409,7 +409,11 @@ def _norm(b, op):
         return op, [x, b.const(tuple(shape), "positive"), b.const(tuple(shape))], {"normalized_shape": shape,
                                                                                    "eps": 1e-5}
     if op == "group_norm":
-        groups = b.rng.choice([g for g in (1, 2, 3, c) if c % g == 0])
+        size = math.prod(x.shape[1:]) // c  # a group of one element is (x - mean) / sqrt(eps): all rounding
+        groups = [g for g in (1, 2, 3, c) if c % g == 0 and c // g * size > 1]
+        if not groups:
+            raise Rejected("every group would hold one element")
+        groups = b.rng.choice(groups)
         return op, [x, b.const((c,), "positive"), b.const((c,))], {"num_groups": groups, "eps": 1e-5}
     return op, [x], {"size": b.rng.choice((2, 3)), "alpha": 1e-4, "beta": 0.75, "k": 1.0}  # lrn
 
@@ -527,7 +531,7 @@ def _tile(b, op):
 
 def _flip_roll(b, op):
     x = _x(b, rank=(2, 4))
-    dims = sorted({b.axis(x) for _ in range(b.rng.randint(1, 2))})
+    dims = sorted({b.axis(x) % x.rank for _ in range(b.rng.randint(1, 2))})
     if op == "flip":
         return op, [x], {"dims": dims}
     return op, [x], {"dims": dims, "shifts": [b.rng.randint(-3, 3) for _ in dims]}

@@ -151,7 +151,8 @@ def _tuple(outputs) -> tuple:
 
 
 def _tolerance(case: Case) -> float:
-    return 1e-6 if getattr(case.model, "dtype", None) == torch.float64 else 1e-4
+    # float64 random IR graphs hold ops onnxruntime has no double kernel for (run in float32 there)
+    return 1e-6 if getattr(case.model, "dtype", None) == torch.float64 and case.kind != "ir" else 1e-4
 
 
 def check_exact(case: Case) -> None:

@@ -1,5 +1,6 @@
-"""Every property of properties.py on a fixed budget of random nets (nets.py): CNNs and
-transformers, each reproduced by one number, e.g. ``python -m tests.fuzz --kind cnn --seed 17``.
+"""Every property of properties.py on a fixed budget of random nets: CNNs and transformers
+(nets.py) and IR graphs drawn from the op registry (ir_graphs.py), each reproduced by one number,
+e.g. ``python -m tests.fuzz --kind cnn --seed 17``.
 Longer campaigns: ``python -m tests.fuzz --graphs 10000``. Seeds that once failed are kept in
 REGRESSIONS with the bug they found."""
 
@@ -14,6 +15,7 @@ from tests.fuzz.properties import PROPERTIES, make_case
 # the suite's budget (SLIMGRAPH_FUZZ_SEEDS raises it): CNNs are cheap, transformers cost an export each
 CNN_SEEDS = range(int(os.environ.get("SLIMGRAPH_FUZZ_SEEDS", "60")))
 TRANSFORMER_SEEDS = range(int(os.environ.get("SLIMGRAPH_FUZZ_SEEDS", "24")))
+IR_SEEDS = range(int(os.environ.get("SLIMGRAPH_FUZZ_SEEDS", "60")))
 
 # (kind, seed): the bug it found, fixed since
 REGRESSIONS = {
@@ -32,7 +34,8 @@ REGRESSIONS = {
     ("cnn", 6): "a re-imported ONNX Split named its outputs after the node, not the file's tensors",
     ("cnn", 12): "the ONNX importer reordered the nodes of an already sorted file",
 }
-CASES = sorted({("cnn", s) for s in CNN_SEEDS} | {("transformer", s) for s in TRANSFORMER_SEEDS} | set(REGRESSIONS))
+CASES = sorted({("cnn", s) for s in CNN_SEEDS} | {("transformer", s) for s in TRANSFORMER_SEEDS}
+               | {("ir", s) for s in IR_SEEDS} | set(REGRESSIONS))
 
 
 @pytest.mark.parametrize("prop", list(PROPERTIES))
