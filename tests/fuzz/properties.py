@@ -246,18 +246,23 @@ def check_round_trips(case: Case) -> None:
             assert printed(trip(again)) == printed(again), f"{case}: IR -> {what} -> IR is not a fixed point ({why})"
 
 
-def check_onnx_file(case: Case) -> None:
+def _torch_onnx_export(case: Case) -> onnx.ModelProto | None:
+    """The net as torch.onnx.export writes it, or None where torch refuses it."""
     names = getattr(case.model, "input_names", ["x"])
     buffer = io.BytesIO()
     try:
-        if case.kind == "ir":  # a random IR graph's file is the one slimgraph writes
-            raise NotImplementedError
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             torch.onnx.export(case.model, case.inputs, buffer, dynamo=False, input_names=names,
                               dynamic_axes=case.dynamic_dims or {name: {0: "batch"} for name in names})
-        proto = onnx.load_from_string(buffer.getvalue())
-    except Exception:  # torch refuses some nets (a float64 attention mask): the file slimgraph writes instead
+        return onnx.load_from_string(buffer.getvalue())
+    except Exception:
+        return None
+
+
+def check_onnx_file(case: Case) -> None:
+    proto = None if case.kind == "ir" else _torch_onnx_export(case)
+    if proto is None:  # a random IR graph, or a net torch refuses (float64 attention mask): slimgraph's own file
         proto = onnx_file(case.graph, _dynamic(case))
     inputs = case.other
     held = {i.name for i in proto.graph.input}
