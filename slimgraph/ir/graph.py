@@ -147,7 +147,8 @@ class Graph:
         node.outputs = tuple(outs)
         normalize_axes(node)  # one sign for axis attrs, whichever frontend or pass wrote them
         if op != OPAQUE and (any(v is not None and v.sym for v in inputs) or has_symbols(node.attrs)):
-            syms = infer_syms(node, get_op(op).reference)
+            opdef = get_op(op)
+            syms = infer_syms(node, opdef.shape_reference or opdef.reference)
             for value, sym in zip(outs, syms or ()):
                 value.sym = sym
         node.graph = self

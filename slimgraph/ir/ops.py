@@ -45,6 +45,10 @@ class OpDef:
     # It may return None for operands it does not cover (odd dtypes, invalid sizes): the
     # reference then runs on "meta", which also gives torch's own error for invalid operands.
     infer: Callable[[Node], list[TensorType] | None] | None = None
+    # Optional: the outputs' shapes alone, for symbolic inference (infer_syms runs it on fake tensors
+    # whose sizes are symbols), where the reference's kernel guards a symbolic size to its traced value
+    # (torch's upsampling kernels do: their outputs would come back static).
+    shape_reference: Reference | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -60,3 +60,23 @@ def test_op_in_every_backend(op):
         again = slimgraph.import_model(slimgraph.to_torch(graph), inputs, random.dynamic_dims)
         opaque = [n.name for n in again.nodes if n.op == "opaque"]
         assert not opaque, f"{at}: the PyTorch source imports with opaque nodes {opaque}"
+
+
+@pytest.mark.parametrize("op", sorted(drawable_ops()))
+def test_op_keeps_the_symbolic_batch(op):
+    """Drawn on a symbolic batch, every output that runs at the other batch with that batch as its
+    leading dim declares it symbolic (torch's kernels for resize, constant pad and lrn guard the batch
+    to its traced size on fake tensors: their outputs came out static, and what followed baked it in)."""
+    for seed in SEEDS:
+        random = RandomGraph(seed, nodes=1, ops=[op])
+        if op not in random.drawn or not random.symbolic:
+            continue
+        batch = random.batches[1]
+        for entry in random.pool:
+            value, data = entry.value, entry.data[1]
+            if value.producer is None or not data.dim():
+                continue
+            declared = batch if value.sym and value.sym[0] is not None else value.shape[0]
+            assert data.shape[0] == declared, \
+                f"{op} (seed {seed}): %{value.name} is {tuple(data.shape)} at batch {batch} but declares " \
+                f"{value.shape} (sym {value.sym})"

@@ -248,6 +248,7 @@ register_op(
     lambda xs, a: F.local_response_norm(xs[0], a["size"], a["alpha"], a["beta"], a["k"]),
     description="local response normalization across channels",
     coupling=lambda node: [frozen(inp(0, 1), out(0, 1))],
+    shape_reference=lambda xs, a: torch.empty_like(xs[0]),  # its constant pad guards the batch on fake tensors
 )
 
 
@@ -367,11 +368,23 @@ def resize_ref(xs, a):
     return F.interpolate(x, size=a["size"], mode=torch_mode, align_corners=align)
 
 
+def resize_shape(xs, a):
+    """resize's output alone, leading dims as they come (symbolic too: torch's upsampling kernels
+    guard the batch to its traced size on fake tensors, which left resize's output static)."""
+    x = xs[0]
+    if a.get("scales"):
+        size = [math.floor(d * s) for d, s in zip(x.shape[2:], a["scales"])]
+    else:
+        size = list(a["size"])
+    return x.new_empty((*x.shape[:2], *size))
+
+
 register_op(
     "resize",
     resize_ref,
     description="F.interpolate: attrs mode nearest|linear|cubic, size (spatial) or scales, align_corners",
     coupling=spatial_coupling,
+    shape_reference=resize_shape,
 )
 register_op(
     "grid_sample",

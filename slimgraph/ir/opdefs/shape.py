@@ -270,11 +270,22 @@ def pad_coupling(node) -> list[Coupling]:
     return [frozen(inp(0, a), out(0, a)) if a in padded else same(inp(0, a), out(0, a)) for a in range(rank)]
 
 
+def pad_shape(xs, a):
+    """pad's output alone: a constant pad (aten.constant_pad_nd) guards the batch to its traced size
+    on fake tensors, which left the output static."""
+    x, pads = xs[0], a["pads"]
+    shape = list(x.shape)
+    for i in range(len(pads) // 2):
+        shape[-1 - i] = shape[-1 - i] + pads[2 * i] + pads[2 * i + 1]
+    return x.new_empty(shape)
+
+
 register_op(
     "pad",
     lambda xs, a: F.pad(xs[0], a["pads"], a.get("mode", "constant"), a.get("value", 0.0)),
     description="pad (torch F.pad order: last dim first)",
     coupling=pad_coupling,
+    shape_reference=pad_shape,
 )
 
 
