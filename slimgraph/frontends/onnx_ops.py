@@ -587,7 +587,8 @@ def expand(cv):
         return cv.emit("expand", [x], {"shape": [d if not isinstance(t, SymDim) and t == 1 else t
                                                  for t, d in zip(full, dims)]})
     padded = [1] * (rank - x.rank) + list(x.shape)
-    target = [max(a, b) if a == 1 or b == 1 else a for a, b in zip(full, padded)]
+    # a 1 keeps x's dim (-1): at its import size, a batch imported at 1 would be frozen there
+    target = [-1 if a == 1 else a for a in full]
     if rank > x.rank:
         x = cv.emit("reshape", [x], {"shape": padded}, suffix="_rank")
     return cv.emit("expand", [x], {"shape": target})
