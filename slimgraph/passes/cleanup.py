@@ -61,6 +61,8 @@ def is_identity(node: Node) -> bool:
         return a.get("p", 0.0) == 0.0
     if op in ("add", "sub"):
         return _is_scalar_const(node, 1, 0.0)
+    if op == "div" and a.get("rounding_mode") and x.dtype.torch.is_floating_point:
+        return False  # trunc(x / 1), floor(x / 1): x rounded
     if op in ("mul", "div"):
         return _is_scalar_const(node, 1, 1.0)
     return False
