@@ -6,7 +6,7 @@ What changes:
   * graph inputs stay float32, with one cast to 16 bits after each; graph outputs that were
     float32 are cast back to float32 once;
   * numerically sensitive ops (``KEEP_FP32``: softmax, log_softmax, layer/group/batch norm,
-    lrn, mean, sum, tan, attention, whose softmax is inside it), opaque nodes, quantization ops,
+    lrn, mean, sum, prod, tan, attention, whose softmax is inside it), opaque nodes, quantization ops,
     the ``keep`` list (node names or op types) and, with ``keep_first_last``, the first and
     last conv/linear run in float32.
 
@@ -33,6 +33,7 @@ from slimgraph.passes.base import Pass, PassContext, PassResult, register_pass
 KEEP_FP32 = frozenset({
     "softmax", "log_softmax", "layer_norm", "group_norm", "batch_norm", "lrn", "mean", "sum",
     "tan",  # its poles amplify 16-bit rounding without bound
+    "prod",  # a product of many factors leaves 16 bits' range (0.3 ** 24 is 3e-13)
     "attention",  # computes a softmax inside (both backends emit it as one unit)
 })
 # Quantization ops work on float32 scales and activations: left exactly as they are.
@@ -84,14 +85,17 @@ class _LowPrecision(Pass):
     # ------------------------------------------------------------------ the rewrite
     def _out_of_range(self, graph: Graph, ctx: PassContext) -> list[str]:
         """Nodes that read or write a value beyond half the low dtype's largest finite number on the
-        example inputs (float16 overflows at 65504, where float32 does not): they stay float32."""
-        limit = torch.finfo(self.low.torch).max / 2
+        example inputs (float16 overflows at 65504, where float32 does not), or a value that is not
+        zero but wholly below its smallest normal number (6.1e-5: float16 flushes it to zero or keeps
+        a few bits): they stay float32."""
+        limit, tiny = torch.finfo(self.low.torch).max / 2, torch.finfo(self.low.torch).tiny
         if ctx.example_inputs is None or limit >= torch.finfo(torch.float32).max / 2:
             return []
         values = [v for v in graph.inputs if v.dtype == _F32] + [
             v for n in graph.nodes for v in n.outputs if v.dtype == _F32]
         _, captured = run(graph, list(ctx.example_inputs), capture=values)
-        big = {id(v) for v, t in captured.items() if t.numel() and float(t.abs().max()) > limit}
+        peaks = {id(v): float(t.abs().max()) for v, t in captured.items() if t.numel()}
+        big = {k for k, peak in peaks.items() if peak > limit or 0 < peak < tiny}
         return [n.name for n in graph.nodes if any(v is not None and id(v) in big for v in (*n.inputs, *n.outputs))]
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
