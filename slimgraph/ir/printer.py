@@ -46,15 +46,19 @@ def format_node(node: Node) -> str:
 
 
 def _constants_by_first_use(graph: Graph) -> list:
-    """Constants in the order the nodes first read them (unread ones last): the printout does not
-    depend on the order a frontend or pass happened to create them in."""
+    """Constants in the order the nodes first read them, then those only returned in the order of
+    the outputs, then unread ones: the printout does not depend on the order a frontend or pass
+    happened to create them in."""
     order = {id(v): i for i, v in enumerate(graph.constants.values())}
     first: dict[int, tuple[int, int]] = {}
     for position, node in enumerate(graph.nodes):
         for index, v in enumerate(node.inputs):
             if v is not None and id(v) in order:
                 first.setdefault(id(v), (position, index))
-    return sorted(graph.constants.values(), key=lambda v: (first.get(id(v), (len(graph.nodes), 0)), order[id(v)]))
+    for index, v in enumerate(graph.outputs):
+        if id(v) in order:
+            first.setdefault(id(v), (len(graph.nodes), index))
+    return sorted(graph.constants.values(), key=lambda v: (first.get(id(v), (len(graph.nodes) + 1, 0)), order[id(v)]))
 
 
 def print_graph(graph: Graph, constants: bool = True) -> str:

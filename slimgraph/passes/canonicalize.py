@@ -322,7 +322,9 @@ KEEP_UNFOLDED = {"dequantize_linear"}
 
 
 def _foldable(node: Node, graph: Graph) -> bool:
-    """Canonical, free of mode/random effects, all inputs constant, outputs not graph outputs."""
+    """Canonical, free of mode/random effects, all inputs constant, sizes free of the graph's symbols.
+    A graph output folds too, into a bare constant output: both backends write one, and both importers
+    fold such a computation themselves, so canonical forms agree whichever way a graph came."""
     if not is_canonical(node.op) or get_op(node.op).stateful:
         return False
     if node.op in KEEP_UNFOLDED:
@@ -330,10 +332,8 @@ def _foldable(node: Node, graph: Graph) -> bool:
     present = [v for v in node.inputs if v is not None]
     if not present or not all(v.is_constant for v in present):
         return False
-    if any(v.sym for v in node.outputs) or has_symbols(node.attrs):
-        return False  # its size follows the graph's symbols (a slice of a position table up to seq)
-    # a graph output that is a bare constant has no producer for backends to emit
-    return not any(o is v for v in node.outputs for o in graph.outputs)
+    # not what follows the graph's symbols (a slice of a position table up to seq)
+    return not (any(v.sym for v in node.outputs) or has_symbols(node.attrs))
 
 
 def fold_node(graph: Graph, node: Node) -> None:
