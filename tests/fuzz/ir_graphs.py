@@ -238,8 +238,31 @@ class RandomGraph:
         if op in JUMPY and not exact_in:
             self.graph.remove_node(node)
             raise Rejected(f"{op} reads an inexact value")
+        if _discontinuous(op, attrs) and not exact_in and not self._stable(node, values, outs):
+            self.graph.remove_node(node)
+            raise Rejected(f"{op} reads values at its discontinuity")
         self.pool.extend(entries)
         return entries
+
+    def _stable(self, node, values: list, outs: list) -> bool:
+        """Whether the node's outputs stay put (within 1e-2 of their scale) where its inexact float
+        inputs are rounded to float16 and moved by 2^-8 either way: what fp16 and another backend's
+        last bits do to them."""
+        for k in range(2):
+            for factor in (1.0, 1 + 2**-8, 1 - 2**-8):
+                feeds = []
+                for v in values:
+                    entry = None if v is None else self._entry(v)
+                    data = None if v is None else self._data(v)[k]
+                    if entry is not None and not entry.exact and data.is_floating_point():
+                        data = data.to(torch.float16).to(data.dtype) * factor
+                    feeds.append(data)
+                moved = run_reference(node, feeds, {"batch": self.batches[k]})
+                for y, want in zip(moved, outs[k]):
+                    if want.is_floating_point() and want.numel() and float((y - want).abs().max()) > \
+                            1e-2 * max(float(want.abs().max()), 1e-6):
+                        return False
+        return True
 
     def _entry(self, value: Value) -> Entry | None:
         return next((e for e in self.pool if e.value is value), None)
@@ -249,6 +272,14 @@ class RandomGraph:
         if entry is not None:
             return entry.data
         return value.const_value, value.const_value
+
+
+def _discontinuous(op: str, attrs: dict) -> bool:
+    """Ops that jump where an inexact input crosses a point but are drawn on inexact values (unlike
+    JUMPY's): atan2 across its branch cut and at (0, 0), where a tiny value flushed to zero in float16
+    gives 0 for pi / 4; nearest grid sampling where a coordinate crosses a pixel's edge. Each is kept
+    only where 16-bit rounding of its inputs does not move it (RandomGraph._stable)."""
+    return op == "atan2" or (op == "grid_sample" and attrs.get("mode") == "nearest")
 
 
 def _bounded(t: torch.Tensor) -> bool:
