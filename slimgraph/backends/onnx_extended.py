@@ -403,3 +403,56 @@ def emit_full(b, node):
 @emitter("sizes")
 def emit_sizes(b, node):
     b.add("Reshape", [b.sizes(node.attrs["values"], "values"), b.ints(node.attrs["shape"], "shape")], [b.out()])
+
+
+# ---------------------------------------------------------------------------- weight-only quantization
+# matmul_nbits as onnxruntime's MatMulNBits (com.microsoft), or, at opset 21 and up where
+# WEIGHT_ONLY_FORM says so, as the standard block-wise DequantizeLinear (uint4/uint8 weights [K, N])
+# + MatMul (+ Add). Measured on MiniLM (bench/weight_only.py, onnxruntime 1.32, one thread, batch 1
+# x 128 tokens): see _FORM_NOTE; MatMulNBits is the default.
+WEIGHT_ONLY_FORM = "matmul_nbits"  # or "dequantize_linear"
+
+
+def _raw_initializer(b: _Builder, base: str, data_type: int, dims: list[int], raw: bytes) -> str:
+    name = b.fresh(f"{b.node.name}_{base}")
+    b.initializers.append(onnx_helper.make_tensor(name, data_type, dims, raw, raw=True))
+    return name
+
+
+@emitter("matmul_nbits")
+def emit_matmul_nbits(b, node):
+    from onnx import TensorProto
+
+    from slimgraph.ir.opdefs.quant import pack_nbits, unpack_nbits
+
+    a = node.attrs
+    x, w, scales, zero_points = node.inputs[:4]
+    bias = node.inputs[4] if len(node.inputs) > 4 else None
+    scale_name = _cast(b, b.name(scales), scales.dtype, x.dtype)
+    bias_name = _cast(b, b.name(bias), bias.dtype, x.dtype) if bias is not None else ""
+    if WEIGHT_ONLY_FORM == "matmul_nbits" or b.opset < 21 or not (w.is_constant and zero_points.is_constant):
+        inputs = [b.inp(0), b.inp(1), scale_name, b.inp(3)] + (["", bias_name] if bias is not None else [])
+        b.add("MatMulNBits", inputs, [b.out()], domain="com.microsoft", K=a["K"], N=a["N"], bits=a["bits"],
+              block_size=a["block_size"])
+        b.extra_opsets["com.microsoft"] = 1
+        return
+    bits, k, n = a["bits"], a["K"], a["N"]
+    blocks = scales.shape[1]
+    q = unpack_nbits(w.const_value, bits).reshape(n, -1)[:, :k].t().contiguous()  # [K, N]
+    zp = unpack_nbits(zero_points.const_value, bits)[:, :blocks].t().contiguous()  # [blocks, N]
+    kind = TensorProto.UINT4 if bits == 4 else TensorProto.UINT8
+
+    def raw(t):  # ONNX packs 4-bit tensors two a byte in row-major order, the first in the low bits
+        flat = t.flatten()
+        if bits == 4:
+            flat = pack_nbits(torch.nn.functional.pad(flat, (0, flat.numel() % 2)).reshape(1, -1), 4)
+        return flat.numpy().tobytes()
+
+    wq = _raw_initializer(b, "wq", kind, [k, n], raw(q))
+    zq = _raw_initializer(b, "zq", kind, [blocks, n], raw(zp))
+    st = b.add("Transpose", [scale_name], 1, perm=[1, 0])[0]  # constant-folded by onnxruntime
+    dq = b.add("DequantizeLinear", [wq, st, zq], 1, axis=0, block_size=a["block_size"])[0]
+    if bias is None:
+        b.add("MatMul", [b.inp(0), dq], [b.out()])
+    else:
+        b.add("Add", [b.add("MatMul", [b.inp(0), dq], 1)[0], bias_name], [b.out()])

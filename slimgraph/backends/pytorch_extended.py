@@ -3,7 +3,7 @@ resampling, each one torch call. Registered into ``pytorch.EMITTERS`` on import.
 
 from __future__ import annotations
 
-from slimgraph.backends.pytorch import EMITTERS, _lit, emitter
+from slimgraph.backends.pytorch import _HELPERS, EMITTERS, _lit, emitter
 
 for _name in ("sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh", "ceil",
               "floor", "round", "trunc", "sign", "reciprocal", "expm1", "log1p", "log2", "log10", "isnan", "isinf",
@@ -131,3 +131,27 @@ def emit_prelu(ctx, node, a):
     if slope.rank == 1 and x.rank > 1:  # per channel (axis 1) or one slope: nn.PReLU's
         return f"F.prelu({a[0]}, {a[1]})"
     return f"torch.where({a[0]} >= 0, {a[0]}, {a[0]} * {a[1]})"
+
+
+# weight-only quantization: the module's state dict holds the packed uint8 weights, unpacked per call
+_HELPERS["matmul_nbits"] = '''
+def matmul_nbits(x, w, scales, zero_points, bits, block_size, k, bias=None):
+    """x @ W.T (+ bias), W unpacked at run time from uint8 w [N, blocks, block_size * bits / 8] (4-bit:
+    two values a byte, the first in the low bits), scales [N, blocks] and zero points packed as w:
+    W[n, i] = (q[n, i] - zero_point[n, i // block_size]) * scale[n, i // block_size]."""
+    n, blocks = scales.shape
+    if bits == 4:
+        w = torch.stack((w & 15, w >> 4), -1).flatten(-2)
+        zero_points = torch.stack((zero_points & 15, zero_points >> 4), -1).flatten(-2)
+    q = w.reshape(n, blocks, block_size).float() - zero_points[:, :blocks, None].float()
+    weight = (q * scales.float()[..., None]).reshape(n, blocks * block_size)[:, :k].to(x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+'''
+
+
+@emitter("matmul_nbits")
+def emit_matmul_nbits(ctx, node, a):
+    ctx.uses_helpers.add("matmul_nbits")
+    bias = f", {a[4]}" if len(node.inputs) > 4 else ""
+    at = node.attrs
+    return f"matmul_nbits({a[0]}, {a[1]}, {a[2]}, {a[3]}, {at['bits']}, {at['block_size']}, {at['K']}{bias})"

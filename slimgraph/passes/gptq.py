@@ -20,6 +20,7 @@ inputs / rows, so that the rounding leans less on the directions the data could 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +36,15 @@ MIN_ROWS_FRACTION = 1 / 16  # fewer rows per input than this: the damping would 
 
 
 def supported(node: Node) -> bool:
-    """conv1d/conv2d and linear with a constant weight quantized per output channel."""
+    """conv1d/conv2d and linear with a constant weight, and matmul with a constant [K, N] one."""
     w = node.inputs[1]
-    return (node.op == "linear" or (node.op == "conv" and w.rank in (3, 4))) and w.is_constant
+    return (node.op == "linear" or (node.op == "conv" and w.rank in (3, 4)) or (node.op == "matmul" and w.rank == 2)) \
+        and w.is_constant
 
 
 def _columns(node: Node, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as [groups, inputs per output, rows]: what each output channel reads."""
-    if node.op == "linear":
+    if node.op in ("linear", "matmul"):
         return x.reshape(-1, x.shape[-1]).t().unsqueeze(0)
     a, w = node.attrs, node.inputs[1]
     if w.rank == 3:  # conv1d as conv2d over a height of 1
@@ -77,6 +79,8 @@ def input_hessians(graph: Graph, nodes: list[Node], batches: list[tuple[torch.Te
 
 
 def _inputs_per_output(node: Node) -> int:
+    if node.op == "matmul":
+        return node.inputs[1].shape[0]
     return math.prod(node.inputs[1].shape[1:])
 
 
@@ -89,6 +93,60 @@ def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor | None:
         return None
     eye = torch.eye(h.shape[-1], dtype=h.dtype).expand_as(h)
     return torch.linalg.solve_triangular(lower, eye, upper=False).flip(-1, -2)
+
+
+def _damped_inverse(hessian: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """The upper factor of the damped inverse Hessian (see _inverse_cholesky_upper); None where it
+    is too poorly sampled or not positive definite even when damped."""
+    k = hessian.shape[-1]
+    if rows < MIN_ROWS_FRACTION * k:
+        return None
+    h = hessian.float().clone()
+    diag = torch.diagonal(h, dim1=1, dim2=2)
+    diag[diag == 0] = 1.0  # inputs always zero: nothing to compensate with; rounded to nearest
+    for attempt in range(3):  # more damping if the Hessian is not positive definite
+        damp = DAMPING * max(1.0, k / max(rows, 1)) * 10**attempt * diag.mean(1)
+        upper = _inverse_cholesky_upper(h + damp[:, None, None] * torch.eye(k, dtype=h.dtype))
+        if upper is not None:
+            return upper
+    return None
+
+
+def round_weight_groups(w: torch.Tensor, hessian: torch.Tensor, rows: int, group_size: int,
+                        grid: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], qmax: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """GPTQ onto a grid per group of ``group_size`` inputs (weight-only quantization): w [N, K] ->
+    (integers [N, K] in [0, qmax], scales [N, groups], zero points [N, groups]). Each group's grid
+    is ``grid(columns)`` -> (scale, zero point) [N] each, chosen when GPTQ reaches the group's first
+    column, from the weights as the earlier columns' errors left them (as GPTQ's own grouped
+    rounding does). None where the Hessian does not allow it (the caller rounds to nearest)."""
+    _, k = w.shape
+    upper = _damped_inverse(hessian, rows)
+    if upper is None:
+        return None
+    upper = upper[0]
+    W = w.detach().float().clone()
+    groups = -(-k // group_size)
+    ints = torch.empty(W.shape, dtype=torch.int32)
+    scales = torch.empty(W.shape[0], groups)
+    zeros = torch.empty(W.shape[0], groups)
+    block = max(128, group_size)  # a multiple of every group size: groups never straddle two blocks
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, errors = W[:, i1:i2].clone(), torch.empty_like(W[:, i1:i2])
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            g = (i1 + i) // group_size
+            if (i1 + i) % group_size == 0:
+                end = min(i + group_size, i2 - i1)
+                scales[:, g], zeros[:, g] = grid(w1[:, i:end])
+            q = torch.clamp(torch.round(col / scales[:, g]) + zeros[:, g], 0, qmax)
+            ints[:, i1 + i] = q.int()
+            err = (col - (q - zeros[:, g]) * scales[:, g]) / upper[i1 + i, i1 + i]
+            w1[:, i:] -= err[:, None] * upper[None, i1 + i, i1 + i:i2]
+            errors[:, i] = err
+        W[:, i2:] -= errors @ upper[i1:i2, i2:]
+    return ints, scales, zeros
 
 
 def round_weight(w: torch.Tensor, hessian: torch.Tensor, rows: int, scale: torch.Tensor, qmin: int, qmax: int,

@@ -39,13 +39,13 @@ from slimgraph.cpu import ISAS, integer_isa, saturates_pairs
 from slimgraph.errors import PassError
 from slimgraph.ir import DType, Graph, Node, Value, get_op, run
 from slimgraph.ir.opdefs.quant import quantize_ref
-from slimgraph.passes import gptq
+from slimgraph.passes import gptq, weight_only
 from slimgraph.passes.base import Pass, PassContext, PassResult, register_pass
 from slimgraph.passes.calibration import METHODS, activation_params, check_batches, observe, weight_params
 from slimgraph.passes.cleanup import eliminate_dead_code
 
 Target = Literal["ort", "trt"]
-Activations = Literal["auto", "uint8", "int8", "dynamic"]
+Activations = Literal["auto", "uint8", "int8", "dynamic", "none"]
 Calibration = Literal["minmax", "percentile", "entropy", "mse"]
 Cpu = Literal["auto", "vnni", "avx512", "avx2", "arm"]
 Rounding = Literal["gptq", "nearest"]
@@ -263,6 +263,10 @@ class Quantize(Pass):
     MACs), progress (a bar per batch). Needs ``optimize(..., calibration_data=...)``, except
     activations=dynamic (int8 weights, each activation quantized over its own range at run time:
     onnxruntime's DynamicQuantizeMatMul), where calibration only refines rounding and ``auto``.
+    Weight-only (see weight_only.py): weights (int8|int4) with group_size (a power of 2 >= 16,
+    default 128) and activations=none quantize linears and constant-weight matmuls block-wise
+    along their inputs (onnxruntime's MatMulNBits), activations float; GPTQ-rounded per group
+    where calibration_data is given.
 
     Quantization-aware training, between ``quantize`` and ``fold-int8``::
 
@@ -296,12 +300,15 @@ class Quantize(Pass):
     progress: bool = True
     cpu: Cpu = "auto"
     rounding: Rounding = "gptq"
+    weights: str | None = None
+    group_size: int = 128
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, ("ort", "trt"))
         _check_choice("cpu", self.cpu, ("auto", *ISAS))
         _check_choice("rounding", self.rounding, ("gptq", "nearest"))
-        _check_choice("activations", self.activations, ("auto", "uint8", "int8", "dynamic"))
+        _check_choice("activations", self.activations, ("auto", "uint8", "int8", "dynamic", "none"))
+        weight_only.check_options(self.weights, self.group_size, self.activations, self.rounding)
         if isinstance(self.float_budget, bool) or not isinstance(self.float_budget, (int, float)) \
                 or not 0 <= self.float_budget < 1:
             raise PassError(f"pass 'quantize' option 'float_budget': {self.float_budget!r} is not in [0, 1)")
@@ -383,7 +390,7 @@ class Quantize(Pass):
         return PassResult(created, stats)
 
     def needs_calibration(self) -> bool:
-        return self.activations != "dynamic" or "auto" in self.skip
+        return self.activations not in ("dynamic", "none") or "auto" in self.skip
 
     @property
     def activation_dtype(self) -> torch.dtype:
@@ -392,12 +399,14 @@ class Quantize(Pass):
         return torch.uint8 if self.activations == "uint8" else torch.int8
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        done = next((n for n in graph.nodes if n.op in _QUANT_OPS + ("dynamic_quant_matmul",)), None)
+        done = next((n for n in graph.nodes if n.op in _QUANT_OPS + ("dynamic_quant_matmul", "matmul_nbits")), None)
         if done is not None:
             raise PassError(f"pass 'quantize': the graph is already quantized (node {done.name} is a {done.op}); "
                             "quantize the float model")
         if self.activations == "dynamic":
             return self._run_dynamic(graph, ctx)
+        if self.activations == "none":
+            return weight_only.run_weight_only(graph, ctx, self.weights, self.group_size, self.rounding, self.skip)
         batches = check_batches(graph, ctx.calibration_data, "pass 'quantize'")
         wrange = weight_range(self.target, self.cpu)
         dtype = self.activation_dtype

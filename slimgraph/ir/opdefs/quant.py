@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from slimgraph.ir.coupling import Coupling, inp, out, same
+from slimgraph.ir.coupling import Coupling, frozen, inp, out, same
 from slimgraph.ir.dtypes import DType
 from slimgraph.ir.ops import register_op
 
@@ -170,3 +170,82 @@ register_op("dynamic_quant_matmul", dynamic_quant_matmul_ref, num_inputs=(3, 4),
             coupling=dynamic_quant_matmul_coupling, infer=dynamic_quant_matmul_infer,
             description="x @ dequantized int8 weights [K, N] (+ bias) with x quantized to uint8 per tensor at run "
                         "time (onnxruntime's DynamicQuantizeMatMul); inputs x, w (int8), w_scale (per column), bias")
+
+
+# ---------------------------------------------------------------------------- weight-only (block-wise)
+# matmul_nbits(x, w, scales, zero_points[, bias]) {bits, block_size, K, N}: y = x @ dequant(w)ᵀ + bias, the
+# weights quantized block-wise along the input dim K and kept as onnxruntime's MatMulNBits holds them:
+#   w            uint8 [N, blocks, block_size * bits / 8], blocks = ceil(K / block_size); 4-bit values two a
+#                byte, the lower K index in the low nibble; K padded with zeros to blocks x block_size
+#   scales       float [N, blocks]
+#   zero_points  uint8 [N, ceil(blocks * bits / 8)], packed as w
+# dequant(w)[n, k] = (q[n, k] - zero_point[n, k // block_size]) * scale[n, k // block_size].
+def unpack_nbits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 bytes [..., B] -> their ``8 // bits`` values each, low bits first: [..., B * 8 // bits]."""
+    if bits == 8:
+        return packed
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).flatten(-2)
+
+
+def pack_nbits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of unpack_nbits: values in [0, 2**bits) along the last dim (a multiple of 8 // bits)."""
+    if bits == 8:
+        return values.to(torch.uint8)
+    per = 8 // bits
+    v = values.to(torch.uint8).reshape(*values.shape[:-1], -1, per)
+    out = torch.zeros(v.shape[:-1], dtype=torch.uint8, device=values.device)
+    for i in range(per):
+        out |= v[..., i] << (i * bits)
+    return out
+
+
+def dequantize_nbits(w: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, bits: int, block_size: int,
+                     k: int) -> torch.Tensor:
+    """The float weight [N, K] a matmul_nbits holds."""
+    n, blocks = scales.shape
+    q = unpack_nbits(w, bits).reshape(n, blocks, block_size).float()
+    zp = unpack_nbits(zero_points, bits)[:, :blocks].float()
+    return ((q - zp[..., None]) * scales.float()[..., None]).reshape(n, blocks * block_size)[:, :k]
+
+
+def matmul_nbits_ref(xs, a) -> torch.Tensor:
+    x, w, scales, zero_points = xs[:4]
+    bias = xs[4] if len(xs) > 4 else None
+    weight = dequantize_nbits(w, scales, zero_points, a["bits"], a["block_size"], a["K"]).to(x.dtype)
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def matmul_nbits_infer(node) -> list:
+    x, w, scales, zero_points = node.inputs[:4]
+    bias = node.inputs[4] if len(node.inputs) > 4 else None
+    bits, block, k, n = (node.attrs.get(key) for key in ("bits", "block_size", "K", "N"))
+    if bits not in (4, 8) or not isinstance(block, int) or block < 16 or block & (block - 1):
+        raise ValueError(f"matmul_nbits: bits {bits!r} must be 4 or 8 and block_size {block!r} a power of 2 >= 16")
+    blocks = -(-k // block)
+    want = {"w": ((n, blocks, block * bits // 8), DType.uint8), "scales": ((n, blocks), None),
+            "zero_points": ((n, -(-blocks * bits // 8)), DType.uint8)}
+    for name, v in (("w", w), ("scales", scales), ("zero_points", zero_points)):
+        shape, dtype = want[name]
+        if tuple(v.shape) != shape or (dtype is not None and v.dtype != dtype):
+            raise ValueError(f"matmul_nbits: {name} %{v.name} is {v.dtype.short}{list(v.shape)}; K={k}, N={n}, "
+                             f"bits={bits}, block_size={block} need {list(shape)}")
+    if not scales.dtype.is_float or x.shape[-1] != k or (bias is not None and tuple(bias.shape) != (n,)):
+        raise ValueError(f"matmul_nbits: x {x.shape}, scales {scales.dtype.short} and bias "
+                         f"{None if bias is None else bias.shape} do not fit K={k}, N={n}")
+    return [((*x.shape[:-1], n), x.dtype)]
+
+
+def matmul_nbits_coupling(node) -> list[Coupling]:
+    """Leading dims pass through; K and N are frozen (pruning would have to repack the blocks)."""
+    x = node.inputs[0]
+    weights = [inp(i, a) for i in range(1, len(node.inputs)) for a in range(node.inputs[i].rank)]
+    return [same(inp(0, a), out(0, a)) for a in range(x.rank - 1)] + [
+        frozen(inp(0, x.rank - 1), out(0, x.rank - 1), *weights)]
+
+
+register_op("matmul_nbits", matmul_nbits_ref, num_inputs=(4, 5), coupling=matmul_nbits_coupling,
+            infer=matmul_nbits_infer, macs=lambda node: node.outputs[0].numel * node.attrs["K"],
+            description="x @ Wᵀ (+ bias), W quantized block-wise along K to 4 or 8 bits (onnxruntime's "
+                        "MatMulNBits layout); inputs x, w (uint8 packed [N, blocks, bytes]), scales [N, blocks], "
+                        "zero_points (uint8 packed [N, bytes]), bias; attrs bits, block_size, K, N")
