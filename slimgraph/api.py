@@ -19,14 +19,18 @@ from slimgraph.passes.instruments import Instrument
 
 
 def import_model(model: Any, example_inputs: Any = None, dynamic_dims: dict | None = None, *,
-                 max_constant_bytes: int | None = None) -> Graph:
+                 max_constant_bytes: int | None = None, kv_cache: bool = False) -> Graph:
     """A torch.nn.Module (with example_inputs), an ONNX file path or ModelProto, or a Graph (copied)
     as an IR Graph. The model is never modified. ``dynamic_dims`` names the dims that stay symbolic,
     by the forward's argument names, as torch.onnx.export's dynamic_axes:
     ``{"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}``.
     ``max_constant_bytes`` caps what an ONNX file's stored tensors may declare (default 32 GiB):
-    a file over it is refused before anything is allocated for it."""
+    a file over it is refused before anything is allocated for it. ``kv_cache=True`` imports a
+    decoder LLM (example_inputs: ``(input_ids,)``) as one generation step against a key/value
+    cache, with Optimum's inputs and outputs (see frontends/torch/kv_cache.py)."""
     example_inputs = as_tensors(example_inputs)
+    if kv_cache:
+        return _import_cached(model, example_inputs, dynamic_dims)[0]
     if isinstance(model, torch.nn.Module):
         from slimgraph.frontends.torch import import_torch
 
@@ -44,6 +48,24 @@ def import_model(model: Any, example_inputs: Any = None, dynamic_dims: dict | No
                            else max_constant_bytes)
     raise ModelImportError(
         f"cannot import a {type(model).__name__}: expected a torch.nn.Module, an ONNX path or ModelProto, or a Graph")
+
+
+def _import_cached(model: Any, example_inputs: Any, dynamic_dims: dict | None) -> tuple[Graph, list[torch.Tensor]]:
+    """A decoder's cached step graph and the example inputs it was traced with."""
+    if not isinstance(model, torch.nn.Module):
+        raise ModelImportError("kv_cache=True imports a torch decoder (a Hugging Face causal LM); an ONNX file "
+                               "with past_key_values inputs is already a step graph: import it as it is")
+    if dynamic_dims:
+        raise ModelImportError("kv_cache=True makes batch, seq and past_seq symbolic itself: drop dynamic_dims")
+    if isinstance(example_inputs, dict):
+        example_inputs = example_inputs.get("input_ids")
+    if isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 1:
+        example_inputs = example_inputs[0]
+    from slimgraph.frontends.torch.importer import _TRACING
+    from slimgraph.frontends.torch.kv_cache import import_cached
+
+    with _TRACING:
+        return import_cached(model, example_inputs)
 
 
 def as_tensors(example_inputs: Any) -> Any:
@@ -142,6 +164,17 @@ class OptimizeResult:
     def summary(self) -> str:
         return self.trace.summary()
 
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, *, backend: str = "onnxruntime",
+                 attention_mask: torch.Tensor | None = None, **tokens: Any) -> torch.Tensor:
+        """Greedy decoding with the optimized step graph of ``optimize(..., kv_cache=True)`` on the
+        emitted ONNX model (``backend="onnxruntime"``) or PyTorch module (``"torch"``): the prompt
+        and up to ``max_new_tokens`` new tokens, as Hugging Face's ``generate(do_sample=False)``.
+        ``eos_token_id`` / ``pad_token_id`` default to the model's own."""
+        from slimgraph.generate import generate
+
+        return generate(self.graph, input_ids, max_new_tokens, attention_mask=attention_mask, backend=backend,
+                        **tokens)
+
 
 def to_torch(graph: Graph) -> torch.nn.Module:
     """An nn.Module that computes ``graph``; its generated source is in ``.code``."""
@@ -195,6 +228,7 @@ def optimize(
     max_constant_bytes: int | None = None,
     measure: str | None = None,
     measure_threads: int = 1,
+    kv_cache: bool = False,
 ) -> OptimizeResult:
     """Import ``model`` (never modified), run ``passes`` and return the graph and its trace.
 
@@ -206,10 +240,16 @@ def optimize(
     tensors (see ``import_model``). ``measure="onnxruntime"`` (or ``"torch"``) times the graph after
     every pass on the example inputs (``measure_threads`` threads, interleaved runs, medians) into
     each record's ``latency_ms``; lossy passes also record ``layer_errors`` (worst value first).
+    ``kv_cache=True``: a decoder LLM (example_inputs ``(input_ids,)``) becomes one generation step
+    against a key/value cache; ``result.generate`` decodes with it.
     """
     pipeline = to_passes(passes)  # bad names and options fail before any work
     example_inputs = as_tensors(example_inputs)
-    graph = import_model(model, example_inputs, dynamic_dims, max_constant_bytes=max_constant_bytes)
+    if kv_cache:  # verified on the step it was traced with: new tokens against a real past
+        graph, example_inputs = _import_cached(model, example_inputs, dynamic_dims)
+        example_inputs = tuple(example_inputs)
+    else:
+        graph = import_model(model, example_inputs, dynamic_dims, max_constant_bytes=max_constant_bytes)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if isinstance(example_inputs, dict):  # by argument name, as the graph's inputs are named

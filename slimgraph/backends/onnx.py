@@ -7,6 +7,7 @@ opaque torch code has no ONNX form, and the backend lists every such node in one
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -585,7 +586,8 @@ def emit_cast(b, node):
 @emitter("attention")
 def emit_attention(b, node):
     """Heads split from the last dim, then MatMul/Mul/(Add mask)/Softmax/MatMul; batch and sequence
-    stay dynamic. A boolean keep-mask is added as Where(keep, 0, -inf), as torch adds it."""
+    stay dynamic. A boolean keep-mask is added as Where(keep, 0, -inf), as torch adds it, and rows
+    that attend to nothing are 0, as torch makes them."""
     heads, rank = node.attrs["num_heads"], node.inputs[0].rank
     lead = list(range(rank - 2))
     split = b.ints([0] * (rank - 1) + [heads, -1], "heads")  # [..., L, E] -> [..., L, heads, E / heads]
@@ -601,7 +603,12 @@ def emit_attention(b, node):
             mask = b.add("Where", [mask, b.scalar_like(0.0, node.inputs[0], "attend"),
                                    b.scalar_like(float("-inf"), node.inputs[0], "masked")], 1)[0]
         scores = b.add("Add", [scores, mask], 1)[0]
-    context = b.add("MatMul", [b.add("Softmax", [scores], 1, axis=-1)[0], vh], 1)[0]
+    weights = b.add("Softmax", [scores], 1, axis=-1)[0]
+    if len(node.inputs) > 3:  # a query that attends to nothing gets 0 (as torch), not Softmax's NaN
+        peak = _reduce_axes(b, "ReduceMax", scores, [rank])
+        dead = b.add("Equal", [peak, b.scalar_like(float("-inf"), node.inputs[0], "none")], 1)[0]
+        weights = b.add("Where", [dead, b.scalar_like(0.0, node.inputs[0], "zero"), weights], 1)[0]
+    context = b.add("MatMul", [weights, vh], 1)[0]
     merged = b.add("Transpose", [context], 1, perm=to_heads)[0]
     b.add("Reshape", [merged, b.ints([0] * (rank - 1) + [-1], "merge")], [b.out()])
 
@@ -900,6 +907,20 @@ def _float64_in_float32(model: onnx.ModelProto) -> None:
     model.graph.node.extend(nodes)
 
 
+def io_names(graph: Graph) -> list[tuple[Value, str]]:
+    """Graph inputs and outputs with the names a file gives them where those are not identifiers
+    (``graph.meta["io_names"]``: {"inputs": [...], "outputs": [...]}, by position, which passes keep)."""
+    names = graph.meta.get("io_names") or {}
+    pairs = []
+    for values, given in ((graph.inputs, names.get("inputs")), (graph.outputs, names.get("outputs"))):
+        if given and len(given) == len(values):
+            pairs += list(zip(values, given))
+    return pairs
+
+
+KV_CACHE_METADATA = "slimgraph.kv_cache"  # metadata_props key of a cached decoder step (see generate.py)
+
+
 def build_model(graph: Graph, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False) -> onnx.ModelProto:
     """The graph as a checked ModelProto. Raises UnsupportedError listing nodes without an ONNX form."""
     from slimgraph.backends import onnx_extended  # noqa: F401  (registers the wider op surface)
@@ -917,12 +938,17 @@ def build_model(graph: Graph, opset: int = DEFAULT_OPSET, dynamic_batch: bool = 
     b = _Builder(graph, opset, model)
     model.graph.name = graph.name or "slimgraph"
     in_symbols, out_symbols = _batch_symbols(graph, dynamic_batch)
+    for value, name in io_names(graph):  # names a file's consumers expect ("past_key_values.0.key")
+        if not value.is_constant and id(value) not in b.names:
+            b.names[id(value)] = b.fresh(name)
     model.graph.input.extend(_value_info(b.name(v), v, s) for v, s in zip(graph.inputs, in_symbols))
     for node in graph.nodes:
         b.node = node
         EMITTERS[node.op](b, node)
     b.node = None
     model.graph.output.extend(_value_info(b.name(v), v, s) for v, s in zip(graph.outputs, out_symbols))
+    if "kv_cache" in graph.meta:  # what generate() needs beside the graph: the end and pad tokens
+        helper.set_model_props(model, {KV_CACHE_METADATA: json.dumps(graph.meta["kv_cache"])})
     model.opset_import.extend([helper.make_opsetid("", opset)] +
                               [helper.make_opsetid(d, v) for d, v in b.extra_opsets.items()])
     if any(v.dtype == DType.float64 for v in [*graph.inputs, *graph.constants.values()] + [

@@ -131,16 +131,19 @@ def broadcasts(shape: tuple, target: tuple) -> bool:
     return len(shape) <= len(target) and all(d in (1, t) for d, t in zip(reversed(shape), reversed(target)))
 
 
-def unfloored(scores: Value) -> Value:
+def unfloored(scores: Value, also_read_by: Node | None = None) -> Value:
     """The softmax input before floor-softmax clamped it (max(x, amax(x) - margin)): exact to drop
-    where the softmax becomes one fused kernel's."""
+    where the softmax becomes one fused kernel's. ``also_read_by``: a node of the attention that
+    may read x too (the safe rows' amax)."""
     clamp = scores.producer
-    if clamp is None or clamp.op != "maximum" or len(scores.uses) != 1:
+    if clamp is None or clamp.op != "maximum" or len(scores.uses) != 1 + (
+            also_read_by is not None and also_read_by.inputs[0] is scores):
         return scores
     x, floor = clamp.inputs
     sub = floor.producer
     row_max = sub.inputs[0].producer if sub is not None and sub.op == "sub" else None
-    if row_max is None or row_max.op != "amax" or row_max.inputs[0] is not x or len(x.uses) != 2:
+    if row_max is None or row_max.op != "amax" or row_max.inputs[0] is not x or len(x.uses) != 2 + (
+            also_read_by is not None and also_read_by.inputs[0] is x):
         return scores
     return x
 
@@ -154,13 +157,40 @@ def _is_product(value: Value) -> bool:
     return node is not None and node.op == "matmul" and value.rank == 4
 
 
+def safe_rows(softmax: Node) -> Node | None:
+    """The where() after ``softmax`` that zeroes the rows whose scores are all -inf, as torch's
+    attention does (a query that attends to nothing gets 0, not softmax's NaN):
+    where(amax(scores) == -inf, 0, softmax(scores)); None where there is none."""
+    out = softmax.outputs[0]
+    if len(out.uses) != 1 or out.uses[0].node.op != "where" or out.uses[0].index != 2:
+        return None
+    where = out.uses[0].node
+    dead, zero = where.inputs[0].producer, where.inputs[1]
+    if dead is None or dead.op != "eq" or _scalar(zero) != 0.0 or len(where.inputs[0].uses) != 1:
+        return None
+    peak = dead.inputs[0].producer
+    scores = softmax.inputs[0]
+    clamp = scores.producer if scores.producer is not None and scores.producer.op == "maximum" else None
+    if _scalar(dead.inputs[1]) != float("-inf") or peak is None or peak.op != "amax" or len(dead.inputs[0].uses) != 1 \
+            or not (peak.inputs[0] is scores or clamp is not None and peak.inputs[0] is clamp.inputs[0]):
+        return None  # (floor-softmax's clamp leaves the row's -inf as they were: either reads the same rows)
+    rank = softmax.inputs[0].rank
+    if [a % rank for a in peak.attrs["axes"]] != [rank - 1] or not peak.attrs.get("keepdim"):
+        return None
+    return where
+
+
 def match_attention(softmax: Node) -> AttentionMatch | str:
     """The written-out attention around ``softmax``, or why it is not one."""
-    scores = unfloored(softmax.inputs[0])
-    readers = 1 if scores is softmax.inputs[0] else 2  # the floor's amax and maximum read it twice
+    safe = safe_rows(softmax)  # the attention op's rows that attend to nothing are 0 too
+    peak = safe.inputs[0].producer.inputs[0].producer if safe is not None else None
+    scores = unfloored(softmax.inputs[0], peak)
+    floored = scores is not softmax.inputs[0]
+    readers = 2 if floored else 1  # the floor's amax and maximum read it twice
+    readers += peak is not None and peak.inputs[0] is scores
     if softmax.attrs["axis"] % scores.rank != scores.rank - 1 or scores.rank != 4:
         return "softmax not over the last dim of [batch, heads, seq, seq]"
-    out = softmax.outputs[0]
+    out = softmax.outputs[0] if safe is None else safe.outputs[0]
     if len(out.uses) != 1 or out.uses[0].node.op != "matmul" or out.uses[0].index != 0:
         return "softmax is not read by one matmul with v"
     context = out.uses[0].node
@@ -204,7 +234,7 @@ def match_attention(softmax: Node) -> AttentionMatch | str:
     if bias is not None and not broadcasts(tuple(bias.shape), tuple(scores.shape)):
         return f"the mask {bias.type_str()} does not broadcast to the scores {scores.type_str()}"
     keep = keep_mask(bias) if bias is not None else None
-    return AttentionMatch(*sources, bias, scale, heads, merged, readers == 2, keep)
+    return AttentionMatch(*sources, bias, scale, heads, merged, floored, keep)
 
 
 
@@ -253,7 +283,8 @@ class AttentionForm(Pass):
 def write_out(graph: Graph, node: Node, origin: str) -> Node:
     """Replace an ``attention`` node by the ops it stands for, as the ONNX backend writes them
     (heads split by reshape + permute, k transposed by the same permute, scores scaled, the mask
-    added, a boolean one as where(keep, 0, -inf), softmax, @ v, heads merged); returns the softmax.
+    added, a boolean one as where(keep, 0, -inf), softmax, rows of all -inf zeroed, @ v, heads merged);
+    returns the softmax.
     For passes that work on attention's softmax (floor-softmax)."""
     q, k, v = node.inputs[:3]
     mask = node.inputs[3] if len(node.inputs) > 3 else None
@@ -284,7 +315,14 @@ def write_out(graph: Graph, node: Node, origin: str) -> Node:
                        suffix="bias")
         scores = add("add", [scores, mask], suffix="masked")
     probs = add("softmax", [scores], {"axis": rank})
-    context = add("permute", [add("matmul", [probs, vh], suffix="context")], {"perm": to_heads}, "context_t")
+    weights = probs
+    if mask is not None:  # rows that attend to nothing are 0, as the attention op computes them
+        peak = add("amax", [scores], {"axes": [rank], "keepdim": True}, "peak")
+        dead = add("eq", [peak, graph.add_constant(f"{name}_none", torch.tensor(float("-inf"), dtype=dtype))],
+                   suffix="dead")
+        weights = add("where", [dead, graph.add_constant(f"{name}_zero", torch.tensor(0.0, dtype=dtype)), probs],
+                      suffix="weights")
+    context = add("permute", [add("matmul", [weights, vh], suffix="context")], {"perm": to_heads}, "context_t")
     merged = graph.create_node("reshape", [context], {"shape": lead(q) + [v.shape[-1]]}, name=f"{name}_merged",
                                before=node, meta=meta)
     graph.replace_all_uses_with(node.outputs[0], merged.outputs[0])

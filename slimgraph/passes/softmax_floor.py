@@ -9,7 +9,8 @@ denormal arithmetic is slow wherever the thread does not flush them.
 ``softmax(x) == softmax(max(x, max(x) - 80))`` to float32 precision: an entry below the row's max
 minus 80 has probability under e^-80 (about 1.8e-35) either way, far below what float32 resolves
 next to the row's largest probability (at least 1 / row length). A row that is all -inf stays
-all -inf (NaN out, as before). Three cheap ops (a row max, a subtraction, a max) per softmax.
+all -inf (its softmax is NaN as before, and the where() after it that attention carries
+makes the row 0, as torch's attention does). Three cheap ops (a row max, a subtraction, a max) per softmax.
 
 A masked ``attention`` node holds its softmax inside: it is written out (attention.py's
 ``write_out``, the ops the ONNX backend writes for it) so that its softmax can be floored.

@@ -346,6 +346,10 @@ class Converter:
             return self.graph.add_constant(f"{self.name}_const", x.detach().clone())
         if isinstance(x, (int, float, bool)) and like is not None:
             return self.scalar(x, like)
+        if isinstance(x, SymDim) and like is not None:  # a symbolic size used as a number: arange(seq) + past
+            size = self.emit("sizes", [], {"values": [x], "shape": []})
+            dtype = str(like.dtype.torch).removeprefix("torch.")
+            return size if like.dtype == DType.int64 else self.emit("cast", [size], {"dtype": dtype})
         raise Unhandled
 
     def opaque(self, fx_node: torch.fx.Node, target: Any, args: Any, kwargs: Any, real: Any) -> Any:

@@ -334,7 +334,14 @@ def attention(cv, q: Value, k: Value, v: Value, mask: Any, causal: bool, scale: 
     scores = cv.emit("mul", [cv.emit("matmul", [q, cv.emit("permute", [k], {"perm": swap})]), cv.scalar(scale, q)])
     if bias is not None:
         scores = cv.emit("add", [scores, bias])
-    return cv.emit("matmul", [cv.emit("softmax", [scores], {"axis": -1}), v])
+    probs = cv.emit("softmax", [scores], {"axis": -1})
+    if bias is not None and not (bias.is_constant and not torch.isneginf(bias.const_value).all(-1).any()):
+        # torch's attention is 0 for a query that attends to nothing (a left-padded prompt under a
+        # causal mask), where softmax alone is NaN, which the cache would spread to every later token
+        peak = cv.emit("amax", [scores], {"axes": [scores.rank - 1], "keepdim": True})
+        dead = cv.emit("eq", [peak, cv.scalar(float("-inf"), scores)])
+        probs = cv.emit("where", [dead, cv.scalar(0.0, scores), probs])
+    return cv.emit("matmul", [probs, v])
 
 
 def attention_bias(cv, mask: Any, causal: bool, q: Value, k: Value) -> Value | None:
