@@ -95,7 +95,7 @@ def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor | None:
     return torch.linalg.solve_triangular(lower, eye, upper=False).flip(-1, -2)
 
 
-def _damped_inverse(hessian: torch.Tensor, rows: int) -> torch.Tensor | None:
+def _damped_inverse(hessian: torch.Tensor, rows: int, damping: float = DAMPING) -> torch.Tensor | None:
     """The upper factor of the damped inverse Hessian (see _inverse_cholesky_upper); None where it
     is too poorly sampled or not positive definite even when damped."""
     k = hessian.shape[-1]
@@ -105,7 +105,7 @@ def _damped_inverse(hessian: torch.Tensor, rows: int) -> torch.Tensor | None:
     diag = torch.diagonal(h, dim1=1, dim2=2)
     diag[diag == 0] = 1.0  # inputs always zero: nothing to compensate with; rounded to nearest
     for attempt in range(3):  # more damping if the Hessian is not positive definite
-        damp = DAMPING * max(1.0, k / max(rows, 1)) * 10**attempt * diag.mean(1)
+        damp = damping * max(1.0, k / max(rows, 1)) * 10**attempt * diag.mean(1)
         upper = _inverse_cholesky_upper(h + damp[:, None, None] * torch.eye(k, dtype=h.dtype))
         if upper is not None:
             return upper
@@ -113,15 +113,15 @@ def _damped_inverse(hessian: torch.Tensor, rows: int) -> torch.Tensor | None:
 
 
 def round_weight_groups(w: torch.Tensor, hessian: torch.Tensor, rows: int, group_size: int,
-                        grid: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], qmax: int
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                        grid: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], qmax: int,
+                        damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """GPTQ onto a grid per group of ``group_size`` inputs (weight-only quantization): w [N, K] ->
     (integers [N, K] in [0, qmax], scales [N, groups], zero points [N, groups]). Each group's grid
     is ``grid(columns)`` -> (scale, zero point) [N] each, chosen when GPTQ reaches the group's first
     column, from the weights as the earlier columns' errors left them (as GPTQ's own grouped
     rounding does). None where the Hessian does not allow it (the caller rounds to nearest)."""
     _, k = w.shape
-    upper = _damped_inverse(hessian, rows)
+    upper = _damped_inverse(hessian, rows, damping)
     if upper is None:
         return None
     upper = upper[0]

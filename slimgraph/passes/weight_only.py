@@ -26,6 +26,13 @@ from slimgraph.passes.base import PassContext, PassResult
 from slimgraph.passes.calibration import check_batches
 
 BITS = {"int4": 4, "int8": 8}
+# GPTQ's damping (of the Hessian's mean diagonal) for weight-only grids. 4-bit steps are coarse, and
+# GPTQ's compensation fits the calibration data hard: at gptq.DAMPING (0.01) MiniLM's worst sentence
+# got worse than with nearest rounding. Mean-pooled embeddings of 64 real sentences, calibrated on 16
+# others, min / mean cosine to fp32 (int4, blocks of 32 | 128): nearest 0.963 / 0.972 | 0.919 / 0.956;
+# damping 0.01 0.956 / 0.981 | 0.936 / 0.967; 0.1 0.966 / 0.985 | 0.960 / 0.975; 0.3 0.974 / 0.985 |
+# 0.959 / 0.975; 1.0 0.977 / 0.984 | 0.961 / 0.974.
+DAMPING = 0.3
 
 
 def check_options(weights: str | None, group_size: int, activations: str, rounding: str) -> None:
@@ -121,7 +128,7 @@ def run_weight_only(graph: Graph, ctx: PassContext, weights: str, group_size: in
             rounded = None
             if id(node) in hessians and len(w.uses) == 1:
                 rounded = gptq.round_weight_groups(weight, *hessians[id(node)], group_size,
-                                                   lambda cols: grid(cols, 2**bits - 1), 2**bits - 1)
+                                                   lambda cols: grid(cols, 2**bits - 1), 2**bits - 1, DAMPING)
                 gptq_layers += rounded is not None
             ints, scales, zeros = rounded if rounded is not None else round_to_nearest(weight, bits, group_size)
             tensors = pack(ints, scales, zeros, bits, group_size)
