@@ -135,18 +135,23 @@ def emit_mod(b, node):
 
 @emitter("atan2")
 def emit_atan2(b, node):
-    """atan(y / x), moved by +-pi into the left half-plane (x < 0), as torch.atan2; atan2(0, 0) is 0
-    (y / x would be NaN: x is 1 there)."""
+    """atan(y / x), moved by +-pi into the left half-plane, as torch.atan2; atan2(+-0, +-0) is +-0 or
+    +-pi (y / x would be NaN: x is 1 there). A zero's sign is read off 1 / v (torch.atan2(-0.0, -1) is
+    -pi, where y < 0 says +pi)."""
     out = node.outputs[0]
     y, x = _operands(b, node, out.dtype)
-    zero = b.scalar_like(0.0, out, "zero")
+    zero, one = b.scalar_like(0.0, out, "zero"), b.scalar_like(1.0, out, "one")
+
+    def negative(v: str) -> str:  # v < 0, -0.0 included (1 / -0.0 is -inf)
+        return b.add("Or", [b.add("Less", [v, zero], 1)[0], b.add("Less", [b.add("Div", [one, v], 1)[0], zero],
+                                                                   1)[0]], 1)[0]
+
     origin = b.add("And", [b.add("Equal", [y, zero], 1)[0], b.add("Equal", [x, zero], 1)[0]], 1)[0]
-    divisor = b.add("Where", [origin, b.scalar_like(1.0, out, "one"), x], 1)[0]
+    divisor = b.add("Where", [origin, one, x], 1)[0]
     base = b.add("Atan", [b.add("Div", [y, divisor], 1)[0]], 1)[0]
-    pi = b.add("Where", [b.add("Less", [y, zero], 1)[0], b.scalar_like(-math.pi, out, "minus_pi"),
-                         b.scalar_like(math.pi, out, "pi")], 1)[0]
-    shift = b.add("Where", [b.add("Less", [x, zero], 1)[0], pi, zero], 1)[0]
-    b.add("Add", [base, shift], [b.out()])
+    pi = b.add("Where", [negative(y), b.scalar_like(-math.pi, out, "minus_pi"), b.scalar_like(math.pi, out, "pi")],
+               1)[0]
+    b.add("Where", [negative(x), b.add("Add", [base, pi], 1)[0], base], [b.out()])  # base + 0 would lose -0.0
 
 
 @emitter("where")

@@ -58,6 +58,13 @@ def test_atan2_at_the_origin_is_zero():
     _check(_one_node("atan2", [y, x], {}), [y, x])
 
 
+def test_atan2_keeps_the_sign_of_zero():
+    """torch.atan2(-0.0, -1) is -pi; the file read y < 0 and gave +pi (fuzz-found: ir 40056, ir 40074)."""
+    y = torch.tensor([-0.0, 0.0, -0.0, 0.0, -1.0, -0.0])
+    x = torch.tensor([-1.0, -0.0, -0.0, 0.0, -float("inf"), 0.0])
+    _check(_one_node("atan2", [y, x], {}), [y, x])
+
+
 def test_any_of_fractions_and_negatives():
     x = torch.tensor([[0.0, 0.25, 0.0], [0.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
     _check(_one_node("any", [x], {"axes": [1], "keepdim": False}), [x])
