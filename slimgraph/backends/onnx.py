@@ -424,10 +424,14 @@ def emit_elu(b, node):
 @emitter("prelu")
 def emit_prelu(b, node):
     x, slope = node.inputs
-    name = b.inp(1)
+    out = node.outputs[0].dtype
+    name, data = b.inp(1), b.inp(0)
     if slope.rank == 1 and x.rank > 2:  # per-channel: ONNX broadcasts from the right
         name = b.add("Reshape", [name, b.ints([slope.shape[0]] + [1] * (x.rank - 2), "slope_shape")], 1)[0]
-    b.add("PRelu", [b.inp(0), name], [b.out()])
+    # torch promotes (a float64 x with a float32 slope); ONNX's PRelu takes one type
+    name = name if slope.dtype == out else b.add("Cast", [name], 1, to=_ONNX_DTYPE[out])[0]
+    data = data if x.dtype == out else b.add("Cast", [data], 1, to=_ONNX_DTYPE[out])[0]
+    b.add("PRelu", [data, name], [b.out()])
 
 
 @emitter("rsqrt")
