@@ -36,6 +36,8 @@ KEEP_FP32 = frozenset({
     "prod",  # a product of many factors leaves 16 bits' range (0.3 ** 24 is 3e-13)
     "attention",  # computes a softmax inside (both backends emit it as one unit)
 })
+# Ops whose 16-bit result is off by the absolute rounding of their input: a large angle stays float32.
+PERIODIC = frozenset({"sin", "cos"})
 # Quantization ops work on float32 scales and activations: left exactly as they are.
 QUANT_OPS = frozenset({"quantize_linear", "dequantize_linear", "fake_quant"})
 _WEIGHTED = ("conv", "linear")
@@ -85,9 +87,9 @@ class _LowPrecision(Pass):
     # ------------------------------------------------------------------ the rewrite
     def _out_of_range(self, graph: Graph, ctx: PassContext) -> list[str]:
         """Nodes that read or write a value beyond half the low dtype's largest finite number on the
-        example inputs (float16 overflows at 65504, where float32 does not), or a value that is not
+        example inputs (float16 overflows at 65504, where float32 does not), a value that is not
         zero but wholly below its smallest normal number (6.1e-5: float16 flushes it to zero or keeps
-        a few bits): they stay float32."""
+        a few bits), or compute the angle of a sin / cos past 8, or of a tan: they stay float32."""
         limit, tiny = torch.finfo(self.low.torch).max / 2, torch.finfo(self.low.torch).tiny
         if ctx.example_inputs is None or limit >= torch.finfo(torch.float32).max / 2:
             return []
@@ -96,7 +98,18 @@ class _LowPrecision(Pass):
         _, captured = run(graph, list(ctx.example_inputs), capture=values)
         peaks = {id(v): float(t.abs().max()) for v, t in captured.items() if t.numel()}
         big = {k for k, peak in peaks.items() if peak > limit or 0 < peak < tiny}
-        return [n.name for n in graph.nodes if any(v is not None and id(v) in big for v in (*n.inputs, *n.outputs))]
+        kept = {n.name for n in graph.nodes if any(v is not None and id(v) in big for v in (*n.inputs, *n.outputs))}
+        # the angle of a periodic function and all it is computed from: past 8, 16 bits hold it to 2^-7 or
+        # worse (sin(500) is noise); tan's anywhere (1 / cos^2 amplifies its rounding without bound near a pole)
+        periodic = [n for n in graph.nodes if n.op == "tan" or n.op in PERIODIC and peaks.get(id(n.inputs[0]), 0) > 8]
+        kept |= {n.name for n in periodic}
+        angles = [n.inputs[0] for n in periodic]
+        while angles:
+            producer = angles.pop().producer
+            if producer is not None and producer.name not in kept and any(v.dtype == _F32 for v in producer.outputs):
+                kept.add(producer.name)
+                angles += [v for v in producer.inputs if v is not None]
+        return [n.name for n in graph.nodes if n.name in kept]
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         low = self.low
