@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from slimgraph.errors import SlimgraphError, UnsupportedError
 from slimgraph.ir import OPAQUE, DType, Graph, Node, Value
+from slimgraph.ir.opdefs.nn import ceil_adds_no_window
 from slimgraph.ir.opdefs.quant import QRANGE, qrange
 from slimgraph.ir.symbolic import SymDim, python_expr
 from slimgraph.onnx_proto import outer_names
@@ -334,10 +335,14 @@ def emit_lrn(b, node):
 def _pool(b: _Builder, node: Node, onnx_op: str, **attrs: Any) -> None:
     """A pooling node. With ceil_mode, torch drops a last window that starts in the right padding;
     onnxruntime does too, but ONNX's shape inference counts it, and onnx.checker rejects the output
-    shape: such a pool writes to an intermediate that a Slice cuts to torch's windows (a no-op in
-    onnxruntime)."""
+    shape. Where floor mode has the same windows, the pool is written in floor mode; otherwise it
+    writes to an intermediate that a Slice cuts to torch's windows (a no-op in onnxruntime, whose
+    optimizer then sees two shapes for that intermediate: QDQ propagation warns)."""
     a, x, y = node.attrs, node.inputs[0], node.outputs[0]
     nd = len(a["kernel"])
+    if ceil_adds_no_window(node):
+        b.add(onnx_op, [b.inp(0)], [b.out()], **{**attrs, "ceil_mode": 0})
+        return
     cut = []
     if a.get("ceil_mode") and not any((x.sym or ())[2:]):  # spatial sizes known
         dilation = a.get("dilation", [1] * nd)

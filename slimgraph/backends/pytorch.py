@@ -360,13 +360,22 @@ def _pool_input(a0: str, pads: list[int], nd: int, kernel: list[int], fill: str)
     return f"F.pad({a0}, {_lit(_torch_pads(pads))}, value={fill})", [0] * nd
 
 
+def _inside(pooled: str, node, padded_ahead: bool) -> str:
+    """A ceil-mode pool of an input padded ahead cut to the node's windows: torch keeps a last window
+    that starts in the right padding there (it is inside the padded input); the IR does not."""
+    y = node.outputs[0]
+    if not padded_ahead or not node.attrs.get("ceil_mode") or any((y.sym or ())[2:]):
+        return pooled
+    return f"{pooled}[:, :, {', '.join(f':{d}' for d in y.shape[2:])}]"
+
+
 @emitter("max_pool")
 def emit_max_pool(ctx, node, a):
     at = node.attrs
     nd = len(at["kernel"])
     x, padding = _pool_input(a[0], at["pads"], nd, at["kernel"], "float('-inf')")
-    return (f"F.max_pool{nd}d({x}, {_pair(at['kernel'])}, {_pair(at['stride'])}, {_pair(padding)}, "
-            f"{_pair(at.get('dilation', [1] * nd))}, ceil_mode={at.get('ceil_mode', False)})")
+    return _inside(f"F.max_pool{nd}d({x}, {_pair(at['kernel'])}, {_pair(at['stride'])}, {_pair(padding)}, "
+                   f"{_pair(at.get('dilation', [1] * nd))}, ceil_mode={at.get('ceil_mode', False)})", node, x != a[0])
 
 
 @emitter("avg_pool")
@@ -374,8 +383,14 @@ def emit_avg_pool(ctx, node, a):
     at = node.attrs
     nd = len(at["kernel"])
     x, padding = _pool_input(a[0], at["pads"], nd, at["kernel"], "0.0")
-    return (f"F.avg_pool{nd}d({x}, {_pair(at['kernel'])}, {_pair(at['stride'])}, {_pair(padding)}, "
-            f"ceil_mode={at.get('ceil_mode', False)}, count_include_pad={at.get('count_include_pad', True)})")
+    window = f"{_pair(at['kernel'])}, {_pair(at['stride'])}, {_pair(padding)}, ceil_mode={at.get('ceil_mode', False)}"
+    if x == a[0] or at.get("count_include_pad", True):
+        return _inside(f"F.avg_pool{nd}d({x}, {window}, count_include_pad={at.get('count_include_pad', True)})",
+                       node, x != a[0])
+    # padded ahead of the pool, which would count it: the mean over the window's elements of x alone
+    ones, _ = _pool_input(f"torch.ones_like({a[0]}[:1, :1])", at["pads"], nd, at["kernel"], "0.0")
+    return _inside(f"(F.avg_pool{nd}d({x}, {window}, count_include_pad=True) / "
+                   f"F.avg_pool{nd}d({ones}, {window}, count_include_pad=True))", node, True)
 
 
 EMITTERS["adaptive_avg_pool"] = lambda ctx, node, a: (

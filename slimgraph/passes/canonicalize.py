@@ -14,6 +14,7 @@ import torch
 
 from slimgraph.errors import PassError
 from slimgraph.ir import Graph, Node, Value, get_op, is_canonical
+from slimgraph.ir.opdefs.nn import ceil_adds_no_window
 from slimgraph.ir.ops import run_reference
 from slimgraph.ir.symbolic import has_symbols
 from slimgraph.passes.attention import AttentionForm
@@ -351,6 +352,19 @@ def fold_node(graph: Graph, node: Node) -> None:
 
 
 # ---------------------------------------------------------------------------- canonicalize
+def _floor_mode_pools(graph: Graph) -> int:
+    """ceil_mode off on pools where it adds no window (the same windows: ONNX writes such a pool in
+    floor mode, whose shape every consumer agrees on): one form whichever way the graph came."""
+    count = 0
+    for node in graph.nodes:
+        if node.op in ("max_pool", "avg_pool") and ceil_adds_no_window(node):
+            node.attrs = {**node.attrs, "ceil_mode": False}
+            count += 1
+    if count:
+        graph.touch()
+    return count
+
+
 @register_pass
 @dataclass
 class Canonicalize(Pass):
@@ -375,6 +389,9 @@ class Canonicalize(Pass):
                               SqueezeForm(), AttentionForm(), DeadCodeElimination()]
         stats: dict[str, int] = {"iterations": 0}
         changed = False
+        floored = _floor_mode_pools(graph)
+        if floored:
+            stats["floor_mode_pools"], changed = floored, True
         for _ in range(self.max_iterations):
             stats["iterations"] += 1
             round_changed = False

@@ -47,6 +47,22 @@ def test_ceil_mode_pools_drop_a_window_that_starts_in_the_padding(op):
     _check(graph, [x])
 
 
+@pytest.mark.parametrize("op,count_include_pad", [("max_pool", None), ("avg_pool", True), ("avg_pool", False)])
+@pytest.mark.parametrize("pads,ceil_mode", [([0, 0, 1, 1], False), ([1, 0, 0, 1], True), ([0, 0, 2, 1], True)])
+def test_pools_with_pads_torch_cannot_take(op, count_include_pad, pads, ceil_mode):
+    """Asymmetric pads (an ONNX file's SAME padding) are padded ahead of torch's pool: the padding
+    counts for nothing where count_include_pad is False, and a ceil-mode window that starts in the
+    right padding is dropped, as onnxruntime computes (the interpreter counted the zeros 0.26 off and
+    kept the window; found beside ir 58)."""
+    x = torch.randn(1, 2, 6, 7)
+    attrs = {"kernel": [3, 2], "stride": [2, 3] if ceil_mode else [1, 1], "pads": pads, "ceil_mode": ceil_mode}
+    attrs.update({"count_include_pad": count_include_pad} if op == "avg_pool" else {"dilation": [1, 1]})
+    graph = _one_node(op, [x], attrs)
+    _check(graph, [x])
+    with torch.no_grad():
+        torch.testing.assert_close(slimgraph.to_torch(graph)(x), run(graph, [x])[0])
+
+
 @pytest.mark.parametrize("op", ["adaptive_avg_pool", "adaptive_max_pool"])
 def test_adaptive_pools_to_sizes_that_do_not_divide(op):
     x = torch.randn(2, 3, 5, 7)

@@ -262,13 +262,25 @@ _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
+def _inside(y: torch.Tensor, x: torch.Tensor, a) -> torch.Tensor:
+    """A pool of x padded ahead (pads torch cannot take) without a last ceil-mode window that starts in
+    the right padding: torch keeps it there (it is inside the padded input), ONNX and x's own pool not."""
+    if not a.get("ceil_mode"):
+        return y
+    for i, (stride, pad) in enumerate(zip(a["stride"], a["pads"])):
+        if (y.shape[2 + i] - 1) * stride >= x.shape[2 + i] + pad:
+            y = y.narrow(2 + i, 0, y.shape[2 + i] - 1)
+    return y
+
+
 def max_pool_ref(xs, a):
     x, pads = xs[0], a["pads"]
     padding = symmetric_padding(pads)
-    if padding is None or any(2 * p > k for p, k in zip(padding, a["kernel"])):
-        x = F.pad(x, torch_pad_arg(pads), value=float("-inf"))
-        padding = [0] * len(a["kernel"])
     fn = _MAX_POOL[len(a["kernel"])]
+    if padding is None or any(2 * p > k for p, k in zip(padding, a["kernel"])):  # torch pads no such way
+        padded = F.pad(x, torch_pad_arg(pads), value=float("-inf"))
+        return _inside(fn(padded, a["kernel"], a["stride"], [0] * len(a["kernel"]), a.get("dilation", 1),
+                          a.get("ceil_mode", False)), x, a)
     return fn(x, a["kernel"], a["stride"], padding, a.get("dilation", 1), a.get("ceil_mode", False))
 
 
@@ -276,10 +288,16 @@ def avg_pool_ref(xs, a):
     x, pads = xs[0], a["pads"]
     padding = symmetric_padding(pads)
     count_include_pad = a.get("count_include_pad", True)
-    if padding is None or any(2 * p > k for p, k in zip(padding, a["kernel"])):
-        x = F.pad(x, torch_pad_arg(pads))
-        padding = [0] * len(a["kernel"])
     fn = _AVG_POOL[len(a["kernel"])]
+    if padding is None or any(2 * p > k for p, k in zip(padding, a["kernel"])):  # torch pads no such way
+        nd, explicit = len(a["kernel"]), torch_pad_arg(pads)
+        total = _inside(fn(F.pad(x, explicit), a["kernel"], a["stride"], [0] * nd, a.get("ceil_mode", False),
+                           True), x, a)
+        if count_include_pad:
+            return total
+        # the padding counts for nothing: the mean over the window's elements of x alone
+        ones = F.pad(torch.ones_like(x[:1, :1]), explicit)
+        return total / _inside(fn(ones, a["kernel"], a["stride"], [0] * nd, a.get("ceil_mode", False), True), x, a)
     return fn(x, a["kernel"], a["stride"], padding, a.get("ceil_mode", False), count_include_pad)
 
 
@@ -313,12 +331,29 @@ def pool_infer(node) -> list | None:
             size, pad = size + pads[i] + pads[nd + i], 0
         out = (size + 2 * pad - dilation[i] * (kernel[i] - 1) - 1 + (stride[i] - 1 if ceil_mode else 0)) \
             // stride[i] + 1
-        if ceil_mode and (out - 1) * stride[i] >= size + pad:  # the last window must start inside
+        if ceil_mode and (out - 1) * stride[i] >= x.shape[2 + i] + pads[i]:  # the last window must start inside
             out -= 1
         if out < 1 or (node.op == "avg_pool" and nd == 3 and size < kernel[i]):
             return None  # torch's own error (avg_pool3d also wants the input >= the kernel), from the reference
         spatial.append(out)
     return [((*x.shape[:2], *spatial), x.dtype)]
+
+
+def ceil_adds_no_window(node) -> bool:
+    """Whether a ceil-mode max_pool / avg_pool has floor mode's windows in every spatial dim (static
+    sizes): ceil mode then at most drops a last window that starts in the padding, which floor mode
+    never has, and the node computes what it computes with ceil_mode False."""
+    x, y, a = node.inputs[0], node.outputs[0], node.attrs
+    if not a.get("ceil_mode") or any((x.sym or ())[2:]) or any((y.sym or ())[2:]):
+        return False
+    nd = len(a["kernel"])
+    dilation = a.get("dilation", 1) if node.op == "max_pool" else 1
+    dilation = [dilation] * nd if type(dilation) is int else dilation
+    for i in range(nd):
+        span = dilation[i] * (a["kernel"][i] - 1) + 1
+        if (x.shape[2 + i] + a["pads"][i] + a["pads"][nd + i] - span) // a["stride"][i] + 1 != y.shape[2 + i]:
+            return False
+    return True
 
 
 register_op("max_pool", max_pool_ref, description="max pooling; attrs kernel, stride, pads, dilation, ceil_mode",
