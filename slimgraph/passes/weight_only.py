@@ -143,6 +143,7 @@ def run_weight_only(graph: Graph, ctx: PassContext, weights: str, group_size: in
                                 name=node.name, before=node, meta={**node.meta, "origin": "quantize"})
         graph.replace_all_uses_with(node.outputs[0], new.outputs[0])
         graph.remove_node(node)
+        graph.take_name(new, node)  # diffs show the layer changed op, not name
         if not w.uses and graph.constants.get(w.name) is w and all(o is not w for o in graph.outputs):
             graph.remove_constant(w)
     kept = [n.name for n in graph.nodes if n.op in ("linear", "matmul", "conv") and n.inputs[1].is_constant]

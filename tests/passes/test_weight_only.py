@@ -71,9 +71,11 @@ def test_int4_bert_in_all_three_backends():
     """A transformer's linears all become matmul_nbits; the graph verifies, optimize reports the
     error, and the interpreter, the emitted module and onnxruntime's MatMulNBits agree tightly."""
     model, inputs = tiny_bert()
+    linears = [n.name for n in slimgraph.import_model(model, inputs).nodes if n.op == "linear"]
     result = slimgraph.optimize(model, INT4, example_inputs=inputs)
     graph = result.graph
     graph.verify()
+    assert [n.name for n in graph.nodes if n.op == "matmul_nbits"] == linears  # names kept: readable diffs
     record = result.trace[-1]
     assert record.pass_stats["quantized_ops"] == 13 and record.pass_stats["float_layers"] == 0
     assert record.max_abs_error is not None and record.max_abs_error > 0  # lossy, and says how much
@@ -227,3 +229,19 @@ def test_real_minilm_int4_keeps_sentence_embeddings():
     pool = lambda h: (h * mask).sum(1) / mask.sum(1)  # noqa: E731
     cosine = torch.nn.functional.cosine_similarity(pool(got), pool(want))
     assert float(cosine.min()) > 0.98, cosine
+
+
+def test_int4_decoder_generates_with_a_kv_cache_in_both_backends():
+    """Weight-only works on the cached graph: a Llama-architecture decoder's 15 linears (lm_head too)
+    become matmul_nbits, and greedy decoding gives the same tokens in onnxruntime and the module."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    ids = torch.randint(3, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    result = slimgraph.optimize(model, "quantize{weights=int4,group_size=32,activations=none}", example_inputs=(ids,),
+                                kv_cache=True)
+    assert result.trace[-1].pass_stats["quantized_ops"] == 15
+    tokens = result.generate(ids, max_new_tokens=8, backend="onnxruntime")
+    assert tokens.shape == (1, 16) and torch.equal(tokens, result.generate(ids, max_new_tokens=8, backend="torch"))
