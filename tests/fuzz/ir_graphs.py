@@ -238,9 +238,9 @@ class RandomGraph:
         if op in JUMPY and not exact_in:
             self.graph.remove_node(node)
             raise Rejected(f"{op} reads an inexact value")
-        if _discontinuous(op, attrs) and not exact_in and not self._stable(node, values, outs):
+        if _sensitive(op, attrs) and not exact_in and not self._stable(node, values, outs):
             self.graph.remove_node(node)
-            raise Rejected(f"{op} reads values at its discontinuity")
+            raise Rejected(f"{op} reads values where 16-bit rounding moves it")
         self.pool.extend(entries)
         return entries
 
@@ -274,12 +274,13 @@ class RandomGraph:
         return value.const_value, value.const_value
 
 
-def _discontinuous(op: str, attrs: dict) -> bool:
-    """Ops that jump where an inexact input crosses a point but are drawn on inexact values (unlike
-    JUMPY's): atan2 across its branch cut and at (0, 0), where a tiny value flushed to zero in float16
-    gives 0 for pi / 4; nearest grid sampling where a coordinate crosses a pixel's edge. Each is kept
+def _sensitive(op: str, attrs: dict) -> bool:
+    """Ops drawn on inexact values (unlike JUMPY's) that jump where an input crosses a point, or amplify
+    its rounding without bound: atan2 across its branch cut and at (0, 0), where a tiny value flushed to
+    zero in float16 gives 0 for pi / 4; nearest grid sampling where a coordinate crosses a pixel's edge;
+    layer and group norm of rows that are nearly constant (their spread is all rounding). Each is kept
     only where 16-bit rounding of its inputs does not move it (RandomGraph._stable)."""
-    return op == "atan2" or (op == "grid_sample" and attrs.get("mode") == "nearest")
+    return op in ("atan2", "layer_norm", "group_norm") or (op == "grid_sample" and attrs.get("mode") == "nearest")
 
 
 def _bounded(t: torch.Tensor) -> bool:
