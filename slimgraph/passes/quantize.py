@@ -301,7 +301,7 @@ class Quantize(Pass):
     cpu: Cpu = "auto"
     rounding: Rounding = "gptq"
     weights: str | None = None
-    group_size: int = 128
+    group_size: int | None = None  # weight-only: 128 unless given
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, ("ort", "trt"))
@@ -406,7 +406,8 @@ class Quantize(Pass):
         if self.activations == "dynamic":
             return self._run_dynamic(graph, ctx)
         if self.activations == "none":
-            return weight_only.run_weight_only(graph, ctx, self.weights, self.group_size, self.rounding, self.skip)
+            return weight_only.run_weight_only(graph, ctx, self.weights, self.group_size or weight_only.GROUP_SIZE,
+                                               self.rounding, self.skip)
         batches = check_batches(graph, ctx.calibration_data, "pass 'quantize'")
         wrange = weight_range(self.target, self.cpu)
         dtype = self.activation_dtype

@@ -26,6 +26,7 @@ from slimgraph.passes.base import PassContext, PassResult
 from slimgraph.passes.calibration import check_batches
 
 BITS = {"int4": 4, "int8": 8}
+GROUP_SIZE = 128  # the default, as onnxruntime's quantizer and NNCF's
 # GPTQ's damping (of the Hessian's mean diagonal) for weight-only grids. 4-bit steps are coarse, and
 # GPTQ's compensation fits the calibration data hard: at gptq.DAMPING (0.01) MiniLM's worst sentence
 # got worse than with nearest rounding. Mean-pooled embeddings of 64 real sentences, calibrated on 16
@@ -35,13 +36,17 @@ BITS = {"int4": 4, "int8": 8}
 DAMPING = 0.3
 
 
-def check_options(weights: str | None, group_size: int, activations: str, rounding: str) -> None:
+def check_options(weights: str | None, group_size: int | None, activations: str, rounding: str) -> None:
     """A PassError naming the option and why, for any weight-only setting that cannot work."""
     if weights is None:
         if activations == "none":
             raise PassError("pass 'quantize' option 'activations': none (weight-only) needs weights=int8 or "
                             "weights=int4")
+        if group_size is not None:
+            raise PassError(f"pass 'quantize' option 'group_size': {group_size!r} is for weight-only quantization "
+                            "(weights=int8|int4, activations=none); int8 activations come with per-channel weights")
         return
+    group_size = GROUP_SIZE if group_size is None else group_size
     if weights not in BITS:
         raise PassError(f"pass 'quantize' option 'weights': {weights!r} is not one of int8, int4 (block-wise "
                         "weights are 4 or 8 bits: what onnxruntime's MatMulNBits runs)")

@@ -193,11 +193,18 @@ def test_gptq_per_group_beats_nearest_on_correlated_inputs():
     ("weights=int4,group_size=32", "weights", "needs activations=none"),
     ("weights=int8,activations=uint8", "weights", "needs activations=none"),
     ("activations=none", "activations", "needs weights=int8 or weights=int4"),
+    ("group_size=32", "group_size", "is for weight-only quantization"),
     ("weights=int4,activations=none,rounding=best", "rounding", "not one of"),
 ])
 def test_bad_options_name_the_option(options, option, why):
     with pytest.raises(PassError, match=f"option '{option}'.*{why}"):
         slimgraph.optimize(nn.Linear(32, 8), f"quantize{{{options}}}", example_inputs=(torch.randn(1, 32),))
+
+
+def test_group_size_defaults_to_128():
+    graph = slimgraph.optimize(nn.Linear(256, 8), "quantize{weights=int8,activations=none}",
+                               example_inputs=(torch.randn(1, 256),)).graph
+    assert next(n for n in graph.nodes if n.op == "matmul_nbits").attrs["block_size"] == 128
 
 
 def test_already_quantized_graph_is_refused():
