@@ -61,6 +61,8 @@ SLIMGRAPH = [  # (label, pipeline, ONNX form)
     ("slimgraph int4 g32 GPTQ", q("int4", 32, "gptq"), "matmul_nbits"),
     ("slimgraph int4 g128 nearest", q("int4", 128, "nearest"), "matmul_nbits"),
     ("slimgraph int4 g128 GPTQ", q("int4", 128, "gptq"), "matmul_nbits"),
+    ("slimgraph int4 g32 AWQ", q("int4", 32, "awq"), "matmul_nbits"),
+    ("slimgraph int4 g128 AWQ", q("int4", 128, "awq"), "matmul_nbits"),
     ("slimgraph int8 g128 nearest", q("int8", 128, "nearest"), "matmul_nbits"),
     ("slimgraph int4 g32 GPTQ, DequantizeLinear form (opset 21)", q("int4", 32, "gptq"), "dequantize_linear"),
 ]
@@ -217,7 +219,7 @@ def main() -> None:
         "bytes of their weights, scales and zero points (slimgraph's files keep the pooler, which the export drops: "
         "its graph has both outputs; 0.59 MB fp32). Cosine: mean-pooled embeddings of "
         f"{len(sentences)} real sentences in one padded batch against fp32 PyTorch (min, mean); slimgraph's "
-        f"GPTQ (damping 0.3, see slimgraph/passes/weight_only.py) calibrates on {len(calibration)} other "
+        f"GPTQ (damping 0.3, see slimgraph/passes/weight_only.py) and AWQ calibrate on {len(calibration)} other "
         "sentences. Latency: batch 1, sequence 128, one thread, "
         f"{args.repeats} interleaved repetitions, medians; ratio to the fp32 export. onnxruntime's quantizer "
         "ran on torch.onnx.export's file (its defaults: accuracy_level unset, as slimgraph's MatMulNBits).\n\n"

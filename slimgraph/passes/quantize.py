@@ -48,7 +48,7 @@ Target = Literal["ort", "trt"]
 Activations = Literal["auto", "uint8", "int8", "dynamic", "none"]
 Calibration = Literal["minmax", "percentile", "entropy", "mse"]
 Cpu = Literal["auto", "vnni", "avx512", "avx2", "arm"]
-Rounding = Literal["gptq", "nearest"]
+Rounding = Literal["gptq", "nearest", "awq"]
 
 # ops onnxruntime runs on int8 as they are when their input and output share parameters
 _PASSTHROUGH = {"max_pool", "reshape", "flatten", "permute", "squeeze", "unsqueeze", "slice", "gather", "select",
@@ -266,7 +266,7 @@ class Quantize(Pass):
     Weight-only (see weight_only.py): weights (int8|int4) with group_size (a power of 2 >= 16,
     default 128) and activations=none quantize linears and constant-weight matmuls block-wise
     along their inputs (onnxruntime's MatMulNBits), activations float; GPTQ-rounded per group
-    where calibration_data is given.
+    where calibration_data is given (rounding=awq: AWQ's activation-aware scales, then nearest).
 
     Quantization-aware training, between ``quantize`` and ``fold-int8``::
 
@@ -306,7 +306,7 @@ class Quantize(Pass):
     def __post_init__(self) -> None:
         _check_choice("target", self.target, ("ort", "trt"))
         _check_choice("cpu", self.cpu, ("auto", *ISAS))
-        _check_choice("rounding", self.rounding, ("gptq", "nearest"))
+        _check_choice("rounding", self.rounding, ("gptq", "nearest", "awq"))
         _check_choice("activations", self.activations, ("auto", "uint8", "int8", "dynamic", "none"))
         weight_only.check_options(self.weights, self.group_size, self.activations, self.rounding)
         if isinstance(self.float_budget, bool) or not isinstance(self.float_budget, (int, float)) \

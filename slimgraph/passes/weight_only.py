@@ -8,7 +8,10 @@ buffer unpacked at run time (PyTorch).
 The grid is asymmetric, unsigned, as onnxruntime's own quantizer writes it (MLAS's block-wise
 quantizer): a block's range is stretched to hold 0, scale = (max - min) / (2**bits - 1), zero point
 round(-min / scale). Rounding is GPTQ on the calibration data (gptq.py, per group) where given, or
-to nearest (``rounding=nearest``, or no calibration_data). A K that is not a multiple of
+to nearest (``rounding=nearest``, or no calibration_data); ``rounding=awq`` searches AWQ's
+per-input-channel scales on the calibration data first (see ``awq``), then rounds to nearest. On
+MiniLM (bench/weight_only.py) GPTQ keeps the embeddings closest, AWQ is between it and nearest.
+A K that is not a multiple of
 ``group_size`` is padded with zeros to whole blocks, as MatMulNBits expects.
 """
 
@@ -19,8 +22,8 @@ import fnmatch
 import torch
 
 from slimgraph.errors import PassError
-from slimgraph.ir import Graph, Node
-from slimgraph.ir.opdefs.quant import pack_nbits
+from slimgraph.ir import Graph, Node, run
+from slimgraph.ir.opdefs.quant import dequantize_nbits, pack_nbits
 from slimgraph.passes import gptq
 from slimgraph.passes.base import PassContext, PassResult
 from slimgraph.passes.calibration import check_batches
@@ -42,6 +45,9 @@ def check_options(weights: str | None, group_size: int | None, activations: str,
         if activations == "none":
             raise PassError("pass 'quantize' option 'activations': none (weight-only) needs weights=int8 or "
                             "weights=int4")
+        if rounding == "awq":
+            raise PassError("pass 'quantize' option 'rounding': awq scales weights for weight-only quantization "
+                            "(weights=int8|int4, activations=none)")
         if group_size is not None:
             raise PassError(f"pass 'quantize' option 'group_size': {group_size!r} is for weight-only quantization "
                             "(weights=int8|int4, activations=none); int8 activations come with per-channel weights")
@@ -115,14 +121,70 @@ def pack(ints: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: in
     return w.contiguous(), scales.float().contiguous(), pack_nbits(zp, bits).contiguous()
 
 
+AWQ_ALPHAS = [i / 20 for i in range(1, 21)]  # the exponents searched (AWQ's grid); 0, no scaling, always a candidate
+AWQ_ROWS = 1024  # calibration rows kept per input tensor for the search
+
+
+def awq(graph: Graph, layers: list[Node], batches: list, bits: int, group_size: int) -> dict:
+    """AWQ (Lin et al. 2024): per input tensor x of linears, scale input channel j by
+    s_j = mean|x_j|^alpha (normalized), W diag(s) quantized, x / s folded into x's producer where
+    only these linears read x (else one ``mul``, as ``smooth`` does); alpha is searched per tensor,
+    the one whose quantized outputs on the calibration rows err least (0: not scaled)."""
+    from slimgraph.passes.smooth import _smooth, _smoothable  # smooth imports quantize, which imports us
+
+    groups: dict[int, list[Node]] = {}
+    for node in layers:
+        if _smoothable(node):
+            groups.setdefault(id(node.inputs[0]), []).append(node)
+    inputs = [readers[0].inputs[0] for readers in groups.values()]
+    rows: dict[int, list[torch.Tensor]] = {id(x): [] for x in inputs}
+    for batch in batches:
+        _, captured = run(graph, list(batch), capture=inputs)
+        for x in inputs:
+            r = captured[x].detach().float().reshape(-1, x.shape[-1])
+            keep = -(-AWQ_ROWS // len(batches))
+            rows[id(x)].append(r[torch.linspace(0, len(r) - 1, min(keep, len(r))).round().long()])
+    stats: dict = {"smoothed": 0, "folded": {}, "mul": [], "alpha": {}}
+    for x in inputs:
+        readers, xs = groups[id(x)], torch.cat(rows[id(x)])
+        weights = [r.inputs[1].const_value.float() for r in readers]
+        want = [xs @ w.t() for w in weights]
+        mean = xs.abs().mean(0)
+
+        def error(s: torch.Tensor) -> float:
+            total = 0.0
+            for w, y in zip(weights, want):
+                q = dequantize_nbits(*pack(*round_to_nearest(w * s, bits, group_size), bits, group_size), bits,
+                                     group_size, w.shape[1])
+                total += float(((xs / s) @ q.t() - y).pow(2).sum())
+            return total
+
+        best, best_alpha, best_s = error(torch.ones_like(mean)), 0.0, None
+        for alpha in AWQ_ALPHAS:
+            s = mean.pow(alpha).clamp_min(1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            e = error(s)
+            if e < best:
+                best, best_alpha, best_s = e, alpha, s
+        stats["alpha"][x.name] = best_alpha
+        if best_s is not None:
+            _smooth(graph, x, readers, best_s.double(), stats)
+            stats["smoothed"] += 1
+    return stats
+
+
 def run_weight_only(graph: Graph, ctx: PassContext, weights: str, group_size: int, rounding: str,
                     skip: tuple[str, ...]) -> PassResult:
     bits = BITS[weights]
     layers = _layers(graph, skip)
     batches = None
-    if rounding == "gptq" and ctx.calibration_data is not None:
+    if rounding in ("gptq", "awq") and ctx.calibration_data is not None:
         batches = check_batches(graph, ctx.calibration_data, "pass 'quantize'")
-    hessians = gptq.input_hessians(graph, layers, batches) if batches else {}
+    awq_stats = None
+    if rounding == "awq" and batches:
+        awq_stats = awq(graph, layers, batches, bits, group_size)
+        layers = _layers(graph, skip)  # the same layers, some reading x / s now
+    hessians = gptq.input_hessians(graph, layers, batches) if batches and rounding == "gptq" else {}
     done: dict[int, tuple] = {}  # id(weight) -> its packed constants (a weight shared by layers packs once)
     gptq_layers, float_bytes, packed_bytes = 0, 0, 0
     for node in layers:
@@ -152,11 +214,13 @@ def run_weight_only(graph: Graph, ctx: PassContext, weights: str, group_size: in
         if not w.uses and graph.constants.get(w.name) is w and all(o is not w for o in graph.outputs):
             graph.remove_constant(w)
     kept = [n.name for n in graph.nodes if n.op in ("linear", "matmul", "conv") and n.inputs[1].is_constant]
+    extra = {"awq_alpha": awq_stats["alpha"], "awq_mul": awq_stats["mul"]} if awq_stats else {}
     how = f"GPTQ on {gptq_layers} of {len(layers)} layers" if hessians else \
-        "nearest" + (" (GPTQ needs calibration_data)" if rounding == "gptq" else "")
+        f"AWQ scales on {awq_stats['smoothed']} inputs ({len(awq_stats['mul'])} by a mul), then nearest" \
+        if awq_stats else "nearest" + (f" ({rounding} needs calibration_data)" if rounding != "nearest" else "")
     return PassResult(bool(layers), {
         "quantized_ops": len(layers), "float_layers": len(kept), "weight_bits": bits, "group_size": group_size,
         "activations": "float", "gptq_layers": gptq_layers, "weight_bytes_float": float_bytes,
-        "weight_bytes_packed": packed_bytes,
+        "weight_bytes_packed": packed_bytes, **extra,
         "notes": [f"{bits}-bit weights, asymmetric, blocks of {group_size} inputs (MatMulNBits)",
                   f"rounding: {how}"] + ([f"kept float: {', '.join(kept)}"] if kept else [])})

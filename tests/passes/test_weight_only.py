@@ -186,6 +186,31 @@ def test_gptq_per_group_beats_nearest_on_correlated_inputs():
     assert errors["gptq"] < 0.5 * errors["nearest"], errors
 
 
+def test_awq_scales_beat_nearest_on_outlier_channels():
+    """A few input channels 20x larger than the rest (as after a transformer's LayerNorm): AWQ's
+    searched per-channel scales, folded into the linear that makes the second layer's input and a
+    mul for the graph input, err less than nearest rounding; the graph stays exact in float."""
+    torch.manual_seed(0)
+    mix, gain = torch.randn(12, 128), torch.ones(128)
+    gain[:4] = 20
+    data = lambda n: (torch.randn(n, 12) @ mix + 0.05 * torch.randn(n, 128)) * gain  # noqa: E731
+    model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 64)).eval()
+    x, held_out = data(8), data(256)
+    calibration = [(data(64),) for _ in range(8)]
+    want = model(held_out)
+    errors = {}
+    for rounding in ("nearest", "awq"):
+        result = slimgraph.optimize(model, f"quantize{{weights=int4,group_size=32,activations=none,"
+                                    f"rounding={rounding}}}", example_inputs=(x,), calibration_data=calibration)
+        errors[rounding] = float((run(result.graph, [held_out])[0] - want).pow(2).mean())
+    stats = result.trace[-1].pass_stats
+    assert set(stats["awq_alpha"].values()) - {0.0} and stats["awq_mul"] == ["input"]
+    assert [n.op for n in result.graph.nodes] == ["mul", "matmul_nbits", "matmul_nbits"]
+    assert errors["awq"] < 0.85 * errors["nearest"], errors
+    ref, got_torch, got_onnx = three_backends(result.graph, [x])
+    assert rel_error(got_torch[0], ref[0]) < 1e-5 and rel_error(got_onnx[0], ref[0]) < 1e-5
+
+
 @pytest.mark.parametrize("options,option,why", [
     ("weights=int4,group_size=8,activations=none", "group_size", "power of 2 >= 16"),
     ("weights=int4,group_size=48,activations=none", "group_size", "power of 2 >= 16"),
@@ -194,6 +219,7 @@ def test_gptq_per_group_beats_nearest_on_correlated_inputs():
     ("weights=int8,activations=uint8", "weights", "needs activations=none"),
     ("activations=none", "activations", "needs weights=int8 or weights=int4"),
     ("group_size=32", "group_size", "is for weight-only quantization"),
+    ("rounding=awq", "rounding", "awq scales weights for weight-only"),
     ("weights=int4,activations=none,rounding=best", "rounding", "not one of"),
 ])
 def test_bad_options_name_the_option(options, option, why):
