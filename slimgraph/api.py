@@ -153,13 +153,14 @@ class OptimizeResult:
         return save_torch(self.graph, folder)
 
     def to_onnx(self, path: str | os.PathLike | None = None, opset: int | None = None, overwrite: bool = False,
-                quant_format: str = "qdq", dynamic_batch: bool = False):
+                quant_format: str = "qdq", dynamic_batch: bool = False, external_data: bool | None = None):
         """The graph as a checked ONNX ModelProto, written to ``path`` if given (never overwriting
         an existing file unless asked). An int8 graph is written as QDQ (``quant_format="qdq"``)
         or with its integer kernels written out (``"qoperator"``: QLinearConv, QGemm, ...).
-        ``dynamic_batch=True`` makes the leading dim of inputs and outputs symbolic."""
+        ``dynamic_batch=True`` makes the leading dim of inputs and outputs symbolic.
+        ``external_data`` writes the tensors to ``<path>.data`` (default: where they pass 1 GiB)."""
         return to_onnx(self.graph, path, opset=opset, overwrite=overwrite, quant_format=quant_format,
-                       dynamic_batch=dynamic_batch)
+                       dynamic_batch=dynamic_batch, external_data=external_data)
 
     def summary(self) -> str:
         return self.trace.summary()
@@ -195,14 +196,15 @@ def load_weights(graph: Graph, module: torch.nn.Module) -> int:
 
 
 def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int | None = None, overwrite: bool = False,
-            quant_format: str = "qdq", dynamic_batch: bool = False):
+            quant_format: str = "qdq", dynamic_batch: bool = False, external_data: bool | None = None):
     """Emit ``graph`` as an ONNX ModelProto (checked with onnx.checker, full check), optionally saved;
     ``quant_format`` ("qdq" or "qoperator") is the form of an int8 graph; ``dynamic_batch`` makes
-    the leading dim of inputs and outputs symbolic."""
+    the leading dim of inputs and outputs symbolic; ``external_data`` writes the tensors to
+    ``<path>.data`` beside the file (default: where the constants pass 1 GiB)."""
     from slimgraph.backends.onnx import to_onnx as emit
 
     return emit(graph, path, opset=opset, overwrite=overwrite, quant_format=quant_format,
-                dynamic_batch=dynamic_batch)
+                dynamic_batch=dynamic_batch, external_data=external_data)
 
 
 def _fits(tensor: torch.Tensor, value) -> bool:
@@ -241,7 +243,8 @@ def optimize(
     every pass on the example inputs (``measure_threads`` threads, interleaved runs, medians) into
     each record's ``latency_ms``; lossy passes also record ``layer_errors`` (worst value first).
     ``kv_cache=True``: a decoder LLM (example_inputs ``(input_ids,)``) becomes one generation step
-    against a key/value cache; ``result.generate`` decodes with it.
+    against a key/value cache; ``result.generate`` decodes with it. Its ``calibration_data`` are
+    prompts (input_ids tensors [batch, seq]), observed as the step that reads them with an empty cache.
     """
     pipeline = to_passes(passes)  # bad names and options fail before any work
     example_inputs = as_tensors(example_inputs)
@@ -268,6 +271,10 @@ def optimize(
     if verify:
         chosen.append(NumericalCheck(inputs, rtol=rtol))
     chosen += list(instruments)
+    if kv_cache and calibration_data is not None:
+        from slimgraph.frontends.torch.kv_cache import prefill_feeds
+
+        calibration_data = [prefill_feeds(graph, item) for item in calibration_data]
     ctx = PassContext(example_inputs=inputs, calibration_data=calibration_data)
     trace = PassManager(pipeline, chosen, verify=verify, fixed_point=fixed_point).run(graph, ctx)
     if measure:

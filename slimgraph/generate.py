@@ -77,7 +77,7 @@ def _onnx_step(model: Any) -> Step:
     import onnx
     import onnxruntime as ort
 
-    from slimgraph.backends.onnx import KV_CACHE_METADATA
+    from slimgraph.onnx_proto import KV_CACHE_METADATA
 
     if isinstance(model, (str, os.PathLike)):
         if not os.path.isfile(model):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import onnx
 
+KV_CACHE_METADATA = "slimgraph.kv_cache"  # metadata_props key of a decoder step: its end and pad tokens
+
 
 def outer_names(node: onnx.NodeProto) -> list[str]:
     """Tensor names used inside ``node``'s graph attributes but defined outside them."""

@@ -95,7 +95,14 @@ def test_step_graph_has_optimums_interface_with_symbolic_dims(tmp_path):
     assert outputs["present.1.value"] == ["batch", 2, "past_seq+seq", 8]
     assert outputs["logits"] == ["batch", "seq", VOCAB]
     # the file alone decodes: slimgraph.generate reads the end token from its metadata
-    assert torch.equal(slimgraph.generate(path, prompt(), NEW_TOKENS), hf_greedy(model, prompt()))
+    want = hf_greedy(model, prompt())
+    assert torch.equal(slimgraph.generate(path, prompt(), NEW_TOKENS), want)
+    # a step file optimized again keeps its interface (names with dots, its metadata) and decodes the same
+    again = tmp_path / "again.onnx"
+    slimgraph.optimize(str(path), "canonicalize").to_onnx(again)
+    assert [i.name for i in onnx.load(again).graph.input] == list(inputs)
+    assert [o.name for o in onnx.load(again).graph.output] == list(outputs)
+    assert torch.equal(slimgraph.generate(again, prompt(), NEW_TOKENS), want)
 
 
 def test_generation_feeds_one_new_token_per_step_against_the_growing_cache():
@@ -167,3 +174,18 @@ def test_bad_uses_say_what_is_wrong():
         result.generate(prompt(), -1)
     with pytest.raises(SlimgraphError, match="no such ONNX file"):
         slimgraph.generate("/nonexistent/step.onnx", prompt(), 4)
+
+
+@pytest.mark.parametrize("passes", ["onnxruntime-int8", "quantize{weights=int4,group_size=16,activations=none}"])
+def test_calibrated_pipelines_take_prompts_as_calibration_data(passes):
+    """With kv_cache=True calibration data are prompts: each is observed as the step that reads it
+    with an empty cache (as generation's first step)."""
+    model = build("llama")
+    prompts = [prompt(2, 9, seed=s) for s in range(4)]
+    result = slimgraph.optimize(model, passes, example_inputs=(prompt(),), kv_cache=True, calibration_data=prompts)
+    assert any(record.changed for record in result.trace)
+    tokens = {b: result.generate(prompt(), 8, backend=b, eos_token_id=None) for b in ("onnxruntime", "torch")}
+    assert tokens["torch"].shape == tokens["onnxruntime"].shape == (2, 15)
+    with pytest.raises(SlimgraphError, match="prompts"):
+        slimgraph.optimize(model, passes, example_inputs=(prompt(),), kv_cache=True,
+                           calibration_data=[torch.randn(2, 9)])

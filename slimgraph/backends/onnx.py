@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from slimgraph.ir import OPAQUE, DType, Graph, Node, Value
 from slimgraph.ir.opdefs.nn import ceil_adds_no_window
 from slimgraph.ir.opdefs.quant import QRANGE, qrange
 from slimgraph.ir.symbolic import SymDim, python_expr
-from slimgraph.onnx_proto import outer_names
+from slimgraph.onnx_proto import KV_CACHE_METADATA, outer_names
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13  # the oldest the emitters write; down to LEGACY_OPSET by onnx's version converter
@@ -41,23 +42,58 @@ _ONNX_DTYPE = {
 }
 
 
-def fill_tensor_proto(proto: TensorProto, tensor: torch.Tensor, name: str) -> TensorProto:
-    """Write a tensor into ``proto`` in place (one copy of the data: models can be GBs)."""
+def fill_tensor_proto(proto: TensorProto, tensor: torch.Tensor, name: str,
+                      external: ExternalData | None = None) -> TensorProto:
+    """Write a tensor into ``proto`` in place (one copy of the data: models can be GBs), or with
+    ``external`` into the external data file, ``proto`` pointing there."""
     tensor = tensor.detach().cpu().contiguous()
     proto.name = name
     proto.dims.extend(tensor.shape)
-    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the raw bits
-        proto.data_type = TensorProto.BFLOAT16
+    proto.data_type = TensorProto.BFLOAT16 if tensor.dtype == torch.bfloat16 else \
+        _ONNX_DTYPE[DType.from_torch(tensor.dtype)]
+    if external is not None and tensor.numel() * tensor.element_size() >= EXTERNAL_MIN_BYTES:
+        external.store(proto, tensor)
+    elif tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the raw bits
         proto.raw_data = tensor.view(torch.int16).numpy().tobytes()
     else:
-        proto.data_type = _ONNX_DTYPE[DType.from_torch(tensor.dtype)]
         proto.raw_data = tensor.numpy().tobytes()
     return proto
 
 
+EXTERNAL_MIN_BYTES = 1024  # tensors this large go to the external data file; smaller ones stay inline
+EXTERNAL_ALIGN = 4096  # tensor offsets in the data file (page-aligned: onnxruntime can map them)
+AUTO_EXTERNAL_BYTES = 1 << 30  # constants beyond this total are written as external data (protobuf's limit: 2 GiB)
+
+
+class ExternalData:
+    """The file beside an ONNX model that holds its large tensors: each written once, straight from
+    the graph's constant (no second copy in a protobuf), at an aligned offset."""
+
+    def __init__(self, file: Any, location: str) -> None:
+        self.file, self.location = file, location
+
+    def store(self, proto: TensorProto, tensor: torch.Tensor) -> None:
+        offset = -self.file.tell() % EXTERNAL_ALIGN
+        self.file.write(b"\0" * offset)
+        offset = self.file.tell()
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.view(torch.int16)
+        self.file.write(memoryview(tensor.numpy()).cast("B"))
+        proto.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(offset)),
+                           ("length", str(self.file.tell() - offset))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+
+
+def constant_bytes(graph: Graph) -> int:
+    return sum(v.const_value.numel() * v.const_value.element_size() for v in graph.constants.values())
+
+
 class _Builder:
-    def __init__(self, graph: Graph, opset: int, model: onnx.ModelProto) -> None:
+    def __init__(self, graph: Graph, opset: int, model: onnx.ModelProto, external: ExternalData | None = None) -> None:
         self.graph = graph
+        self.external = external
         self.opset = opset
         self.nodes = model.graph.node  # appended to in place: no copies of large models
         self.initializers = model.graph.initializer
@@ -80,7 +116,7 @@ class _Builder:
         if id(value) not in self.names:
             self.names[id(value)] = self.fresh(value.name)
             if value.is_constant:
-                fill_tensor_proto(self.initializers.add(), value.const_value, self.names[id(value)])
+                fill_tensor_proto(self.initializers.add(), value.const_value, self.names[id(value)], self.external)
         return self.names[id(value)]
 
     def const(self, array: Any, base: str, dtype: Any = None) -> str:
@@ -133,7 +169,7 @@ class _Builder:
     def initializer(self, tensor: torch.Tensor, base: str, prefixed: bool = True) -> str:
         """A new initializer named after the node being written (``prefixed``) or as ``base`` alone."""
         name = self.fresh(f"{self.node.name}_{base}" if self.node and prefixed else base)
-        fill_tensor_proto(self.initializers.add(), tensor, name)
+        fill_tensor_proto(self.initializers.add(), tensor, name, self.external)
         return name
 
     def add(self, op: str, inputs: Sequence[str], outputs: Sequence[str] | int = 1, domain: str = "",
@@ -927,11 +963,10 @@ def io_names(graph: Graph) -> list[tuple[Value, str]]:
     return pairs
 
 
-KV_CACHE_METADATA = "slimgraph.kv_cache"  # metadata_props key of a cached decoder step (see generate.py)
-
-
-def build_model(graph: Graph, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False) -> onnx.ModelProto:
-    """The graph as a checked ModelProto. Raises UnsupportedError listing nodes without an ONNX form."""
+def build_model(graph: Graph, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False,
+                external: ExternalData | None = None) -> onnx.ModelProto:
+    """The graph as a ModelProto (large tensors into ``external``'s file where given). Raises
+    UnsupportedError listing nodes without an ONNX form."""
     from slimgraph.backends import onnx_extended  # noqa: F401  (registers the wider op surface)
 
     newest = onnx.defs.onnx_opset_version()
@@ -944,7 +979,7 @@ def build_model(graph: Graph, opset: int = DEFAULT_OPSET, dynamic_batch: bool = 
         listed = ", ".join(filter(None, [listed, ", ".join(f"{n.name} ({n.op})" for n in missing)]))
         raise UnsupportedError(f"{len(torch_only) + len(missing)} node(s) have no ONNX form: {listed}")
     model = onnx.ModelProto(ir_version=min(onnx.IR_VERSION, 10), producer_name="slimgraph")  # 10: current ORT
-    b = _Builder(graph, opset, model)
+    b = _Builder(graph, opset, model, external)
     model.graph.name = graph.name or "slimgraph"
     in_symbols, out_symbols = _batch_symbols(graph, dynamic_batch)
     for value, name in io_names(graph):  # names a file's consumers expect ("past_key_values.0.key")
@@ -1017,7 +1052,8 @@ def _converted_down(model: onnx.ModelProto, opset: int, strict: bool) -> onnx.Mo
 
 
 def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int | None = None,
-            overwrite: bool = False, quant_format: str = "qdq", dynamic_batch: bool = False) -> onnx.ModelProto:
+            overwrite: bool = False, quant_format: str = "qdq", dynamic_batch: bool = False,
+            external_data: bool | None = None) -> onnx.ModelProto:
     """Build and check the ModelProto; with a path, write it (never over an existing file unless asked).
     ``dynamic_batch`` declares the inputs' (and outputs') leading dim symbolic, "N": the model then
     runs at any batch size (a graph imported from ONNX keeps the symbols its source had either way).
@@ -1026,11 +1062,25 @@ def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int | No
     DequantizeLinear around float ops, which onnxruntime fuses into integer kernels) or
     ``qoperator`` (those kernels written out: QLinearConv, QLinearMatMul and onnxruntime's
     com.microsoft QLinearAdd, QGemm, ...; see onnx_qoperator.py). ``qoperator`` on a graph
-    without int8 tensors is an error."""
+    without int8 tensors is an error.
+
+    ``external_data`` writes the tensors into ``<path>.data`` beside the file (ONNX's external
+    data; a protobuf holds at most 2 GiB), each straight from the graph: the returned ModelProto
+    then refers to that file. None (the default): where the constants pass 1 GiB."""
     _check_quant_format(graph, quant_format)
     asked = opset
     opset = default_opset_for(graph) if opset is None else opset
     legacy = opset < MIN_OPSET and opset >= LEGACY_OPSET  # written at MIN_OPSET, then converted down
+    if external_data is None:
+        external_data = constant_bytes(graph) > AUTO_EXTERNAL_BYTES
+    if external_data:
+        if path is None:
+            raise SlimgraphError(f"the graph's constants hold {constant_bytes(graph) / 2**30:.1f} GiB: write it with "
+                                 "external data, to a path (to_onnx(path)); a protobuf holds at most 2 GiB")
+        if legacy or quant_format == "qoperator":
+            raise SlimgraphError("external data is written at opset >= 13 in QDQ form (the converters that make "
+                                 "older opsets and QOperator kernels read every tensor into the protobuf)")
+        return _write_external(graph, Path(path), opset, overwrite, dynamic_batch)
     model = build_model(graph, MIN_OPSET if legacy else opset, dynamic_batch)
     if quant_format == "qoperator":
         from slimgraph.backends.onnx_qoperator import to_qoperator
@@ -1052,6 +1102,31 @@ def to_onnx(graph: Graph, path: str | os.PathLike | None = None, opset: int | No
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    return model
+
+
+def _write_external(graph: Graph, path: Path, opset: int, overwrite: bool, dynamic_batch: bool) -> onnx.ModelProto:
+    """``path`` and ``path.data``, written in a private folder beside them, checked there, then moved
+    into place: nothing is left behind when a step fails."""
+    data = path.with_name(path.name + ".data")
+    existing = [str(p) for p in (path, data) if p.exists()]
+    if existing and not overwrite:
+        raise SlimgraphError(f"{', '.join(existing)} already exist(s) (pass overwrite=True)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=".slimgraph-"))
+    try:
+        with open(folder / data.name, "wb") as file:
+            model = build_model(graph, opset, dynamic_batch, ExternalData(file, data.name))
+        with open(folder / path.name, "wb") as file:
+            file.write(model.SerializeToString())
+        try:
+            onnx.checker.check_model(str(folder / path.name), full_check=True)
+        except Exception as exc:
+            raise SlimgraphError(f"the emitted ONNX model fails onnx.checker: {exc}") from None
+        os.replace(folder / data.name, data)
+        os.replace(folder / path.name, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return model
 
 

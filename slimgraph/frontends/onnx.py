@@ -11,6 +11,7 @@ emits them back unchanged and the interpreter runs them with the reference evalu
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -29,7 +30,7 @@ from onnx import helper
 from slimgraph.errors import ModelImportError, SlimgraphError, UnsupportedError
 from slimgraph.ir import OPAQUE, DType, Graph, OpaqueImpl, Value, clean_name
 from slimgraph.ir.opaque import Slot
-from slimgraph.onnx_proto import outer_names
+from slimgraph.onnx_proto import KV_CACHE_METADATA, outer_names
 
 MIN_OPSET = 1
 
@@ -202,6 +203,16 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto, example_inputs: Sequ
     graph.meta["source"] = "onnx"
     if source_opset is not None:
         graph.meta["opset"] = source_opset  # written back at this opset unless asked otherwise
+    names = {"inputs": [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}],
+             "outputs": [o.name for o in proto.graph.output]}
+    if names != {"inputs": [v.name for v in graph.inputs], "outputs": [v.name for v in graph.outputs]}:
+        graph.meta["io_names"] = names  # the file's interface ("past_key_values.0.key") is written back as it was
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    if KV_CACHE_METADATA in metadata:  # a decoder step slimgraph wrote: generate() reads its end tokens
+        try:
+            graph.meta["kv_cache"] = json.loads(metadata[KV_CACHE_METADATA])
+        except ValueError:
+            pass
     return graph
 
 
@@ -297,22 +308,24 @@ class _Converter:
         symbolic = any(not isinstance(d, int) or d < 0 for t in inputs for d in (t.shape or ())[1:]) or (
             any(n.op_type in ("Shape", "Size") for n in self.proto.graph.node)  # sizes computed on need symbols
             and any(t.shape and not (isinstance(t.shape[0], int) and t.shape[0] >= 0) for t in inputs))
+        bare = {d for t in inputs for d in (t.shape or ()) if isinstance(d, str) and d and _symbol(d) == d}
         for i, tensor in enumerate(inputs):
             dtype = _dtype_of(tensor)
             declared = tuple(tensor.shape or ())
-            names = [None if isinstance(d, int) and d >= 0 else _symbol(d, tensor.name, a)
+            names = [None if isinstance(d, int) and d >= 0 else _dim_expression(d, bare) or _symbol(d, tensor.name, a)
                      for a, d in enumerate(declared)]
             if self.example_inputs is not None:
                 shape = tuple(self.example_inputs[i].shape)
-            elif symbolic:
-                shape = tuple(2 if n else d for n, d in zip(names, declared))
+            elif symbolic:  # symbols at 2, sums of them ("past_seq+seq") at their sum
+                shape = tuple(d if n is None else 2 if isinstance(n, str) else int(n.subs(
+                    {sym: 2 for sym in n.free_symbols})) for n, d in zip(names, declared))
             else:
                 shape = declared
                 if shape and not (isinstance(shape[0], int) and shape[0] >= 0):
                     shape = (1, *shape[1:])  # a symbolic batch is imported at batch 1 and kept symbolic
             value = self.graph.add_input(tensor.name, shape, dtype, names if symbolic else None)
             if symbolic:
-                self.symbols.update((n, size) for n, size in zip(names, shape) if n)
+                self.symbols.update((n, size) for n, size in zip(names, shape) if isinstance(n, str))
             value.meta["onnx_name"] = tensor.name
             if tensor.shape and not isinstance(tensor.shape[0], int) and not symbolic:
                 value.meta["batch_symbol"] = str(tensor.shape[0])
@@ -577,6 +590,34 @@ def _dtype_of_array(array: np.ndarray, name: str) -> DType:
         return DType.from_torch(torch.from_numpy(np.zeros(0, dtype=array.dtype)).dtype)
     except Exception:
         raise UnsupportedError(f"tensor {name!r}: dtype {array.dtype} is not supported") from None
+
+
+def _dim_expression(dim: Any, symbols: set[str]) -> sympy.Expr | None:
+    """A dim_param that is integer arithmetic over other inputs' symbols ("past_seq+seq", as
+    slimgraph writes a cached decoder's attention mask) as that expression; None for anything
+    else. Parsed with ``ast`` and built from its nodes: a file's strings are never evaluated."""
+    import ast
+
+    if not isinstance(dim, str) or not dim or len(dim) > 200 or _symbol(dim) == dim:
+        return None
+    try:
+        tree = ast.parse(dim, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError):
+        return None
+    ops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b}
+
+    def build(node: ast.AST) -> sympy.Expr | None:
+        if isinstance(node, ast.Name) and node.id in symbols:
+            return sympy.Symbol(node.id)
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return sympy.Integer(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            left, right = build(node.left), build(node.right)
+            return None if left is None or right is None else ops[type(node.op)](left, right)
+        return None
+
+    expr = build(tree)
+    return expr if expr is not None and expr.free_symbols else None
 
 
 def _symbol(dim: Any, tensor: str = "", axis: int = 0) -> str:

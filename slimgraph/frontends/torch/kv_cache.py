@@ -198,3 +198,18 @@ def import_cached(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[Grap
     graph.meta["kv_cache"] = {"layers": layers, "eos_token_id": getattr(config, "eos_token_id", None),
                               "pad_token_id": getattr(config, "pad_token_id", None)}
     return graph, feeds
+
+
+def prefill_feeds(graph: Graph, prompt: Any) -> tuple[torch.Tensor, ...]:
+    """The step graph's inputs that read ``prompt`` (input_ids [batch, seq], or a 1-tuple of it)
+    with an empty cache, as the first step of generation does: calibration data from prompts."""
+    if isinstance(prompt, (tuple, list)) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.dtype.is_floating_point:
+        raise ModelImportError("with kv_cache=True, calibration_data holds prompts: integer input_ids "
+                               "tensors [batch, seq]")
+    batch, seq = prompt.shape
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    feeds = {"input_ids": prompt.long(), "attention_mask": mask, "position_ids": positions_of(mask, seq)}
+    return tuple(feeds[v.name] if v.name in feeds else
+                 torch.zeros(batch, v.shape[1], 0, v.shape[3], dtype=v.dtype.torch) for v in graph.inputs)
