@@ -57,6 +57,8 @@ NOT_DRAWN = {
                             "a float activation is checked by the int8 property and tests/passes/test_quantize*",
     "skip_layer_norm": "made by fuse{target=onnxruntime} (an onnxruntime kernel): the exact property runs fuse",
     "multi_head_attention": "made by fuse{target=onnxruntime} from attention: the exact property runs fuse",
+    "matmul_nbits": "made by quantize{weights=int4|int8} from a linear (packed block-wise weights); checked in every "
+                    "backend by tests/passes/test_weight_only.py",
 }
 
 
