@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import re
 import statistics
 import sys
@@ -179,6 +180,7 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load = os.getloadavg()
     model, tokenizer = load_minilm()
     found = real_sentences(args.sentences + 16)
     sentences, calibration = found[:args.sentences], found[args.sentences:]
@@ -221,7 +223,8 @@ def main() -> None:
         f"{len(sentences)} real sentences in one padded batch against fp32 PyTorch (min, mean); slimgraph's "
         f"GPTQ (damping 0.3, see slimgraph/passes/weight_only.py) and AWQ calibrate on {len(calibration)} other "
         "sentences. Latency: batch 1, sequence 128, one thread, "
-        f"{args.repeats} interleaved repetitions, medians; ratio to the fp32 export. onnxruntime's quantizer "
+        f"{args.repeats} interleaved repetitions, medians; ratio to the fp32 export (the machine's load average, "
+        f"2 cores shared: {load[0]:.1f} before, {os.getloadavg()[0]:.1f} after). onnxruntime's quantizer "
         "ran on torch.onnx.export's file (its defaults: accuracy_level unset, as slimgraph's MatMulNBits).\n\n"
         "| path | file MB | smaller | linears MB | smaller | min cosine | mean cosine | latency ms | vs fp32 |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n\n"
