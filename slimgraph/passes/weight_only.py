@@ -185,11 +185,12 @@ def run_weight_only(graph: Graph, ctx: PassContext, weights: str, group_size: in
         awq_stats = awq(graph, layers, batches, bits, group_size)
         layers = _layers(graph, skip)  # the same layers, some reading x / s now
     hessians = gptq.input_hessians(graph, layers, batches) if batches and rounding == "gptq" else {}
-    done: dict[int, tuple] = {}  # id(weight) -> its packed constants (a weight shared by layers packs once)
+    done: dict[tuple, tuple] = {}  # (id(weight), linear?) -> packed constants: a weight shared by layers packs once
     gptq_layers, float_bytes, packed_bytes = 0, 0, 0
     for node in layers:
         w = node.inputs[1]
-        if id(w) not in done:
+        key = (id(w), node.op == "linear")  # a linear reads it as [N, K], a matmul as [K, N]
+        if key not in done:
             weight = w.const_value.detach().float()
             weight = weight if node.op == "linear" else weight.t()  # [N, K]
             rounded = None
@@ -200,12 +201,12 @@ def run_weight_only(graph: Graph, ctx: PassContext, weights: str, group_size: in
             ints, scales, zeros = rounded if rounded is not None else round_to_nearest(weight, bits, group_size)
             tensors = pack(ints, scales, zeros, bits, group_size)
             names = ("q4" if bits == 4 else "q8", "scales", "zero_points")
-            done[id(w)] = tuple(graph.add_constant(f"{w.name}_{suffix}", t) for suffix, t in zip(names, tensors))
+            done[key] = tuple(graph.add_constant(f"{w.name}_{suffix}", t) for suffix, t in zip(names, tensors))
             float_bytes += w.const_value.numel() * w.const_value.element_size()
             packed_bytes += sum(t.numel() * t.element_size() for t in tensors)
         n, k = (w.shape[0], w.shape[1]) if node.op == "linear" else (w.shape[1], w.shape[0])
         bias = node.inputs[2:3] if len(node.inputs) > 2 and node.inputs[2] is not None else []
-        new = graph.create_node("matmul_nbits", [node.inputs[0], *done[id(w)], *bias],
+        new = graph.create_node("matmul_nbits", [node.inputs[0], *done[key], *bias],
                                 {"bits": bits, "block_size": group_size, "K": k, "N": n},
                                 name=node.name, before=node, meta={**node.meta, "origin": "quantize"})
         graph.replace_all_uses_with(node.outputs[0], new.outputs[0])

@@ -278,3 +278,21 @@ def test_int4_decoder_generates_with_a_kv_cache_in_both_backends():
     assert result.trace[-1].pass_stats["quantized_ops"] == 15
     tokens = result.generate(ids, max_new_tokens=8, backend="onnxruntime")
     assert tokens.shape == (1, 16) and torch.equal(tokens, result.generate(ids, max_new_tokens=8, backend="torch"))
+
+
+def test_a_weight_shared_by_a_linear_and_a_matmul_packs_once_per_layout():
+    """The same [32, 32] constant read as a linear's [N, K] and a matmul's [K, N] (tied weights)."""
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(32, 32))
+
+        def forward(self, x):
+            return nn.functional.linear(x, self.w) + x @ self.w + nn.functional.linear(x, self.w)
+
+    x = torch.randn(3, 32)
+    net = Tied().eval()
+    graph = slimgraph.optimize(net, "quantize{weights=int8,group_size=16,activations=none}", example_inputs=(x,)).graph
+    nodes = [n for n in graph.nodes if n.op == "matmul_nbits"]
+    assert len(nodes) == 3 and len({id(n.inputs[1]) for n in nodes}) == 2
+    assert rel_error(run(graph, [x])[0], net(x)) < 0.02
