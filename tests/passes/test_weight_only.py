@@ -296,3 +296,15 @@ def test_a_weight_shared_by_a_linear_and_a_matmul_packs_once_per_layout():
     nodes = [n for n in graph.nodes if n.op == "matmul_nbits"]
     assert len(nodes) == 3 and len({id(n.inputs[1]) for n in nodes}) == 2
     assert rel_error(run(graph, [x])[0], net(x)) < 0.02
+
+
+def test_skip_keeps_layers_float_and_says_so():
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(2, 32)
+    graph = slimgraph.import_model(model, (x,))
+    last = [n.name for n in graph.nodes if n.op == "linear"][-1]
+    result = slimgraph.optimize(graph, f"quantize{{weights=int4,group_size=16,activations=none,skip=[{last}]}}",
+                                example_inputs=(x,))
+    assert [n.op for n in result.graph.nodes] == ["matmul_nbits", "relu", "linear"]
+    stats = result.trace[-1].pass_stats
+    assert stats["float_layers"] == 1 and f"kept float: {last}" in stats["notes"]
