@@ -54,6 +54,7 @@ REGRESSIONS = {
     ("ir", 40155): "PRelu of a float64 x and a float32 slope was written with mixed types",
     ("ir", 40170): "fp16 computed tan's angle in float16 (tan(100) off by its 0.06 rounding)",
     ("ir", 40123): "fp16 computed a sin of angles past 100 in float16",
+    ("ir", 40254): "fp16 computed tan's angle in float16 (as ir 40170)",
     ("ir", 40117): "oracle: layer_norm of nearly constant rows amplifies any rounding (2e-4 in float32, 0.27 in fp16)",
     ("ir", 40243): "oracle: group_norm of nearly constant groups (as ir 40117)",
 }
