@@ -190,7 +190,9 @@ def _check_what_the_pass_says(record, before: list[dict], after: list[dict]) -> 
     elif record.name == "floor-softmax":
         marked = {n["name"]: n for n in after if n["mark"] in ("added", "changed")}  # added: a written-out attention's
         assert all(marked[name]["lines"][0] == "softmax" for name in stats["floored"])
-        assert _count(after, "added", "amax") == _count(after, "added", "maximum") == len(stats["floored"]) > 0
+        assert _count(after, "added", "maximum") == len(stats["floored"]) > 0
+        # a row max per floor, and one per written-out masked attention (its rows that attend to nothing are 0)
+        assert _count(after, "added", "amax") == len(stats["floored"]) + len(stats.get("written_out", []))
 
 
 @pytest.mark.parametrize("model", MODELS)
