@@ -99,3 +99,18 @@ def cpu_name() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return "this machine"
+
+
+NAMES = ["input_ids", "attention_mask", "token_type_ids"]  # MiniLM's inputs, in order
+
+
+class Exportable(torch.nn.Module):
+    """BertModel with positional inputs and a tuple output, for torch.onnx.export."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return out[0]

@@ -31,23 +31,20 @@ import slimgraph
 ROOT = Path(__file__).resolve().parent.parent
 # run as a script, this file's folder leads sys.path and its name would hide the transformers package
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
-from bench.ort_common import anchor_paths, cosines, cpu_name, feeds_for, mean_pooled, profile_table, session  # noqa: E402
+from bench.ort_common import (  # noqa: E402
+    NAMES,
+    Exportable,
+    anchor_paths,
+    cosines,
+    cpu_name,
+    feeds_for,
+    mean_pooled,
+    profile_table,
+    session,
+)
 from tests.realdata.minilm import load_minilm, real_sentences  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "transformers.md"
-NAMES = ["input_ids", "attention_mask", "token_type_ids"]
-
-
-class Exportable(torch.nn.Module):
-    """BertModel with positional inputs and a tuple output, for torch.onnx.export."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        return out[0]
 
 
 def build_paths(model, tokenizer, folder: Path, calibration: list[str]) -> dict[str, str]:

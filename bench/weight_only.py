@@ -37,20 +37,10 @@ from slimgraph.backends import onnx_extended
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
-from bench.ort_common import cosines, cpu_name, feeds_for, mean_pooled, session  # noqa: E402
+from bench.ort_common import NAMES, Exportable, cosines, cpu_name, feeds_for, mean_pooled, session  # noqa: E402
 from tests.realdata.minilm import load_minilm, real_sentences  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "weight_only.md"
-NAMES = ["input_ids", "attention_mask", "token_type_ids"]
-
-
-class Exportable(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)[0]
 
 
 def q(weights: str, group: int, rounding: str) -> str:
