@@ -208,11 +208,26 @@ def _simple(onnx_op: str, **fixed: Any) -> Emitter:
 
 
 for _op, _onnx in {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "exp": "Exp",
-                   "log": "Log", "sqrt": "Sqrt", "neg": "Neg", "abs": "Abs", "softplus": "Softplus",
+                   "log": "Log", "sqrt": "Sqrt", "neg": "Neg", "abs": "Abs",
                    "selu": "Selu", "identity": "Identity", "stochastic_depth": "Identity",
                    "matmul": "MatMul", "maximum": "Max", "minimum": "Min", "hardswish": "HardSwish"}.items():
     EMITTERS[_op] = _simple(_onnx)
 EMITTERS["hardsigmoid"] = _simple("HardSigmoid", alpha=1.0 / 6.0, beta=0.5)
+
+
+def _softplus(b: _Builder, x: str, dtype: DType, outputs: Sequence[str] | int = 1) -> str:
+    """Softplus, a 16-bit float one in float32: onnxruntime has no float16 kernel, and at opset 18
+    it runs ONNX's function body log(exp(x) + 1) instead, infinite past x = 88.7 (at other opsets it
+    casts to float32 itself). With the casts in the file the float32 kernel runs at every opset."""
+    if dtype not in (DType.float16, DType.bfloat16):
+        return b.add("Softplus", [x], outputs)[0]
+    wide = b.add("Softplus", [b.add("Cast", [x], 1, to=TensorProto.FLOAT)[0]], 1)[0]
+    return b.add("Cast", [wide], outputs, to=_ONNX_DTYPE[dtype])[0]
+
+
+@emitter("softplus")
+def emit_softplus(b, node):
+    _softplus(b, b.inp(0), node.inputs[0].dtype, [b.out()])
 
 
 EMITTERS["erf"] = _simple("Erf")  # float64: in float32 (NO_DOUBLE_KERNEL)

@@ -13,7 +13,16 @@ import numpy as np
 import torch
 from onnx import helper as onnx_helper
 
-from slimgraph.backends.onnx import _ONNX_DTYPE, EMITTERS, _Builder, _reduce_axes, _reduce_mean, _simple, emitter
+from slimgraph.backends.onnx import (
+    _ONNX_DTYPE,
+    EMITTERS,
+    _Builder,
+    _reduce_axes,
+    _reduce_mean,
+    _simple,
+    _softplus,
+    emitter,
+)
 from slimgraph.errors import UnsupportedError
 from slimgraph.ir import DType, Node, Value
 from slimgraph.ir.symbolic import SymDim
@@ -88,9 +97,9 @@ def emit_log_family(b, node):
         base = b.scalar_like(math.log(2.0 if node.op == "log2" else 10.0), v, "ln_base")
         b.add("Div", [b.add("Log", [x], 1)[0], base], [b.out()])
     elif node.op == "logsigmoid":  # -softplus(-x)
-        b.add("Neg", [b.add("Softplus", [b.add("Neg", [x], 1)[0]], 1)[0]], [b.out()])
+        b.add("Neg", [_softplus(b, b.add("Neg", [x], 1)[0], v.dtype)], [b.out()])
     else:  # mish: x * tanh(softplus(x))
-        b.add("Mul", [x, b.add("Tanh", [b.add("Softplus", [x], 1)[0]], 1)[0]], [b.out()])
+        b.add("Mul", [x, b.add("Tanh", [_softplus(b, x, v.dtype)], 1)[0]], [b.out()])
 
 
 _COMPARE = {"eq": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual",
@@ -124,13 +133,19 @@ def emit_bitwise(b, node):
 
 @emitter("fmod", "remainder")
 def emit_mod(b, node):
+    """ONNX's Mod: fmod=1 is C's, fmod=0 Python's (integers only). A float remainder is torch's:
+    fmod, plus b where that is nonzero and of the other sign. A zero keeps a's sign (remainder(-2, -2)
+    is -0.0, which atan2 or 1 / x tell apart), where a - floor(a / b) * b would give +0.0."""
     out = node.outputs[0]
     a, c = _operands(b, node, out.dtype)
-    if node.op == "fmod" or not out.dtype.is_float:  # ONNX Mod: fmod=1 is C's, fmod=0 Python's (integers)
+    if node.op == "fmod" or not out.dtype.is_float:
         b.add("Mod", [a, c], [b.out()], fmod=int(node.op == "fmod" or out.dtype.is_float))
         return
-    floor = b.add("Floor", [b.add("Div", [a, c], 1)[0]], 1)[0]  # a - floor(a / b) * b
-    b.add("Sub", [a, b.add("Mul", [floor, c], 1)[0]], [b.out()])
+    mod = b.add("Mod", [a, c], 1, fmod=1)[0]
+    zero = b.scalar_like(0.0, out, "zero")
+    sides = b.add("Xor", [b.add("Less", [c, zero], 1)[0], b.add("Less", [mod, zero], 1)[0]], 1)[0]
+    wrapped = b.add("And", [sides, b.add("Not", [b.add("Equal", [mod, zero], 1)[0]], 1)[0]], 1)[0]
+    b.add("Where", [wrapped, b.add("Add", [mod, c], 1)[0], mod], [b.out()])
 
 
 @emitter("atan2")

@@ -81,6 +81,28 @@ def test_atan2_keeps_the_sign_of_zero():
     _check(_one_node("atan2", [y, x], {}), [y, x])
 
 
+def test_float_remainder_keeps_the_sign_of_a_zero():
+    """torch.remainder(-2, -2) is -0.0 (fmod's zero); the file's a - floor(a / b) * b gave +0.0, and an
+    atan2 of it pi off (fuzz-found: ir 100261)."""
+    a = torch.tensor([2.0, -2.0, 2.0, -2.0, 5.0, -5.0, -7.5, 3.0, -3.0])
+    b = torch.tensor([-2.0, -2.0, 2.0, 2.0, -2.5, 2.5, 0.1, -2.0, 2.0])
+    graph = _one_node("remainder", [a, b], {})
+    _check(graph, [a, b])
+    got, want = run_onnxruntime(slimgraph.to_onnx(graph), [a, b])[0], run(graph, [a, b])[0]
+    assert torch.equal(got.signbit(), want.signbit())
+
+
+@pytest.mark.parametrize("op", ["softplus", "logsigmoid", "mish"])
+@pytest.mark.parametrize("opset", [17, 18])
+def test_float16_softplus_of_large_inputs(op, opset):
+    """onnxruntime has no float16 Softplus: at opset 18 it ran ONNX's function body log(exp(x) + 1),
+    infinite past x = 88.7 (fuzz-found: ir 100261, ir 100331)."""
+    x = torch.tensor([-1000.0, -97.25, -12.0, 0.0, 12.0, 97.25, 1000.0], dtype=torch.float16)
+    graph = _one_node(op, [x], {})
+    got = run_onnxruntime(slimgraph.to_onnx(graph, opset=opset), [x])[0]
+    torch.testing.assert_close(got, run(graph, [x])[0], atol=1e-3, rtol=1e-3)
+
+
 def test_any_of_fractions_and_negatives():
     x = torch.tensor([[0.0, 0.25, 0.0], [0.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
     _check(_one_node("any", [x], {"axes": [1], "keepdim": False}), [x])
