@@ -89,7 +89,8 @@ class _LowPrecision(Pass):
         """Nodes that read or write a value beyond half the low dtype's largest finite number on the
         example inputs (float16 overflows at 65504, where float32 does not), a value that is not
         zero but wholly below its smallest normal number (6.1e-5: float16 flushes it to zero or keeps
-        a few bits), or compute the angle of a sin / cos past 8, or of a tan: they stay float32."""
+        a few bits), or compute the angle of a sin / cos past 8 times their output's peak, or of a tan:
+        they stay float32."""
         limit, tiny = torch.finfo(self.low.torch).max / 2, torch.finfo(self.low.torch).tiny
         if ctx.example_inputs is None or limit >= torch.finfo(torch.float32).max / 2:
             return []
@@ -99,9 +100,12 @@ class _LowPrecision(Pass):
         peaks = {id(v): float(t.abs().max()) for v, t in captured.items() if t.numel()}
         big = {k for k, peak in peaks.items() if peak > limit or 0 < peak < tiny}
         kept = {n.name for n in graph.nodes if any(v is not None and id(v) in big for v in (*n.inputs, *n.outputs))}
-        # the angle of a periodic function and all it is computed from: past 8, 16 bits hold it to 2^-7 or
-        # worse (sin(500) is noise); tan's anywhere (1 / cos^2 amplifies its rounding without bound near a pole)
-        periodic = [n for n in graph.nodes if n.op == "tan" or n.op in PERIODIC and peaks.get(id(n.inputs[0]), 0) > 8]
+        # the angle of a periodic function and all it is computed from: 16 bits hold it to 2^-11 of its peak,
+        # which moves sin / cos by as much: kept where that is past 2^-8 of their own peak (an angle past 8:
+        # sin(500) is noise; or sin / cos all near a zero: angles near pi / 2, held to 5e-4, leave cos's 5e-3
+        # 10% off); tan's anywhere (1 / cos^2 amplifies its rounding without bound near a pole)
+        periodic = [n for n in graph.nodes if n.op == "tan" or n.op in PERIODIC and
+                    peaks.get(id(n.inputs[0]), 0) > 8 * peaks.get(id(n.outputs[0]), 1)]
         kept |= {n.name for n in periodic}
         angles = [n.inputs[0] for n in periodic]
         while angles:

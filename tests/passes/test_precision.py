@@ -232,3 +232,28 @@ def test_integers_and_opaque_untouched():
         ref_y, ref_j = model(x, idx)
     assert torch.equal(j, ref_j)
     assert rel_error(y, ref_y) <= 1e-2
+
+
+def test_angle_of_cos_near_its_zero_stays_float32():
+    """cos of angles near pi / 2 is all near 0: the angle's 16-bit rounding (5e-4 at 1.57) is 10% of
+    the output, so the angle and all it is computed from stay float32 (as sin's past 8 do)."""
+    class M(torch.nn.Module):
+        def __init__(self, shift: float) -> None:
+            super().__init__()
+            self.fc, self.shift = torch.nn.Linear(4, 4), shift
+
+        def forward(self, x):
+            return torch.cos(self.fc(x) * 1e-3 + self.shift)
+
+    def cos_dtype(model, x):
+        result = slimgraph.optimize(slimgraph.import_model(model, (x,)), "fp16", example_inputs=(x,))
+        with torch.no_grad():
+            (y,) = interpret(result.graph, [x])
+            error = float((y - model(x)).abs().max() / model(x).abs().max())
+        return next(n for n in result.graph.nodes if n.op == "cos").output.dtype, error
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    assert cos_dtype(M(1.5668).eval(), x) == (DType.float32, pytest.approx(0, abs=1e-3))
+    # cos near 1 is computed in float16
+    assert cos_dtype(M(0.0).eval(), x)[0] == DType.float16
