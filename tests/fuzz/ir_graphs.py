@@ -16,6 +16,10 @@ backends. So the graph has a second input, ``g``, of distinct multiples of 0.25 
 too), and such ops only read *exact* values: ones every backend computes bit for bit, tracked on the
 data (integers, booleans, and floats on that grid that came from exact values by ops that round
 correctly). Ordering ops read only exact values without ties.
+
+Each value is also computed as float16 would (every value rounded to 16 bits, but for what the fp16
+pass keeps float32 by contract): a node whose output that leaves more than 1e-2 off is a residue of
+rounding, a cancellation of larger terms that no float16 computation keeps, and is not drawn.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ GRID = 0.25
 # ops whose output jumps where its input crosses a point: they read exact values only
 JUMPY = {"floor", "ceil", "round", "trunc", "sign", "fmod", "remainder", "argmax", "argmin", "sort", "topk",
          "quantize_linear", "fake_quant", "isnan", "isinf"}
+# ops whose angle fp16 keeps in float32 where its rounding would show (slimgraph.passes.precision)
+ANGLES = {"tan", "sin", "cos"}
 # ops that give every backend the same bits on exact inputs (movement, selection, correctly rounded arithmetic)
 KEEPS_EXACT = JUMPY | {
     "identity", "dropout", "stochastic_depth", "neg", "abs", "relu", "add", "sub", "mul", "maximum", "minimum",
@@ -68,6 +74,7 @@ class Entry:
     value: Value
     data: tuple[torch.Tensor, torch.Tensor]
     exact: bool = False  # every backend computes it bit for bit
+    low: tuple[torch.Tensor, torch.Tensor] | None = None  # the data as float16 computes it (None: data rounded)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -237,6 +244,9 @@ class RandomGraph:
                 raise Rejected(f"{op}: unbounded or misshapen output")
             exact = op in KEEPS_EXACT and exact_in and all(_on_grid(d) for d in data)
             entries.append(Entry(value, data, exact))
+        if not self._low(node, values, outs, entries):
+            self.graph.remove_node(node)
+            raise Rejected(f"{op}: computed from its inputs as float16 holds them, it is off by over 1e-2")
         if op in JUMPY and not exact_in:
             self.graph.remove_node(node)
             raise Rejected(f"{op} reads an inexact value")
@@ -266,6 +276,35 @@ class RandomGraph:
                         return False
         return True
 
+    def _low(self, node, values: list, outs: list, entries: list[Entry]) -> bool:
+        """Set the entries' data as float16 computes it: the node run on its inputs as 16 bits hold
+        them, its outputs rounded to 16 bits (but for what fp16 promises to keep float32: the angle
+        of a tan / sin / cos, values past float16's normal range). Whether they stay finite and within
+        1e-2 of their peak: where not, the output is a residue of rounding that no float16 computation
+        of the graph keeps, whatever fp16 does. The node divides by, squashes or takes the angle of
+        a cancellation of larger terms: 1 / 4e-3 left of O(1) terms, softsign of conv_transpose terms
+        near 560 that cancel, atan2 of a mean of tanhs that are +-1 in 16 bits."""
+        lows: list[list[torch.Tensor]] = [[], []]
+        for k in range(2):
+            if node.op in ANGLES:
+                lows[k] = outs[k]
+            else:
+                feeds = [None if v is None else self._low_data(v)[k] for v in values]
+                lows[k] = list(run_reference(node, feeds, {"batch": self.batches[k]}))
+        for i, entry in enumerate(entries):
+            entry.low = (_round16(lows[0][i]), _round16(lows[1][i]))
+            for y, want in zip(entry.low, entry.data):
+                if want.is_floating_point() and want.numel() and not float((y - want).abs().max()) <= \
+                        1e-2 * max(float(want.abs().max()), 1e-6):  # NaN too (acosh of 1 + 1e-4)
+                    return False
+        return True
+
+    def _low_data(self, value: Value) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self._entry(value)
+        if entry is not None and entry.low is not None:
+            return entry.low
+        return tuple(_round16(d) for d in self._data(value))
+
     def _entry(self, value: Value) -> Entry | None:
         return next((e for e in self.pool if e.value is value), None)
 
@@ -283,6 +322,15 @@ def _sensitive(op: str, attrs: dict) -> bool:
     layer and group norm of rows that are nearly constant (their spread is all rounding). Each is kept
     only where 16-bit rounding of its inputs does not move it (RandomGraph._stable)."""
     return op in ("atan2", "layer_norm", "group_norm") or (op == "grid_sample" and attrs.get("mode") == "nearest")
+
+
+def _round16(t: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor as fp16 holds it: rounded to float16 unless its peak is past float16's normal
+    range (fp16 keeps such values float32); other dtypes as they are."""
+    if t.dtype != torch.float32 or not t.numel():
+        return t
+    peak, f16 = float(t.abs().max()), torch.finfo(torch.float16)
+    return t.to(torch.float16).to(t.dtype) if f16.tiny <= peak <= f16.max / 2 else t
 
 
 def _bounded(t: torch.Tensor) -> bool:
