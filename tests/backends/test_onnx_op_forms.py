@@ -127,6 +127,19 @@ def test_var_at_opsets_before_18():
     torch.testing.assert_close(run_onnxruntime(proto, [x])[0], run(graph, [x])[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_var_accumulates_in_double_as_torch(dtype):
+    """fuzz ir 100389: in float32 the variance of five equal values was 4e-15 (the mean's rounding),
+    and a large mean beside a small spread cost 1e-3 relative."""
+    x = torch.randn(3, 5, 2) * 1e-3 + 100
+    x[0] = 0.8650984168
+    x = x.to(dtype)
+    graph = _one_node("var", [x], {"axes": [1], "keepdim": False, "correction": 1})
+    got = run_onnxruntime(slimgraph.to_onnx(graph), [x])[0]
+    assert got.dtype == dtype and not got[0].any()
+    torch.testing.assert_close(got, run(graph, [x])[0], rtol=1e-6, atol=0)
+
+
 def test_float64_tan_near_a_pole():
     x = torch.tensor([1.5707, -1.5706, 0.3], dtype=torch.float64)
     _check(_one_node("tan", [x], {}), [x], atol=1e-9)
