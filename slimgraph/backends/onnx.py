@@ -831,11 +831,11 @@ def _quantizable(b: _Builder, value: Value) -> str:
 def emit_quantize_dequantize(b, node):
     if node.op == "dequantize_linear" and _only_transposed(b.graph, node):
         return
-    op = "QuantizeLinear" if node.op == "quantize_linear" else "DequantizeLinear"
-    inputs = [b.inp(i) for i, v in enumerate(node.inputs) if v is not None]
-    if op == "QuantizeLinear":
-        inputs[0] = _quantizable(b, node.inputs[0])
-    b.add(op, inputs, [b.out()], **_axis_attr(node))
+    if node.op == "dequantize_linear":
+        _dequantize(b, node, b.inp(0), [b.out()])
+        return
+    params = [b.name(v) for v in _qparams(node) if v is not None]
+    b.add("QuantizeLinear", [_quantizable(b, node.inputs[0]), *params], [b.out()], **_axis_attr(node))
 
 
 @emitter("fake_quant")
@@ -852,10 +852,42 @@ def emit_fake_quant(b, node):
     out = node.outputs[0]
     scale_type = node.inputs[1].dtype
     if out.dtype == scale_type:
-        b.add("DequantizeLinear", [q, *params], [b.out()], **_axis_attr(node))
+        _dequantize(b, node, q, [b.out()])
     else:  # DequantizeLinear gives the scale's type
-        b.add("Cast", [b.add("DequantizeLinear", [q, *params], 1, **_axis_attr(node))[0]], [b.out()],
-              to=_ONNX_DTYPE[out.dtype])
+        b.add("Cast", [_dequantize(b, node, q, 1)], [b.out()], to=_ONNX_DTYPE[out.dtype])
+
+
+def _dequantize(b: _Builder, node: Node, q: str, outputs: Sequence[str] | int) -> str:
+    """The DequantizeLinear of a fake_quant or dequantize_linear node, or the same in arithmetic,
+    (float(q) - zero point) * scale, where a quantizer with other parameters reads it: onnxruntime's
+    DoubleQDQPairsRemover merges Q1 -> DQ1 -> Q2 -> DQ2 of scalar int8/uint8 parameters into one
+    pair on a grid spanning the two ranges' intersection, which drops the first rounding (ir 100404:
+    x rounded to steps of 1, then of 0.25, came out in steps of 0.25)."""
+    params = [b.name(v) for v in _qparams(node) if v is not None]
+    if not _requantized(node):
+        return b.add("DequantizeLinear", [q, *params], outputs, **_axis_attr(node))[0]
+    to = _ONNX_DTYPE[node.inputs[1].dtype]
+    x = b.add("Sub", [b.add("Cast", [q], 1, to=to)[0], b.add("Cast", [params[1]], 1, to=to)[0]], 1)[0]
+    return b.add("Mul", [x, params[0]], outputs)[0]
+
+
+def _requantized(node: Node) -> bool:
+    """Whether onnxruntime would merge this node's dequantization with a requantization that reads it
+    (scalar parameters, an 8-bit zero point) though the two differ in scale or zero point."""
+    scale, zero = _qparams(node)
+    if scale.numel != 1 or zero is None or zero.numel != 1 or zero.dtype not in (DType.int8, DType.uint8):
+        return False
+    return any(u.index == 0 and u.node.op in ("fake_quant", "quantize_linear")
+               and not all(map(_same_value, (scale, zero), _qparams(u.node))) for u in node.outputs[0].uses)
+
+
+def _qparams(node: Node) -> tuple[Value, Value | None]:
+    return node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
+
+
+def _same_value(a: Value | None, c: Value | None) -> bool:
+    return a is c or (a is not None and c is not None and a.is_constant and c.is_constant
+                      and a.dtype == c.dtype and torch.equal(a.const_value, c.const_value))
 
 
 def onnxruntime_kernels(model: onnx.ModelProto | str | os.PathLike, level: str = "extended") -> dict[str, int]:

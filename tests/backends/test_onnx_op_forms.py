@@ -120,6 +120,25 @@ def test_quantize_float64():
     _check(_one_node("fake_quant", [x], {}, (scale, zero)), [x])
 
 
+@pytest.mark.parametrize("second", ["fake_quant", "quantize_linear"])
+def test_requantization_with_other_parameters_keeps_both_roundings(second):
+    """onnxruntime merged Q -> DQ -> Q -> DQ into one pair on the second grid: x rounded to steps of 1,
+    then of 0.25, came out in steps of 0.25 (fuzz-found: ir 100404)."""
+    g = Graph("requantize")
+    x = g.add_input("x", (4, 8), DType.float32)
+    first = g.create_node("fake_quant", [x, g.add_constant("s1", torch.tensor(1.0)),
+                                         g.add_constant("z1", torch.tensor(1, dtype=torch.int8))], {}).outputs[0]
+    params = [g.add_constant("s2", torch.tensor(0.25)), g.add_constant("z2", torch.tensor(2, dtype=torch.int8))]
+    y = g.create_node(second, [first, *params], {}).outputs[0]
+    if second == "quantize_linear":
+        y = g.create_node("dequantize_linear", [y, *params], {}).outputs[0]
+    g.set_outputs([y])
+    x = torch.randn(4, 8) * 10
+    _check(g, [x])
+    twice = torch.round(x).clamp(-32.5, 31.25)  # the second grid spans (-128 - 2) / 4 to (127 - 2) / 4
+    assert torch.equal(run_onnxruntime(slimgraph.to_onnx(g), [x])[0], twice)
+
+
 def test_var_at_opsets_before_18():
     x = torch.randn(2, 3, 4)
     graph = _one_node("var", [x], {"axes": [1, 2], "keepdim": False, "correction": 1})
