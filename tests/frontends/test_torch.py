@@ -331,3 +331,18 @@ def test_slice_scatter_at_any_dim_in_every_backend(dim):
     want = Scatter()(x)
     torch.testing.assert_close(slimgraph.to_torch(graph)(x), want)
     torch.testing.assert_close(torch.as_tensor(run_onnxruntime(slimgraph.to_onnx(graph), [x])[0]), want)
+
+
+def test_div_keeps_its_rounding_mode():
+    """torch.fx's torch.div(x, 1.0, rounding_mode='floor') imported as x / 1.0, which canonicalize then
+    dropped: the import of model.py differed from the graph it was written from (fuzz-found: ir 100140)."""
+    class Div(torch.nn.Module):
+        def forward(self, x):
+            return torch.div(x, 1.0, rounding_mode="floor"), x.div(3.0, rounding_mode="trunc"), torch.div(x, 2.0)
+
+    x = torch.randn(2, 6) * 5
+    graph = slimgraph.import_model(Div(), (x,))
+    assert graph.meta["source"] != "torch.export"
+    assert [n.attrs.get("rounding_mode") for n in graph.nodes if n.op == "div"] == ["floor", "trunc", None]
+    for got, want in zip(run(graph, [x]), Div()(x)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

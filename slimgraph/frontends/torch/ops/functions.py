@@ -130,7 +130,8 @@ def _binary(op: str, reverse: bool = False):
         if kwargs.get("alpha", 1) != 1:
             raise Unhandled
         like = a if isinstance(a, Value) else b
-        return cv.emit(op, [cv.as_value(a, like), cv.as_value(b, like)])
+        mode = kwargs.get("rounding_mode")  # torch.div's "floor" or "trunc" (None: true division)
+        return cv.emit(op, [cv.as_value(a, like), cv.as_value(b, like)], {"rounding_mode": mode} if mode else None)
 
     return handler
 
