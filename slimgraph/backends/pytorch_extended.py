@@ -75,7 +75,7 @@ def emit_index_put(ctx, node, a):
     for axis, i in zip(axes, range(2, len(a))):
         slots[axis] = f"{a[i]}.long()"
     values = a[1] if node.inputs[1].dtype == node.inputs[0].dtype else f"{a[1]}.to({a[0]}.dtype)"
-    return (f"torch.ops.aten.index_put({a[0]}, [{', '.join(slots)}], {values}, "
+    return (f"torch.ops.aten.index_put.default({a[0]}, [{', '.join(slots)}], {values}, "
             f"{bool(node.attrs.get('accumulate', False))})")
 
 

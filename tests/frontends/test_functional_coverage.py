@@ -222,3 +222,22 @@ def test_functional_converts_to_canonical_ops(name):
     for a, b in zip(got, want):
         assert a.shape == b.shape
         assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-5), name
+
+
+def test_the_torch_backends_forms_convert_directly():
+    """What the PyTorch backend writes converts with a handler of its own, not by exporting the call
+    and decomposing it (seconds per call, and a decomposed op no longer round-trips as one node)."""
+    class Forms(torch.nn.Module):
+        def forward(self, x):
+            grid = torch.tanh(x[:, :2].permute(0, 2, 3, 1))
+            return (F.mish(x), F.softsign(x), F.logsigmoid(x), F.selu(x), F.elu(x, 0.5), F.softplus(x),
+                    F.local_response_norm(x, 3, 1e-3, 0.5, 2.0), torch.sort(x, 1, descending=True)[0],
+                    F.grid_sample(x, grid, "nearest", "border", True))
+
+    graph = slimgraph.import_model(Forms(), (X4,))
+    assert graph.meta["source"] == "torch.fx" and graph.meta["decomposed"] == []
+    assert {"mish", "softsign", "logsigmoid", "selu", "elu", "softplus", "lrn", "sort", "grid_sample"} \
+        <= {n.op for n in graph.nodes}
+    with torch.no_grad():
+        for got, want in zip(slimgraph.to_torch(graph)(X4), Forms()(X4)):
+            torch.testing.assert_close(got, want)

@@ -122,7 +122,9 @@ def export_call(fn: Any, args: tuple, kwargs: dict, tensors: list[torch.Tensor],
     for inputs, shapes in ((examples, (specs,)), (tuple(tensors), None)):  # fall back to static shapes
         try:
             program = torch.export.export(module, inputs, dynamic_shapes=shapes, strict=False)
-            return program.run_decompositions(decompositions()).module(check_guards=False)
+            if not _converts_as_is(program.graph):
+                program = program.run_decompositions(decompositions())
+            return program.module(check_guards=False)
         except Exception:
             continue
     return None

@@ -103,6 +103,27 @@ FUNCTIONS[F.hardtanh] = _unary("clip", lambda a, k: {"min": float(arg(a, k, 1, "
 FUNCTIONS[F.gelu] = METHODS["gelu"] = _unary("gelu", lambda a, k: {"approximate": k.get("approximate", "none")})
 FUNCTIONS[F.leaky_relu] = _unary(
     "leaky_relu", lambda a, k: {"negative_slope": float(arg(a, k, 1, "negative_slope", 0.01))})
+# the PyTorch backend's own forms, read back without exporting the call (which costs seconds)
+for _op in ("mish", "softsign", "logsigmoid", "selu"):
+    FUNCTIONS[getattr(F, _op)] = _unary(_op)
+FUNCTIONS[F.elu] = _unary("elu", lambda a, k: {"alpha": float(arg(a, k, 1, "alpha", 1.0))})
+FUNCTIONS[F.local_response_norm] = _unary("lrn", lambda a, k: {
+    "size": int(arg(a, k, 1, "size")), "alpha": float(arg(a, k, 2, "alpha", 1e-4)),
+    "beta": float(arg(a, k, 3, "beta", 0.75)), "k": float(arg(a, k, 4, "k", 1.0))})
+
+
+@function(F.softplus)
+def softplus_fn(cv, args, kwargs, real):
+    if (arg(args, kwargs, 1, "beta", 1.0), arg(args, kwargs, 2, "threshold", 20.0)) != (1.0, 20.0):
+        raise Unhandled  # aten's handler writes the general form
+    return cv.emit("softplus", [tensor_arg(args[0])])
+
+
+@function(F.grid_sample)
+def grid_sample_fn(cv, args, kwargs, real):
+    return cv.emit("grid_sample", [tensor_arg(args[0]), tensor_arg(arg(args, kwargs, 1, "grid"))], {
+        "mode": arg(args, kwargs, 2, "mode", "bilinear"), "padding_mode": arg(args, kwargs, 3, "padding_mode", "zeros"),
+        "align_corners": bool(arg(args, kwargs, 4, "align_corners", False))})
 
 
 @function(torch.clamp, torch.clip)
@@ -279,6 +300,14 @@ def embedding_fn(cv, args, kwargs, real):
 def flip_fn(cv, args, kwargs, real):
     x = tensor_arg(args[0])
     return cv.emit("flip", [x], {"dims": [int(d) % x.rank for d in sizes_arg(args, kwargs, "dims")]})
+
+
+@function(torch.sort)
+@method("sort")
+def sort_fn(cv, args, kwargs, real):
+    x = tensor_arg(args[0])
+    return cv.emit("sort", [x], {"axis": arg(args, kwargs, 1, "dim", -1) % max(x.rank, 1),
+                                 "descending": bool(arg(args, kwargs, 2, "descending", False))})
 
 
 @function(torch.cumsum)
