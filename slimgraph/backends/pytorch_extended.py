@@ -129,7 +129,10 @@ EMITTERS["sizes"] = lambda ctx, node, a: (
 def emit_prelu(ctx, node, a):
     x, slope = node.inputs
     if slope.rank == 1 and x.rank > 1:  # per channel (axis 1) or one slope: nn.PReLU's
-        return f"F.prelu({a[0]}, {a[1]})"
+        # the IR promotes (a float64 x with a float32 slope), F.prelu refuses mixed types
+        out = node.outputs[0].dtype
+        data, name = (arg if v.dtype == out else f"{arg}.to({out.torch})" for v, arg in zip(node.inputs, a))
+        return f"F.prelu({data}, {name})"
     return f"torch.where({a[0]} >= 0, {a[0]}, {a[0]} * {a[1]})"
 
 

@@ -168,3 +168,15 @@ def test_constants_named_like_module_attributes_keep_the_module_working():
     model = slimgraph.to_torch(g)
     inputs = torch.randn(2, 3)
     torch.testing.assert_close(model.to(torch.float32)(inputs), slimgraph.ir.run(g, [inputs])[0])
+
+
+def test_prelu_of_mixed_float_types_promotes_as_the_ir_does():
+    """Fuzz-found (ir 300223): F.prelu refuses a float64 x with a float32 slope, which the IR promotes."""
+    g = Graph("prelu")
+    x = g.add_input("x", (2, 3), DType.float64)
+    prelu = g.create_node("prelu", [x, g.add_constant("slope", torch.rand(3))])
+    g.set_outputs([prelu.output])
+    inputs = torch.randn(2, 3, dtype=torch.float64)
+    got = slimgraph.to_torch(g)(inputs)
+    assert got.dtype == prelu.output.dtype.torch == torch.float64
+    torch.testing.assert_close(got, slimgraph.ir.run(g, [inputs])[0])
