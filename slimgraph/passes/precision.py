@@ -6,7 +6,8 @@ What changes:
   * graph inputs stay float32, with one cast to 16 bits after each; graph outputs that were
     float32 are cast back to float32 once;
   * numerically sensitive ops (``KEEP_FP32``: softmax, log_softmax, layer/group/batch norm,
-    lrn, mean, sum, prod, tan, attention, whose softmax is inside it), opaque nodes, quantization ops,
+    lrn, mean, sum, prod, tan, attention, whose softmax is inside it, grid_sample, whose kernel
+    computes its sampling coordinates in its input's dtype), opaque nodes, quantization ops,
     the ``keep`` list (node names or op types) and, with ``keep_first_last``, the first and
     last conv/linear run in float32.
 
@@ -35,6 +36,10 @@ KEEP_FP32 = frozenset({
     "tan",  # its poles amplify 16-bit rounding without bound
     "prod",  # a product of many factors leaves 16 bits' range (0.3 ** 24 is 3e-13)
     "attention",  # computes a softmax inside (both backends emit it as one unit)
+    # unnormalizes its grid to pixels in the input dtype: 16 bits hold (1 + x) / 2 * (size - 1) to
+    # (size - 1) * 2^-12 px, moving a nearest sample across a pixel's edge (x = -1e-4, size 4: pixel 2
+    # for 1) and a bilinear one by 0.5 px at 1024; onnxconverter-common keeps Resize / RoiAlign float32 alike
+    "grid_sample",
 })
 # Ops whose 16-bit result is off by the absolute rounding of their input: a large angle stays float32.
 PERIODIC = frozenset({"sin", "cos"})

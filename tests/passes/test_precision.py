@@ -257,3 +257,21 @@ def test_angle_of_cos_near_its_zero_stays_float32():
     assert cos_dtype(M(1.5668).eval(), x) == (DType.float32, pytest.approx(0, abs=1e-3))
     # cos near 1 is computed in float16
     assert cos_dtype(M(0.0).eval(), x)[0] == DType.float16
+
+
+def test_grid_sample_stays_float32():
+    """grid_sample's kernel unnormalizes its grid to pixels in its input dtype: in float16, 1 + x for
+    x = -2e-4 is 1, so a nearest sample at (1 - 2e-4) / 2 * 3 = 1.4997 lands on the tie at 1.5 and
+    reads pixel 2, not 1. It runs in float32, on its inputs as float16 computes them."""
+    class M(torch.nn.Module):
+        def forward(self, img, grid):
+            return F.grid_sample(img * 2, grid * 2, mode="nearest", align_corners=True)
+
+    img, grid = torch.arange(4.0).view(1, 1, 1, 4), torch.tensor([[[[-1e-4, 0.0]]]])
+    model = M().eval()
+    result = slimgraph.optimize(slimgraph.import_model(model, (img, grid)), "fp16", example_inputs=(img, grid))
+    assert next(n for n in result.graph.nodes if n.op == "grid_sample").output.dtype == DType.float32
+    # its inputs are computed in float16
+    assert {n.output.dtype for n in result.graph.nodes if n.op == "mul"} == {DType.float16}
+    (y,) = interpret(result.graph, [img, grid])
+    assert torch.equal(y, model(img, grid)) and float(y) == 2.0
