@@ -346,3 +346,23 @@ def test_div_keeps_its_rounding_mode():
     assert [n.attrs.get("rounding_mode") for n in graph.nodes if n.op == "div"] == ["floor", "trunc", None]
     for got, want in zip(run(graph, [x]), Div()(x)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class Views(nn.Module):
+    """One reshape written three ways: torch.export keeps view's -1, reshape's decomposition writes the size."""
+
+    def forward(self, x):
+        t = torch.tanh(x.permute(0, 2, 1))  # not contiguous: reshape cannot be a view
+        return t.view(x.shape[0], 1, 3, -1), t.reshape(x.shape[0], 1, 3, -1), t.reshape(-1, 4)
+
+
+def test_a_symbolic_reshape_has_one_form_however_torch_spells_it():
+    """Fuzz-found (ir 200076): IR -> PyTorch source -> IR was no fixed point: [batch,1,3,-1] came back [batch,1,3,4]."""
+    x = torch.randn(2, 4, 3)
+    graph = slimgraph.import_model(Views(), (x,), {"x": {0: "batch"}})
+    view, reshape, flat = (n.attrs["shape"] for n in graph.nodes if n.op == "reshape")
+    assert [str(d) for d in view] == [str(d) for d in reshape] == ["batch", "1", "3", "4"]
+    assert flat == [-1, 4]  # a multiple of the batch: the -1 stays
+    big = torch.randn(5, 4, 3)
+    for got, want in zip(slimgraph.to_torch(graph)(big), Views()(big)):
+        torch.testing.assert_close(got, want)

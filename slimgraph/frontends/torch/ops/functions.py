@@ -619,6 +619,14 @@ def reshape_target(x: Value, shape: Any) -> list:
             out.append(-1)  # a multiple of the batch: the one dim reshape infers
         else:
             out.append(int(concrete(d)))
+    symbolic = any(isinstance(d, SymDim) for d in out) or any(e is not None for e in x.sym or ())
+    if -1 in out and BATCH not in out and symbolic:
+        # torch.export spells one reshape two ways: view keeps the -1, reshape's decomposition (of an input
+        # that is not contiguous) writes the traced size. One form: the size, where no symbol moves it.
+        numel, known = math.prod((x.dim(i) for i in range(x.rank)), start=1), \
+            math.prod((d for d in out if d != -1), start=1)
+        size = numel // known if known != 0 else None
+        out = [size if d == -1 and isinstance(size, int) else d for d in out]
     return out
 
 
