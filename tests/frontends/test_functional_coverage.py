@@ -241,3 +241,24 @@ def test_the_torch_backends_forms_convert_directly():
     with torch.no_grad():
         for got, want in zip(slimgraph.to_torch(graph)(X4), Forms()(X4)):
             torch.testing.assert_close(got, want)
+
+
+def test_calls_torch_export_records_whole_convert_to_one_op_each():
+    """With symbolic dims the import goes through torch.export, whose graph holds pad, roll, selu and
+    logsigmoid as calls of their own: kept whole through decomposition, each is one IR op (decomposed,
+    pad became index arithmetic and roll an index_select). flatten, a view, always decomposes."""
+    class Calls(torch.nn.Module):
+        def forward(self, x):
+            return (F.pad(x, (1, 2, 0, 1), mode="reflect"), F.pad(x, (1, 1), value=0.5),
+                    torch.roll(x, (1, -2), (1, 3)), F.selu(x), F.logsigmoid(x),
+                    F.hardshrink(x))  # which has no handler: the export is decomposed
+
+    graph = slimgraph.import_model(Calls(), (X4,), {"x": {0: "batch"}})
+    assert graph.meta["source"] == "torch.export"
+    ops = [n.op for n in graph.nodes]
+    assert [ops.count(op) for op in ("pad", "roll", "selu", "logsigmoid")] == [2, 1, 1, 1]
+    assert "take" not in ops and "index" not in ops
+    x = r(3, 4, 8, 8)
+    with torch.no_grad():
+        for got, want in zip(slimgraph.to_torch(graph)(x), Calls()(x)):
+            torch.testing.assert_close(got, want)

@@ -99,7 +99,8 @@ def _dims(dim: Any, rank: int) -> list[int]:
 UNARY = {name: name for name in (
     "abs", "acos", "acosh", "asin", "asinh", "atan", "atanh", "ceil", "cos", "cosh", "erf", "exp", "expm1", "floor",
     "log", "log10", "log1p", "log2", "neg", "reciprocal", "relu", "rsqrt", "sigmoid", "sign", "sin", "sinh", "sqrt",
-    "tan", "tanh", "trunc", "isinf", "isnan", "logical_not", "silu", "hardswish", "hardsigmoid", "mish")}
+    "tan", "tanh", "trunc", "isinf", "isnan", "logical_not", "silu", "hardswish", "hardsigmoid", "mish", "selu")}
+UNARY["log_sigmoid"] = "logsigmoid"
 UNARY["bitwise_not"] = "bitwise_not"
 
 
@@ -344,6 +345,22 @@ def view(cv, p, real):
     return cv.emit("reshape", [x], {"shape": reshape_target(x, p.get("size", p.get("shape")))})
 
 
+@handles("flatten.using_ints")
+def flatten(cv, p, real):
+    x = tensor_arg(p["self"])
+    if x.rank == 0:
+        raise Unhandled
+    return cv.emit("flatten", [x], {"start": p["start_dim"] % x.rank, "end": p["end_dim"] % x.rank})
+
+
+@handles("roll")
+def roll(cv, p, real):
+    x, dims = tensor_arg(p["self"]), list(p["dims"])
+    if not dims:
+        raise Unhandled  # a roll of the flattened tensor: its decomposition
+    return cv.emit("roll", [x], {"shifts": [int(s) for s in p["shifts"]], "dims": [d % x.rank for d in dims]})
+
+
 @handles("unflatten.int")
 def unflatten(cv, p, real):
     x = tensor_arg(p["self"])
@@ -532,6 +549,14 @@ def empty(cv, p, real):
 @handles("constant_pad_nd")
 def constant_pad(cv, p, real):
     return cv.emit("pad", [tensor_arg(p["self"])], {"pads": ints(p["pad"], 0), "mode": "constant",
+                                                    "value": float(p["value"] or 0.0)})
+
+
+@handles("pad")
+def pad(cv, p, real):
+    """F.pad as torch.export records it before decomposition (kept whole: one IR op for every mode)."""
+    mode = p["mode"] or "constant"
+    return cv.emit("pad", [tensor_arg(p["self"])], {"pads": ints(p["pad"], 0), "mode": mode,
                                                     "value": float(p["value"] or 0.0)})
 
 

@@ -310,6 +310,15 @@ def sort_fn(cv, args, kwargs, real):
                                  "descending": bool(arg(args, kwargs, 2, "descending", False))})
 
 
+@function(torch.roll)
+@method("roll")
+def roll_fn(cv, args, kwargs, real):
+    x, shifts, dims = tensor_arg(args[0]), arg(args, kwargs, 1, "shifts"), arg(args, kwargs, 2, "dims")
+    if dims is None or dims == []:
+        raise Unhandled  # a roll of the flattened tensor: its decomposition
+    return cv.emit("roll", [x], {"shifts": ints(shifts, 1), "dims": [d % x.rank for d in ints(dims, 1)]})
+
+
 @function(torch.cumsum)
 @method("cumsum")
 def cumsum_fn(cv, args, kwargs, real):
