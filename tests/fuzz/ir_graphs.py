@@ -271,8 +271,10 @@ class RandomGraph:
                     feeds.append(data)
                 moved = run_reference(node, feeds, {"batch": self.batches[k]})
                 for y, want in zip(moved, outs[k]):
+                    # no floor: the checks weigh a tiny output against its own peak, and a var that
+                    # is all rounding is 1e-15, not 0
                     if want.is_floating_point() and want.numel() and float((y - want).abs().max()) > \
-                            1e-2 * max(float(want.abs().max()), 1e-6):
+                            1e-2 * float(want.abs().max()):
                         return False
         return True
 
@@ -319,9 +321,12 @@ def _sensitive(op: str, attrs: dict) -> bool:
     """Ops drawn on inexact values (unlike JUMPY's) that jump where an input crosses a point, or amplify
     its rounding without bound: atan2 across its branch cut and at (0, 0), where a tiny value flushed to
     zero in float16 gives 0 for pi / 4; nearest grid sampling where a coordinate crosses a pixel's edge;
-    layer and group norm of rows that are nearly constant (their spread is all rounding). Each is kept
-    only where 16-bit rounding of its inputs does not move it (RandomGraph._stable)."""
-    return op in ("atan2", "layer_norm", "group_norm") or (op == "grid_sample" and attrs.get("mode") == "nearest")
+    layer and group norm and var of rows that are nearly constant (their spread is all rounding: torch's
+    float32 atan2 gives pi / 4 one bit lower in its SIMD body than in its scalar tail, so a row of
+    atan2(t, t) spans both at some batch sizes, and its var is 1e-15 where onnxruntime's is 0). Each is
+    kept only where 16-bit rounding of its inputs does not move it (RandomGraph._stable)."""
+    nearest = op == "grid_sample" and attrs.get("mode") == "nearest"
+    return op in ("atan2", "layer_norm", "group_norm", "var") or nearest
 
 
 def _round16(t: torch.Tensor) -> torch.Tensor:
