@@ -149,6 +149,8 @@ FALLBACK = [  # not covered by the closed form: the reference on meta decides, e
     ("sum", [(2, 3)], {"axes": [1]}, [DType.int32]),
     ("max_pool", [(2, 7, 7)], {"kernel": [3, 3], "stride": [2, 2], "pads": [0, 0, 0, 0]}, None),
     ("linear", [(4, 7), (3, 7)], {}, [DType.float32, DType.float64]),
+    ("conv_transpose", [(2, 3, 3, 2), (3, 3, 2, 2)],  # it only checks the sizes
+     {"stride": [1, 1], "padding": [1, 1], "output_padding": [0, 0], "dilation": [1, 1], "groups": 3}, None),
 ]
 
 
@@ -172,6 +174,9 @@ INVALID = [
     ("linear", [(2, 5), (3, 7)], {}),
     ("add", [(2, 3), (4, 3)], {}),
     ("flatten", [(2, 3, 4)], {"start": 2, "end": 1}),
+    # ir 4000109: a padding that crops the width to 0, which torch's meta kernel lets through
+    ("conv_transpose", [(2, 3, 3, 1), (3, 3, 2, 2)],
+     {"stride": [1, 1], "padding": [1, 1], "output_padding": [0, 0], "dilation": [1, 1], "groups": 3}),
 ]
 
 

@@ -126,6 +126,21 @@ def conv_transpose_coupling(node) -> list[Coupling]:
     return [batch, frozen(inp(0, 1), out(0, 1), inp(1, 0), inp(1, 1), *bias)]
 
 
+def conv_transpose_infer(node) -> None:
+    """Refuses a padding that crops the whole output away. torch's meta and float32 CPU kernels give an
+    empty tensor there, but its float16 / float64 kernels and ONNX Runtime's ConvTranspose refuse it."""
+    x, w = node.inputs[0], node.inputs[1]
+    a = node.attrs
+    nd = w.rank - 2
+    for i in range(nd if x.rank == nd + 2 else 0):
+        size = ((x.shape[2 + i] - 1) * a["stride"][i] - 2 * a["padding"][i]
+                + a["dilation"][i] * (w.shape[2 + i] - 1) + a["output_padding"][i] + 1)
+        if size < 1:
+            raise ValueError(f"conv_transpose: output size {size} < 1 in spatial dim {i} (input {x.shape}, "
+                             f"weight {w.shape}, stride {a['stride']}, padding {a['padding']})")
+    return None  # the reference on meta tensors gives the types (and torch's checks of the rest)
+
+
 register_op(
     "conv_transpose",
     conv_transpose_ref,
@@ -133,6 +148,7 @@ register_op(
     num_inputs=(2, 3),
     coupling=conv_transpose_coupling,
     macs=lambda node: node.inputs[0].numel * _prod(node.inputs[1].shape[1:]),
+    infer=conv_transpose_infer,
 )
 
 
