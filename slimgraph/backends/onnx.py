@@ -615,14 +615,23 @@ def emit_pad(b, node):
 
 @emitter("roll")
 def emit_roll(b, node):
-    """A cyclic shift is two slices swapped: y = concat(x[size - s:], x[:size - s])."""
+    """A cyclic shift is two slices swapped: y = concat(x[size - s % size:], x[:size - s % size]);
+    along a symbolic dim, where the cut moves with the size, a gather: y = x[(arange(size) - s) % size]."""
     x = node.inputs[0]
     name = b.inp(0)
     for shift, dim in zip(node.attrs["shifts"], node.attrs["dims"]):
         size = x.shape[dim]
-        cut = size - shift % size
-        if cut == size:
+        if x.sym and x.sym[dim] is not None:
+            n = b.add("Squeeze", [b.size(x.sym[dim])], 1)[0]
+            at = b.add("Range", [b.const(0, "start", np.int64), n, b.const(1, "step", np.int64)], 1)[0]
+            # Max: a size that is 0 at run time must not divide (there is nothing to gather)
+            index = b.add("Mod", [b.add("Sub", [at, b.const(shift, "shift", np.int64)], 1)[0],
+                                  b.add("Max", [n, b.const(1, "one", np.int64)], 1)[0]], 1)[0]
+            name = b.add("Gather", [name, index], 1, axis=dim)[0]
             continue
+        if size == 0 or shift % size == 0:  # the identity (torch rolls an empty dim to itself)
+            continue
+        cut = size - shift % size
         tail = b.add("Slice", [name, b.ints([cut], "s"), b.ints([size], "e"), b.ints([dim], "a")], 1)[0]
         head = b.add("Slice", [name, b.ints([0], "s"), b.ints([cut], "e"), b.ints([dim], "a")], 1)[0]
         name = b.add("Concat", [tail, head], 1, axis=dim)[0]

@@ -198,3 +198,26 @@ def test_float16_isinf_scatter_sum_and_arange():
     g = Graph("arange")
     g.set_outputs([g.create_node("arange", [], {"start": 0, "end": 6, "step": 2, "dtype": "float16"}).output])
     _check(g, [])
+
+
+@pytest.mark.parametrize("shape,shifts,dims", [((2, 1, 0), [-1, -2], [1, 2]), ((2, 3, 4), [3, -4], [1, 2])])
+def test_roll_of_an_empty_dim_or_by_whole_turns(shape, shifts, dims):
+    """An empty dim rolls to itself: the cut was size - shift % size, a modulo by zero (fuzz-found:
+    ir 3000286, a roll of a diagonal past the edge, [2, 1, 0])."""
+    x = torch.randn(shape)
+    _check(_one_node("roll", [x], {"shifts": shifts, "dims": dims}), [x])
+
+
+def test_roll_along_a_symbolic_dim_at_other_sizes():
+    """The file cut the traced size's slices: at batch 3 it gave 2 rows, and it imports back whole."""
+    g = Graph("roll")
+    x = g.add_input("x", (2, 3, 4), DType.float32, sym=["batch", None, None])
+    g.set_outputs([g.create_node("roll", [x], {"shifts": [-1, 1], "dims": [0, 2]}).output])
+    proto = slimgraph.to_onnx(g)
+    back = slimgraph.import_model(proto)
+    assert "opaque" not in [n.op for n in back.nodes]
+    for batch in (0, 1, 2, 3, 5):
+        t = torch.randn(batch, 3, 4)
+        want = torch.roll(t, [-1, 1], [0, 2])
+        torch.testing.assert_close(torch.as_tensor(run_onnxruntime(proto, [t])[0]), want)
+        torch.testing.assert_close(run(back, [t])[0], want)
