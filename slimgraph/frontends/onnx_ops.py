@@ -565,7 +565,14 @@ def gather(cv):
         return cv.emit("take", [x, indices], {"axis": axis})
     if not isinstance(indices, np.ndarray) or indices.dtype == object:
         raise Unhandled
+    if x.sym and x.sym[axis] is not None:  # a negative index counts from a size known at run time only
+        if indices.ndim == 0:
+            return cv.emit("select", [x], {"axis": axis, "index": int(indices)})
+        index = cv.graph.add_constant(f"{cv.name}_indices", torch.from_numpy(indices.astype(np.int64)))
+        return cv.emit("take", [x, index], {"axis": axis})
     size = x.shape[axis]
+    if any(not -size <= int(i) < size for i in indices.reshape(-1)):  # onnxruntime refuses them too
+        raise ValueError(f"indices {indices.reshape(-1).tolist()} are outside axis {axis} of size {size}")
     flat = [int(i) % size for i in indices.reshape(-1)]
     if indices.ndim == 0:
         return cv.emit("select", [x], {"axis": axis, "index": flat[0]})

@@ -294,3 +294,32 @@ def test_gemm_keeps_the_files_tensor_names_where_it_uses_them_as_they_are(trans_
     torch.testing.assert_close(run(graph, [x])[0], run_onnxruntime(model, [x])[0])
     again = slimgraph.import_model(slimgraph.to_onnx(graph))
     assert print_graph(again) == print_graph(graph)
+
+
+@pytest.mark.parametrize("indices", [np.array(-1), np.array([-1, 0]), np.array([[0, -2]])])
+def test_gather_of_constant_indices_along_a_symbolic_dim_counts_from_its_run_time_end(indices):
+    """A negative index was made positive at the example's size: at seq 7 index -1 read row 1 of 7."""
+    model = _model([helper.make_node("Gather", ["x", "i"], ["y"], axis=1)],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq"])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                   inits=[numpy_helper.from_array(indices.astype(np.int64), "i")])
+    graph = slimgraph.import_model(model)
+    emitted, module = slimgraph.to_onnx(graph), slimgraph.to_torch(graph)
+    for shape in [(2, 7), (3, 2)]:
+        x = torch.randn(shape)
+        want = x[:, torch.from_numpy(indices)]
+        assert torch.equal(run(graph, [x])[0], want)
+        assert torch.equal(torch.as_tensor(run_onnxruntime(emitted, [x])[0]), want)
+        with torch.no_grad():
+            assert torch.equal(module(x), want)
+
+
+@pytest.mark.parametrize("dims,indices", [((2, 0), [0]), ((2, 3), [3]), ((2, 3), [-4])])
+def test_gather_of_constant_indices_outside_the_dim_is_refused(dims, indices):
+    """They were taken modulo the size: another graph, or a ZeroDivisionError on an empty dim."""
+    model = _model([helper.make_node("Gather", ["x", "i"], ["y"], axis=1)],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(dims))],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                   inits=[numpy_helper.from_array(np.array(indices, dtype=np.int64), "i")])
+    with pytest.raises(SlimgraphError, match=rf"node y \(Gather\).*outside axis 1 of size {dims[1]}"):
+        slimgraph.import_model(model)
