@@ -259,6 +259,30 @@ def test_angle_of_cos_near_its_zero_stays_float32():
     assert cos_dtype(M(0.0).eval(), x)[0] == DType.float16
 
 
+@pytest.mark.parametrize("op", [torch.tan, torch.sin])
+def test_angle_of_tan_and_of_sin_past_8_stays_float32(op):
+    """float16 holds an angle near 100 to 0.06, which leaves tan or sin of it noise: tan's angle
+    (anywhere) and sin / cos's past 8 times their output's peak stay float32, with all they are
+    computed from (ir 40170, 40123; the fuzzer draws such angles only where float32's rounding
+    does not move them, so a unit test holds this)."""
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return op(self.fc(x) + 100)
+
+    torch.manual_seed(0)
+    model, x = M().eval(), torch.randn(3, 4)
+    result = slimgraph.optimize(slimgraph.import_model(model, (x,)), "fp16", example_inputs=(x,))
+    angle = next(n for n in result.graph.nodes if n.op == op.__name__).inputs[0]
+    assert angle.dtype == DType.float32 and angle.producer.inputs[0].dtype == DType.float32
+    with torch.no_grad():
+        (y,) = interpret(result.graph, [x])
+        assert float((y - model(x)).abs().max() / model(x).abs().max()) < 1e-3
+
+
 def test_grid_sample_stays_float32():
     """grid_sample's kernel unnormalizes its grid to pixels in its input dtype: in float16, 1 + x for
     x = -2e-4 is 1, so a nearest sample at (1 - 2e-4) / 2 * 3 = 1.4997 lands on the tie at 1.5 and
