@@ -366,3 +366,21 @@ def test_a_symbolic_reshape_has_one_form_however_torch_spells_it():
     big = torch.randn(5, 4, 3)
     for got, want in zip(slimgraph.to_torch(graph)(big), Views()(big)):
         torch.testing.assert_close(got, want)
+
+
+class LastTokens(nn.Module):
+    def forward(self, x):
+        return torch.relu(x[:, -1]), torch.relu(x[:, [-1, 0]])
+
+
+def test_a_negative_index_along_a_symbolic_dim_counts_from_its_run_time_end():
+    """x[:, -1] over seq was select(index=4) at the example's seq 5: at seq 7 it read row 4."""
+    graph = slimgraph.import_model(LastTokens(), (torch.randn(2, 5, 3),), {"x": {0: "batch", 1: "seq"}})
+    module, emitted = slimgraph.to_torch(graph), slimgraph.to_onnx(graph)
+    x = torch.randn(3, 7, 3)
+    with torch.no_grad():
+        want = LastTokens()(x)
+        for backend, got in [("interpreter", run(graph, [x])), ("PyTorch", module(x)),
+                             ("onnxruntime", run_onnxruntime(emitted, [x]))]:
+            for y, w in zip(got, want):
+                assert torch.equal(torch.as_tensor(y), w), backend

@@ -450,8 +450,10 @@ def split(cv, p, real):
 @handles("select.int", "select_copy.int")
 def select(cv, p, real):
     x = tensor_arg(p["self"])
-    axis = p["dim"] % x.rank
-    return cv.emit("select", [x], {"axis": axis, "index": int(concrete(p["index"])) % x.shape[axis]})
+    axis, index = p["dim"] % x.rank, int(concrete(p["index"]))
+    if not (x.sym and x.sym[axis] is not None):  # a symbolic size: a negative index counts from its run-time end
+        index %= x.shape[axis]
+    return cv.emit("select", [x], {"axis": axis, "index": index})
 
 
 def _dims_of(x: Value) -> list:

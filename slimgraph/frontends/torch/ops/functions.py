@@ -605,6 +605,8 @@ def gather_index(cv, x: Value, index: tuple) -> Value:
     if idx.dim() != 1 or idx.is_floating_point() or idx.dtype == torch.bool:
         raise Unhandled
     axis = len(entries) - 1
+    if x.sym and x.sym[axis] is not None:  # a negative index counts from a size known at run time only
+        return cv.emit("take", [x, cv.graph.add_constant(f"{cv.name}_indices", idx.long())], {"axis": axis})
     return cv.emit("gather", [x], {"axis": axis, "indices": [int(i) % x.shape[axis] for i in idx.tolist()]})
 
 
