@@ -174,6 +174,7 @@ INVALID = [
     ("linear", [(2, 5), (3, 7)], {}),
     ("add", [(2, 3), (4, 3)], {}),
     ("flatten", [(2, 3, 4)], {"start": 2, "end": 1}),
+    ("adaptive_avg_pool", [(2, 3, 4, 4)], {"output_size": [0, 2]}),  # torch's meta gives [2, 3, 0, 2]
     # ir 4000109: a padding that crops the width to 0, which torch's meta kernel lets through
     ("conv_transpose", [(2, 3, 3, 1), (3, 3, 2, 2)],
      {"stride": [1, 1], "padding": [1, 1], "output_padding": [0, 0], "dilation": [1, 1], "groups": 3}),

@@ -381,6 +381,9 @@ register_op("avg_pool", avg_pool_ref, description="average pooling; attrs kernel
 def adaptive_infer(node) -> list | None:
     x, size = node.inputs[0], node.attrs["output_size"]
     nd = len(size) if isinstance(size, (list, tuple)) else 0
+    if nd and any(type(s) is int and s < 1 for s in size):  # torch's meta kernel gives an empty output
+        raise ValueError(f"{node.op}: output size {list(size)} < 1 (neither onnxruntime nor the pooling "
+                         "windows have a form for an empty output)")
     if _float_type(node) is None or nd == 0 or x.rank != nd + 2 or min(x.shape[1:]) < 1 \
             or not _int_list(size, nd) or min(size) < 1:
         return None
