@@ -81,6 +81,11 @@ REGRESSIONS = {
                      "scalar tail), 8.6e-16 in torch and 0 in onnxruntime",
     ("ir", 4000109): "a conv_transpose whose padding cropped its output to width 0 passed shape inference (torch's "
                      "meta kernel allows it); its float16 kernel and onnxruntime refuse it",
+    ("ir", 3000286): "roll along an empty dim (a diagonal past the edge, [2, 1, 0]): the ONNX emitter's cut was "
+                     "size - shift % size, a modulo by zero",
+    ("ir", 3000326): "oracle: tan of a conv's output near a pole amplified onnxruntime's one-bit-off sum 5e3 times "
+                     "(1.8e-4 off)",
+    ("ir", 4000332): "oracle: tan of a matmul's output near a pole (amplification 2e4: 1.9e-3 off, as ir 3000326)",
 }
 CASES = sorted({("cnn", s) for s in CNN_SEEDS} | {("transformer", s) for s in TRANSFORMER_SEEDS}
                | {("ir", s) for s in IR_SEEDS} | set(REGRESSIONS))
