@@ -23,6 +23,7 @@ from slimgraph.frontends.torch.ops.functions import (
     gather_index,
     max_pool,
     reshape_target,
+    roll,
     split_outputs,
 )
 from slimgraph.frontends.torch.ops.registry import FUNCTIONS, Unhandled, ints, tensor_arg
@@ -354,11 +355,8 @@ def flatten(cv, p, real):
 
 
 @handles("roll")
-def roll(cv, p, real):
-    x, dims = tensor_arg(p["self"]), list(p["dims"])
-    if not dims:
-        raise Unhandled  # a roll of the flattened tensor: its decomposition
-    return cv.emit("roll", [x], {"shifts": [int(s) for s in p["shifts"]], "dims": [d % x.rank for d in dims]})
+def roll_(cv, p, real):
+    return roll(cv, tensor_arg(p["self"]), [int(s) for s in p["shifts"]], list(p["dims"]))
 
 
 @handles("unflatten.int")

@@ -310,13 +310,24 @@ def sort_fn(cv, args, kwargs, real):
                                  "descending": bool(arg(args, kwargs, 2, "descending", False))})
 
 
+def roll(cv, x: Value, shifts: list[int], dims: list[int]) -> Value:
+    """torch.roll; with no dims it rolls the flattened tensor, which keeps its shape."""
+    if dims:
+        return cv.emit("roll", [x], {"shifts": shifts, "dims": [d % x.rank for d in dims]})
+    if x.rank == 0:
+        raise Unhandled
+    flat = x if x.rank == 1 else cv.emit("flatten", [x], {"start": 0, "end": x.rank - 1})
+    rolled = cv.emit("roll", [flat], {"shifts": shifts, "dims": [0]})
+    if x.rank == 1:
+        return rolled
+    return cv.emit("reshape", [rolled], {"shape": reshape_target(x, [x.dim(i) for i in range(x.rank)])})
+
+
 @function(torch.roll)
 @method("roll")
 def roll_fn(cv, args, kwargs, real):
-    x, shifts, dims = tensor_arg(args[0]), arg(args, kwargs, 1, "shifts"), arg(args, kwargs, 2, "dims")
-    if dims is None or dims == []:
-        raise Unhandled  # a roll of the flattened tensor: its decomposition
-    return cv.emit("roll", [x], {"shifts": ints(shifts, 1), "dims": [d % x.rank for d in ints(dims, 1)]})
+    dims = arg(args, kwargs, 2, "dims")
+    return roll(cv, tensor_arg(args[0]), ints(arg(args, kwargs, 1, "shifts"), 1), [] if dims is None else ints(dims, 1))
 
 
 @function(torch.cumsum)
