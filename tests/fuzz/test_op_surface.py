@@ -48,6 +48,23 @@ def test_var_of_rows_that_are_all_rounding_is_not_drawn():
         random.node("var", [x], attrs)
 
 
+
+def test_group_norm_of_a_group_constant_beside_its_mean_is_not_drawn():
+    """torch's group_norm computes x * (gamma * rstd) + (beta - mean * gamma * rstd): over copies of
+    14.25 (rstd 1 / sqrt(eps)) those terms are 4506 and cancel, leaving the bias a float32 ulp of
+    4506 off (ir 3001204: 2.7e-4 between two forms of it). The same group with a spread is drawn."""
+    random = RandomGraph(0, nodes=1, ops=["relu"])
+    x = next(e for e in random.pool if e.value.name == "x")
+    c = x.shape[1]
+    inputs = [x, random.const((c,), "positive"), random.const((c,))]
+    spread = torch.arange(math.prod(x.shape), dtype=x.value.dtype.torch).reshape(x.shape) / 4 + 14.25
+    x.data = (spread, spread.clone())
+    random.node("group_norm", inputs, {"num_groups": 1, "eps": 1e-5})
+    copies = torch.full(x.shape, 14.25, dtype=x.value.dtype.torch)
+    x.data = (copies, copies.clone())
+    with pytest.raises(Rejected, match="group_norm of a group nearly constant beside its mean"):
+        random.node("group_norm", inputs, {"num_groups": 1, "eps": 1e-5})
+
 def assert_close(got, want, what: str, dtype: torch.dtype) -> None:
     got = got if isinstance(got, (tuple, list)) else (got,)
     assert len(got) == len(want), f"{what}: {len(got)} outputs, not {len(want)}"
