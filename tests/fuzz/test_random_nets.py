@@ -86,6 +86,8 @@ REGRESSIONS = {
     ("ir", 3000326): "oracle: tan of a conv's output near a pole amplified onnxruntime's one-bit-off sum 5e3 times "
                      "(1.8e-4 off)",
     ("ir", 4000332): "oracle: tan of a matmul's output near a pole (amplification 2e4: 1.9e-3 off, as ir 3000326)",
+    ("ir", 3001204): "oracle: group_norm of a group of copies of one value: torch's kernel cancels x*gamma*rstd "
+                     "against mean*gamma*rstd (4506), an ulp off the bias (2.7e-4 from its ONNX file's form)",
 }
 CASES = sorted({("cnn", s) for s in CNN_SEEDS} | {("transformer", s) for s in TRANSFORMER_SEEDS}
                | {("ir", s) for s in IR_SEEDS} | set(REGRESSIONS))
