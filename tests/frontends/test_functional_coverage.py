@@ -262,3 +262,18 @@ def test_calls_torch_export_records_whole_convert_to_one_op_each():
     with torch.no_grad():
         for got, want in zip(slimgraph.to_torch(graph)(x), Calls()(x)):
             torch.testing.assert_close(got, want)
+
+
+def test_unbind_kept_whole_by_torch_export_splits_into_ones():
+    """An export that needs no decomposition keeps unbind whole: its parts are size 1 along the axis,
+    not the size of what follows it (timm's mobilevit: q, k, v = qkv.unbind(0) split 3 by [4, 4, 4])."""
+    class Unbind(torch.nn.Module):
+        def forward(self, qkv):
+            q, k, v = qkv.unbind(0)
+            return q * k + v
+
+    qkv = r(3, 4, 5)
+    graph = slimgraph.import_model(Unbind(), (qkv,), {"qkv": {1: "batch"}})
+    assert graph.meta["source"] == "torch.export"
+    x = r(3, 6, 5)
+    torch.testing.assert_close(slimgraph.to_torch(graph)(x), Unbind()(x))

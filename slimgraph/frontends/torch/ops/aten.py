@@ -439,10 +439,10 @@ def cat(cv, p, real):
 def split(cv, p, real):
     x = tensor_arg(p["self"])
     axis = p.get("dim", 0) % x.rank
-    parts = split_outputs(cv, x, [t.shape[axis] for t in real], axis)
-    if cv.current.target.__name__.startswith("unbind"):
+    if cv.current.target.__name__.startswith("unbind"):  # its parts have the axis squeezed away
+        parts = split_outputs(cv, x, [1] * x.shape[axis], axis)
         return tuple(cv.emit("squeeze", [v], {"axes": [axis]}, name=f"{cv.name}_squeeze") for v in parts)
-    return parts
+    return split_outputs(cv, x, [t.shape[axis] for t in real], axis)
 
 
 @handles("select.int", "select_copy.int")
