@@ -645,8 +645,8 @@ def reshape_target(x: Value, shape: Any) -> list:
     if -1 in out and BATCH not in out and symbolic:
         # torch.export spells one reshape two ways: view keeps the -1, reshape's decomposition (of an input
         # that is not contiguous) writes the traced size. One form: the size, where no symbol moves it.
-        numel, known = math.prod((x.dim(i) for i in range(x.rank)), start=1), \
-            math.prod((d for d in out if d != -1), start=1)
+        numel = math.prod((x.dim(i) for i in range(x.rank)), start=1)
+        known = math.prod((d for d in out if d != -1), start=1)
         size = numel // known if known != 0 else None
         out = [size if d == -1 and isinstance(size, int) else d for d in out]
     return out
