@@ -45,9 +45,13 @@ GRID = 0.25
 # ops whose output jumps where its input crosses a point: they read exact values only
 JUMPY = {"floor", "ceil", "round", "trunc", "sign", "fmod", "remainder", "argmax", "argmin", "sort", "topk",
          "quantize_linear", "fake_quant", "isnan", "isinf"}
-# ops whose angle fp16 keeps in float32 where its rounding would show (slimgraph.passes.precision), drawn
+# ops whose angle fp16 keeps in float32 where its rounding would show (RandomGraph._angle_kept), drawn
 # on an inexact angle only where its float32 rounding does not move them (RandomGraph._stable)
 ANGLES = {"tan", "sin", "cos"}
+# ops whose onnxruntime kernel is accurate to an absolute bound, not to float32's relative one: its Sigmoid
+# (MLAS) is 5e-8 off at sigmoid(-15) = 3e-7, 17%. The float64 value of RandomGraph._wide carries the bound
+# (silu is x * Sigmoid(x): |x| times it), so a node that amplifies it (a prod of tail values) is not drawn
+ABSOLUTE_ERROR = {"sigmoid": lambda x: torch.full_like(x, 2**-24), "silu": lambda x: x.abs() * 2**-24}
 # ops that give every backend the same bits on exact inputs (movement, selection, correctly rounded arithmetic)
 KEEPS_EXACT = JUMPY | {
     "identity", "dropout", "stochastic_depth", "neg", "abs", "relu", "add", "sub", "mul", "maximum", "minimum",
@@ -76,6 +80,7 @@ class Entry:
     data: tuple[torch.Tensor, torch.Tensor]
     exact: bool = False  # every backend computes it bit for bit
     low: tuple[torch.Tensor, torch.Tensor] | None = None  # the data as float16 computes it (None: data rounded)
+    wide: tuple[torch.Tensor, torch.Tensor] | None = None  # the data as float64 computes it (None: data widened)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -245,6 +250,9 @@ class RandomGraph:
                 raise Rejected(f"{op}: unbounded or misshapen output")
             exact = op in KEEPS_EXACT and exact_in and all(_on_grid(d) for d in data)
             entries.append(Entry(value, data, exact))
+        if not self._wide(node, values, entries):
+            self.graph.remove_node(node)
+            raise Rejected(f"{op}: its float32 value is over 1e-5 of its peak off its float64 value")
         if not self._low(node, values, outs, entries):
             self.graph.remove_node(node)
             raise Rejected(f"{op}: computed from its inputs as float16 holds them, it is off by over 1e-2")
@@ -292,17 +300,53 @@ class RandomGraph:
                         return False
         return True
 
+    def _wide(self, node, values: list, entries: list[Entry]) -> bool:
+        """Set the entries' data as float64 computes them, from their inputs' float64 values (off by
+        ABSOLUTE_ERROR's bound where onnxruntime's kernel holds no better). Whether the float32 data
+        stay within 1e-5 of their peak of that: where not, float32 rounding (or that bound) is
+        amplified (a cancellation inside the node, a pole or a selection of small values downstream
+        of it) to a tenth of the checks' 1e-4, and another backend's float32, rounding elsewhere, may
+        pass it (ir 3002454: gelu of -4 is x * (1 + erf) with erf one ulp of 1 off -1, 6e-5 of the
+        row minima's peak; ir 3002606: tan of a prod of lrn values, near a pole; ir 7001198: a prod of
+        silu values of -12, from onnxruntime's Sigmoid 5e-2 off)."""
+        wides: list[tuple[torch.Tensor, ...]] = []
+        for k in range(2):
+            feeds = [None if v is None else self._wide_data(v)[k] for v in values]
+            try:
+                wide = run_reference(node, feeds, {"batch": self.batches[k]})
+            except Exception:  # no float64 kernel (quantization ops): the shadow restarts at the data
+                return True
+            if node.op in ABSOLUTE_ERROR:
+                wide = (wide[0] + ABSOLUTE_ERROR[node.op](feeds[0]),)
+            wides.append(wide)
+        for i, entry in enumerate(entries):
+            wide = (wides[0][i], wides[1][i])
+            if entry.exact or any(w.dtype != torch.float64 or w.shape != d.shape for w, d in zip(wide, entry.data)):
+                continue
+            entry.wide = wide
+            for d, w in zip(entry.data, wide):
+                if d.dtype == torch.float32 and w.numel() and not float((d.double() - w).abs().max()) <= \
+                        1e-5 * float(w.abs().max()):
+                    return False
+        return True
+
+    def _wide_data(self, value: Value) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self._entry(value)
+        if entry is not None and entry.wide is not None:
+            return entry.wide
+        return tuple(d.double() if d.is_floating_point() else d for d in self._data(value))
+
     def _low(self, node, values: list, outs: list, entries: list[Entry]) -> bool:
         """Set the entries' data as float16 computes it: the node run on its inputs as 16 bits hold
-        them, its outputs rounded to 16 bits (but for what fp16 promises to keep float32: the angle
-        of a tan / sin / cos, values past float16's normal range). Whether they stay finite and within
+        them, its outputs rounded to 16 bits (but for what fp16 keeps float32: the angle of a tan,
+        of a sin / cos where _angle_kept, values past float16's normal range). Whether they stay finite and within
         1e-2 of their peak: where not, the output is a residue of rounding that no float16 computation
         of the graph keeps, whatever fp16 does. The node divides by, squashes or takes the angle of
         a cancellation of larger terms: 1 / 4e-3 left of O(1) terms, softsign of conv_transpose terms
         near 560 that cancel, atan2 of a mean of tanhs that are +-1 in 16 bits."""
         lows: list[list[torch.Tensor]] = [[], []]
         for k in range(2):
-            if node.op in ANGLES:
+            if self._angle_kept(node, values, outs):
                 lows[k] = outs[k]
             else:
                 feeds = [None if v is None else self._low_data(v)[k] for v in values]
@@ -311,9 +355,21 @@ class RandomGraph:
             entry.low = (_round16(lows[0][i]), _round16(lows[1][i]))
             for y, want in zip(entry.low, entry.data):
                 if want.is_floating_point() and want.numel() and not float((y - want).abs().max()) <= \
-                        1e-2 * max(float(want.abs().max()), 1e-6):  # NaN too (acosh of 1 + 1e-4)
+                        1e-2 * float(want.abs().max()):  # NaN too (acosh of 1 + 1e-4); no floor, as _stable
                     return False
         return True
+
+    def _angle_kept(self, node, values: list, outs: list) -> bool:
+        """Whether fp16 keeps the node's angle float32, as slimgraph.passes.precision decides on the
+        example inputs: a tan's always, a sin / cos's where it is past 8 times their output's peak
+        (ir 5000495: cos(4.7093) = -0.0031 of peak 0.99 is computed from a float16 angle, and the
+        reciprocal of it is 2x off)."""
+        if node.op == "tan":
+            return True
+        if node.op not in ANGLES or values[0].dtype != DType.float32:  # fp16 retypes float32 values only
+            return False
+        angle, out = self._data(values[0])[0], outs[0][0]
+        return angle.numel() > 0 and float(angle.abs().max()) > 8 * (float(out.abs().max()) if out.numel() else 1.0)
 
     def _low_data(self, value: Value) -> tuple[torch.Tensor, torch.Tensor]:
         entry = self._entry(value)

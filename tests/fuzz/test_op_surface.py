@@ -14,6 +14,7 @@ import slimgraph
 from slimgraph.backends.onnx import run_onnxruntime
 from slimgraph.ir import run
 from slimgraph.ir.ops import registered_ops
+from tests.fuzz import ir_graphs
 from tests.fuzz.ir_graphs import NOT_DRAWN, RandomGraph, Rejected, drawable_ops
 from tests.fuzz.properties import onnx_file
 
@@ -49,10 +50,18 @@ def test_var_of_rows_that_are_all_rounding_is_not_drawn():
 
 
 
-def test_group_norm_of_a_group_constant_beside_its_mean_is_not_drawn():
+@pytest.mark.parametrize("rule", ["group_norm of a group nearly constant beside its mean",
+                                  "its float32 value is over 1e-5 of its peak off its float64 value"])
+def test_group_norm_of_a_group_constant_beside_its_mean_is_not_drawn(rule, monkeypatch):
     """torch's group_norm computes x * (gamma * rstd) + (beta - mean * gamma * rstd): over copies of
     14.25 (rstd 1 / sqrt(eps)) those terms are 4506 and cancel, leaving the bias a float32 ulp of
-    4506 off (ir 3001204: 2.7e-4 between two forms of it). The same group with a spread is drawn."""
+    4506 off (ir 3001204: 2.7e-4 between two forms of it). Each of two rules rejects it alone: the
+    analytic one for group_norm and the comparison of every node with its float64 value. The same
+    group with a spread is drawn."""
+    if rule.startswith("group_norm"):
+        monkeypatch.setattr(RandomGraph, "_wide", lambda *args: True)
+    else:
+        monkeypatch.setattr(ir_graphs, "_group_norm_cancels", lambda *args: False)
     random = RandomGraph(0, nodes=1, ops=["relu"])
     x = next(e for e in random.pool if e.value.name == "x")
     c = x.shape[1]
@@ -62,8 +71,24 @@ def test_group_norm_of_a_group_constant_beside_its_mean_is_not_drawn():
     random.node("group_norm", inputs, {"num_groups": 1, "eps": 1e-5})
     copies = torch.full(x.shape, 14.25, dtype=x.value.dtype.torch)
     x.data = (copies, copies.clone())
-    with pytest.raises(Rejected, match="group_norm of a group nearly constant beside its mean"):
+    with pytest.raises(Rejected, match=rule):
         random.node("group_norm", inputs, {"num_groups": 1, "eps": 1e-5})
+
+def test_the_float16_model_takes_a_cos_angle_from_float16_where_fp16_does(monkeypatch):
+    """fp16 keeps a sin / cos angle float32 only past 8 times its output's peak: below, the angle is
+    rounded to 16 bits, and 1 / cos of an angle near 3 pi / 2 moves by 2x (ir 5000495). The float16
+    model of the generator computes it so, and rejects the reciprocal (float64 comparison off)."""
+    monkeypatch.setattr(RandomGraph, "_wide", lambda *args: True)
+    random = RandomGraph(0, nodes=1, ops=["relu"])
+    x = next(e for e in random.pool if e.value.name == "x")
+    angles = torch.zeros(x.shape, dtype=x.value.dtype.torch)
+    angles.view(-1)[:2] = torch.tensor([4.7093, 0.3])  # cos -0.0031 beside 0.955: the peak stays ~1
+    x.data = (angles, angles.clone())
+    cos = random.node("cos", [x])
+    assert cos.low[0].view(-1)[0] != cos.data[0].view(-1)[0]  # from the angle as float16 holds it
+    with pytest.raises(Rejected, match="as float16 holds them"):
+        random.node("reciprocal", [cos])
+
 
 def assert_close(got, want, what: str, dtype: torch.dtype) -> None:
     got = got if isinstance(got, (tuple, list)) else (got,)
