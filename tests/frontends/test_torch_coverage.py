@@ -57,3 +57,32 @@ def test_the_listed_exceptions_are_core_ops_without_handlers():
 def test_every_op_kept_whole_through_decomposition_has_a_handler():
     assert tracing.KEEP
     assert [str(op) for op in tracing.KEEP if find_handler("call_function", op) is None] == []
+
+
+class _FlattenOfScalar(torch.nn.Module):
+    """aten.flatten of a 0-d tensor: its handler refuses it (Unhandled), its decomposition is a view."""
+
+    def forward(self, x):
+        return torch.flatten(x.sum()) * 2
+
+
+class _FlattenOfScalarBranching(_FlattenOfScalar):
+    def forward(self, x):
+        if x.shape[1] > 2:  # torch.fx cannot branch on a size: the whole model goes through torch.export
+            return super().forward(x)
+        return x
+
+
+def test_an_export_whose_handler_refuses_its_arguments_is_decomposed_not_left_opaque():
+    """torch.export's graph converts without decomposition when every op has a handler; one that
+    raises Unhandled on its arguments sends it through the decomposition again, both for one call
+    fx left whole and for a whole model fx cannot trace."""
+    import slimgraph
+    from slimgraph.ir import OPAQUE, run
+
+    x = torch.randn(2, 3)
+    for model, source in ((_FlattenOfScalar(), "torch.fx"), (_FlattenOfScalarBranching(), "torch.export")):
+        graph = slimgraph.import_model(model, (x,))
+        assert graph.meta["source"] == source
+        assert [n.op for n in graph.nodes if n.op == OPAQUE] == []
+        torch.testing.assert_close(run(graph, [x])[0], model(x))

@@ -226,22 +226,42 @@ class Converter:
         # always the batch (a sequence-first RNN), and a wrong guess fails when converted
         for dynamic in ([True, False] if any(batched) else [False]):
             flags = batched if dynamic else [False] * len(values)
-            exported = tracing.export_call(fn, args_t, kwargs_t, tensors, flags)
-            if exported is None:
+            program = tracing.export_call(fn, args_t, kwargs_t, tensors, flags)
+            if program is None:
                 continue
-            nodes, constants = len(self.graph), set(self.graph.constants)
-            sub = Converter(exported, "torch.export", graph=self.graph, prefix=fx_node.name)
-            sub.params, sub.const_cache = self.params, self.const_cache
-            sub.private, sub.adopted, sub.opaque_modules = self.private, self.adopted, self.opaque_modules
-            sub.decomposed = self.decomposed
-            try:
-                outputs = sub.convert_inline(values, tensors)
-            except SlimgraphError:
-                self._roll_back(nodes, constants)
-                continue
-            self.decomposed.append(_describe(fx_node))
-            return pytree.tree_unflatten(outputs, pytree.tree_structure(real))
+            # as it is where every op has a handler; decomposed where one refused its arguments (an
+            # opaque node, a symbolic size it cannot keep); as it is, opaque nodes and all, where that fails
+            for decompose, opaque_ok in ((None, False), (True, True), (False, True)):
+                try:
+                    exported, decomposed = tracing.lower(program, decompose)
+                except Exception:  # a decomposition that fails on this call
+                    continue
+                outputs = self._convert_export(fx_node, exported, values, tensors, opaque_ok or decomposed)
+                if outputs is not None:
+                    self.decomposed.append(_describe(fx_node))
+                    return pytree.tree_unflatten(outputs, pytree.tree_structure(real))
+                if decompose is None and decomposed:  # decomposed from the start: nothing else to try
+                    break
         return None
+
+    def _convert_export(self, fx_node: torch.fx.Node, exported: torch.fx.GraphModule, values: list[Value],
+                        tensors: list[torch.Tensor], opaque_ok: bool) -> list[Any] | None:
+        """The outputs of an exported call's body converted in place, or None (nothing added) where
+        it fails, or leaves an opaque node and not ``opaque_ok``."""
+        nodes, constants = len(self.graph), set(self.graph.constants)
+        sub = Converter(exported, "torch.export", graph=self.graph, prefix=fx_node.name)
+        sub.params, sub.const_cache = self.params, self.const_cache
+        sub.private, sub.adopted, sub.opaque_modules = self.private, self.adopted, self.opaque_modules
+        sub.decomposed = self.decomposed
+        try:
+            outputs = sub.convert_inline(values, tensors)
+        except SlimgraphError:
+            self._roll_back(nodes, constants)
+            return None
+        if not opaque_ok and any(n.op == OPAQUE for n in self.graph.nodes[nodes:]):
+            self._roll_back(nodes, constants)
+            return None
+        return outputs
 
     def _roll_back(self, nodes: int, constants: set[str]) -> None:
         """Remove what a failed conversion added after the graph had ``nodes`` nodes and ``constants``."""

@@ -174,10 +174,23 @@ def _import_exported(model: torch.nn.Module, args: tuple, kwargs: dict, dims: di
         shapes = {name: {a: torch.export.Dim.DYNAMIC for a in dims[name]} if name in dims else None
                   for name in [*names, *kwargs]}
     try:
-        module, paths = tracing.export(model, args, kwargs, shapes)
+        program, paths = tracing.export(model, args, kwargs, shapes)
+        lowered = tracing.lower(program)
     except Exception as export_error:
         raise ModelImportError(f"cannot trace the model: {reason}; torch.export said: "
                                f"{first_line(export_error)}") from export_error
+    graph = tracing.convert_program(
+        program, lowered, lambda module: _convert_exported(module, paths, args, kwargs, names, dims, private))
+    if graph is None:
+        return None
+    graph.name = type(model).__name__
+    graph.meta["source"] = "torch.export"
+    graph.meta["import"] = reason
+    return graph
+
+
+def _convert_exported(module: torch.fx.GraphModule, paths: list, args: tuple, kwargs: dict, names: list[str],
+                      dims: dict, private: dict) -> Graph | None:
     converter = Converter(module, "torch.export")
     converter.private = private
     placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
@@ -189,12 +202,7 @@ def _import_exported(model: torch.nn.Module, args: tuple, kwargs: dict, dims: di
     leaves = [leaf for _, leaf in flat]
     graph = converter.convert(leaves, tracing.output_names(paths), leaf_names,
                               [_syms(dims, n, leaf) if n else None for n, leaf in zip(leaf_names, leaves)])
-    if not converter.finish():
-        return None
-    graph.name = type(model).__name__
-    graph.meta["source"] = "torch.export"
-    graph.meta["import"] = reason
-    return graph
+    return graph if converter.finish() else None
 
 
 def _defaults_left(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -170,21 +170,27 @@ def import_cached(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[Grap
     head = [{0: dynamic, 1: dynamic}] * (len(names) - 2 * layers)
     shapes = tuple(head + [{0: dynamic, 2: dynamic}] * (2 * layers))
     args = tuple(feeds)
+    seq, past = sympy.Symbol(SEQ), sympy.Symbol(PAST)
+    syms = {"input_ids": (BATCH, SEQ), "position_ids": (BATCH, SEQ), "attention_mask": (BATCH, past + seq)}
+    leaves = [leaf for _, leaf in pytree.tree_flatten_with_path((args, {}))[0]]
+    ir_names = [name.replace(".", "_") for name in names]
     try:
-        module, paths = tracing.export(step, args, {}, shapes)
+        program, paths = tracing.export(step, args, {}, shapes)
+        lowered = tracing.lower(program)
     except Exception as exc:
         raise ModelImportError(f"kv_cache=True: torch.export could not trace a step of {type(model).__name__} "
                                f"with symbolic batch, sequence and past length: {first_line(exc)}") from exc
-    seq, past = sympy.Symbol(SEQ), sympy.Symbol(PAST)
-    syms = {"input_ids": (BATCH, SEQ), "position_ids": (BATCH, SEQ), "attention_mask": (BATCH, past + seq)}
-    converter = Converter(module, "torch.export")
-    converter.private = private
-    leaves = [leaf for _, leaf in pytree.tree_flatten_with_path((args, {}))[0]]
-    ir_names = [name.replace(".", "_") for name in names]
-    graph = converter.convert(leaves, [name.replace(".", "_") for name in tracing.output_names(paths)], ir_names,
-                              [syms.get(name, (BATCH, None, PAST, None)) for name in names])
-    if not converter.finish():
-        raise ModelImportError("kv_cache=True: the decoder's forward writes to its own parameters")
+
+    def convert(module: torch.fx.GraphModule) -> Graph:
+        converter = Converter(module, "torch.export")
+        converter.private = private
+        graph = converter.convert(leaves, [name.replace(".", "_") for name in tracing.output_names(paths)],
+                                  ir_names, [syms.get(name, (BATCH, None, PAST, None)) for name in names])
+        if not converter.finish():
+            raise ModelImportError("kv_cache=True: the decoder's forward writes to its own parameters")
+        return graph
+
+    graph = tracing.convert_program(program, lowered, convert)
     opaque = [n.name for n in graph.nodes if n.op == OPAQUE]
     if opaque:
         raise ModelImportError(f"kv_cache=True: {len(opaque)} call(s) of the step have no IR form "

@@ -9,6 +9,7 @@ an addmm, which pruning and quantization no longer recognize as a layer).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,17 +74,59 @@ def trace_fx(model: torch.nn.Module, constants: dict[str, Any] | None = None) ->
     return torch.fx.Tracer().trace(model, concrete_args=constants or None)
 
 
-def export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None
-           ) -> tuple[torch.fx.GraphModule, list[str]]:
-    """torch.export + Core ATen decompositions: the unlifted module (placeholders in the order of
-    the flattened (args, kwargs)) and the pytree path of each output, e.g. "['logits']"."""
-    program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    if not _converts_as_is(program.graph):  # decomposing costs as much as exporting: only when needed
+def lower(program: torch.export.ExportedProgram, decompose: bool | None = None
+          ) -> tuple[torch.fx.GraphModule, bool]:
+    """The program's unlifted module decomposed to Core ATen (but KEEP), and whether it was. With
+    ``decompose`` None only where some op has no handler: decomposing costs as much as exporting.
+    A handler can still refuse its arguments (a topk that is not sorted); a caller whose undecomposed
+    module converts to opaque nodes lowers it again with ``decompose=True``."""
+    decomposed = decompose if decompose is not None else not _converts_as_is(program.graph)
+    if decomposed:
         program = program.run_decompositions(decompositions())
+    return program.module(check_guards=False), decomposed
+
+
+def convert_program(program: torch.export.ExportedProgram, lowered: tuple[torch.fx.GraphModule, bool],
+                    convert: Callable[[torch.fx.GraphModule], Any]) -> Any:
+    """``convert(module)`` (an IR graph, or None) of the program ``lowered`` (``lower(program)``).
+    Where it was not decomposed and a handler refused its arguments there (an opaque node, or a
+    SlimgraphError: a symbolic size it cannot keep), converted again decomposed: whichever leaves
+    fewer opaque nodes (the first where decomposing fails)."""
+    from slimgraph.errors import SlimgraphError
+    from slimgraph.ir import OPAQUE
+
+    def opaque(graph: Any) -> int:
+        return sum(1 for n in graph.nodes if n.op == OPAQUE)
+
+    module, decomposed = lowered
+    try:
+        first, error = convert(module), None
+    except SlimgraphError as exc:
+        if decomposed:
+            raise
+        first, error = None, exc
+    if decomposed or (first is not None and not opaque(first)):
+        return first
+    try:
+        second = convert(lower(program, decompose=True)[0])
+    except Exception:
+        second = None
+    if second is not None and (first is None or opaque(second) < opaque(first)):
+        return second
+    if error is not None:
+        raise error
+    return first
+
+
+def export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None
+           ) -> tuple[torch.export.ExportedProgram, list[str]]:
+    """torch.export: the program (``lower`` gives its module, placeholders in the order of the
+    flattened (args, kwargs)) and the pytree path of each output, e.g. "['logits']"."""
+    program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     spec = program.call_spec.out_spec
     structure = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
     paths = [path for path, _ in pytree.tree_flatten_with_path(structure)[0]]
-    return program.module(check_guards=False), paths
+    return program, paths
 
 
 def output_names(paths: list) -> list[str | None]:
@@ -111,10 +154,10 @@ class _Call(torch.nn.Module):
 
 
 def export_call(fn: Any, args: tuple, kwargs: dict, tensors: list[torch.Tensor], batched: list[bool]
-                ) -> torch.fx.GraphModule | None:
-    """One call (``args``/``kwargs`` templates whose Slots index ``tensors``) exported and decomposed,
-    with the batch dim of the ``batched`` tensors dynamic so the body keeps it symbolic (traced at
-    batch + 1: export specializes sizes 0 and 1). None when it cannot be exported."""
+                ) -> torch.export.ExportedProgram | None:
+    """One call (``args``/``kwargs`` templates whose Slots index ``tensors``) exported, with the batch
+    dim of the ``batched`` tensors dynamic so the body keeps it symbolic (traced at batch + 1: export
+    specializes sizes 0 and 1). None when it cannot be exported."""
     from torch.export import Dim
 
     examples = tuple(torch.cat([t, t[:1]]) if b else t for t, b in zip(tensors, batched))
@@ -122,10 +165,7 @@ def export_call(fn: Any, args: tuple, kwargs: dict, tensors: list[torch.Tensor],
     module = _Call(fn, args, kwargs)
     for inputs, shapes in ((examples, (specs,)), (tuple(tensors), None)):  # fall back to static shapes
         try:
-            program = torch.export.export(module, inputs, dynamic_shapes=shapes, strict=False)
-            if not _converts_as_is(program.graph):
-                program = program.run_decompositions(decompositions())
-            return program.module(check_guards=False)
+            return torch.export.export(module, inputs, dynamic_shapes=shapes, strict=False)
         except Exception:
             continue
     return None
