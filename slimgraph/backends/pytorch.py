@@ -860,6 +860,10 @@ def _emit_body(ctx: _Ctx, graph: Graph) -> tuple[list[str], list[str], str]:
                 last_use[id(v)] = node
     keep = {id(v) for v in graph.outputs}
     body: list[str] = [f"{name} = {ctx.names[id(v)]}.shape[{axis}]" for name, (v, axis) in symbols.items()]
+    for node in graph.nodes:  # emitters call methods on their first input: a scalar there is a buffer
+        first = node.inputs[0] if node.inputs else None  # (5.0.expand(2, 4) is no expression)
+        if first is not None and first.is_constant and first.rank == 0:
+            ctx.tensor(first)
     for node, reads, writes in statements:
         if id(node) in units:
             expr = _emit_qconv(ctx, units[id(node)])

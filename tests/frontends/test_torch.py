@@ -384,3 +384,35 @@ def test_a_negative_index_along_a_symbolic_dim_counts_from_its_run_time_end():
                              ("onnxruntime", run_onnxruntime(emitted, [x]))]:
             for y, w in zip(got, want):
                 assert torch.equal(torch.as_tensor(y), w), backend
+
+
+class ShiftRight(nn.Module):
+    """Hugging Face's shift_tokens_right: slice and select assignments along the sequence."""
+
+    def forward(self, x):
+        y = torch.zeros_like(x)
+        y[:, 1:] = x[:, :-1]
+        y[:, -1] = 5.0
+        y[:, 0] = x[:, -2]
+        return y
+
+
+class Scatters(nn.Module):
+    def forward(self, x):
+        y = torch.select_scatter(x, x[:, 0] * 2, 1, -1)
+        return torch.slice_scatter(y, y[:, :-2] + 1, 1, 2)
+
+
+@pytest.mark.parametrize("model", [ShiftRight(), Scatters()], ids=["assignments", "scatters"])
+def test_slice_and_select_assignments_along_a_symbolic_dim_follow_its_run_time_size(model):
+    """y[:, 1:] = ... was an index_put at positions 1..4 of the example's seq 5 (at seq 7 it failed to
+    run), select_scatter's index -1 position 4, and the fill of y[:, -1] an expand to the example's
+    batch."""
+    graph = slimgraph.import_model(model, (torch.randn(2, 5, 3),), {"x": {0: "batch", 1: "seq"}})
+    module, emitted = slimgraph.to_torch(graph), slimgraph.to_onnx(graph)
+    x = torch.randn(3, 7, 3)
+    with torch.no_grad():
+        want = model(x)
+        for backend, got in [("interpreter", run(graph, [x])[0]), ("PyTorch", module(x)),
+                             ("onnxruntime", run_onnxruntime(emitted, [x])[0])]:
+            assert torch.equal(torch.as_tensor(got), want), backend

@@ -514,7 +514,8 @@ def to_copy(cv, p, real):
 def copy(cv, p, real):
     x, src = tensor_arg(p["self"]), tensor_arg(p["src"])
     y = src if src.dtype == x.dtype else cv.emit("cast", [src], {"dtype": str(real.dtype).removeprefix("torch.")})
-    return y if y.shape == x.shape else cv.emit("expand", [y], {"shape": list(x.shape)})
+    dims = [x.dim(a) for a in range(x.rank)]  # symbolic where x's are: a fill of x[:, -1] at any batch
+    return y if [y.dim(a) for a in range(y.rank)] == dims else cv.emit("expand", [y], {"shape": dims})
 
 
 def _filled(cv, shape: list, value: Any, real: torch.Tensor) -> Value:
@@ -608,18 +609,32 @@ def index_put(cv, p, real):
 
 @handles("slice_scatter")
 def slice_scatter(cv, p, real):
+    """x[..., start:end:step] = src as an index_put at those positions: constants, or an arange over
+    the run-time size where the dim is symbolic (x[:, 1:] = y at every sequence length)."""
     x, src = tensor_arg(p["self"]), tensor_arg(p["src"])
     axis = p["dim"] % x.rank
-    start, end, step = slice(concrete(p["start"]), concrete(p["end"]), concrete(p["step"])).indices(x.shape[axis])
-    positions = cv.graph.add_constant(f"{cv.name}_positions", torch.arange(start, end, step))
+    size, start, end, step = x.dim(axis), p["start"], p["end"], p["step"] or 1
+    if isinstance(size, SymDim) or isinstance(start, SymDim) or isinstance(end, SymDim):
+        start = 0 if start is None else size + start if isinstance(start, int) and start < 0 else start
+        end = size if end is None or isinstance(end, int) and end >= 2 ** 62 else \
+            size + end if isinstance(end, int) and end < 0 else end
+        positions = cv.emit("arange", [], {"start": start, "end": end, "step": step, "dtype": "int64"})
+    else:
+        start, end, step = slice(concrete(start), concrete(end), concrete(step)).indices(size)
+        positions = cv.graph.add_constant(f"{cv.name}_positions", torch.arange(start, end, step))
     return cv.emit("index_put", [x, src, positions], {"axes": [axis], "accumulate": False})
 
 
 @handles("select_scatter")
 def select_scatter(cv, p, real):
+    """x[..., index] = src; a negative index on a symbolic dim counts from its run-time size."""
     x, src = tensor_arg(p["self"]), tensor_arg(p["src"])
     axis = p["dim"] % x.rank
-    position = cv.graph.add_constant(f"{cv.name}_position", torch.tensor([int(p["index"]) % x.shape[axis]]))
+    index, size = int(p["index"]), x.dim(axis)
+    if isinstance(size, SymDim) and index < 0:
+        position = cv.emit("sizes", [], {"values": [size + index], "shape": [1]})
+    else:
+        position = cv.graph.add_constant(f"{cv.name}_position", torch.tensor([index % x.shape[axis]]))
     src = cv.emit("unsqueeze", [src], {"axes": [axis]})
     return cv.emit("index_put", [x, src, position], {"axes": [axis], "accumulate": False})
 
