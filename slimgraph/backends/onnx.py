@@ -385,23 +385,32 @@ def emit_lrn(b, node):
 
 def _pool(b: _Builder, node: Node, onnx_op: str, **attrs: Any) -> None:
     """A pooling node. With ceil_mode, torch drops a last window that starts in the right padding;
-    onnxruntime does too, but ONNX's shape inference counts it, and onnx.checker rejects the output
-    shape. Where floor mode has the same windows, the pool is written in floor mode; otherwise it
-    writes to an intermediate that a Slice cuts to torch's windows (a no-op in onnxruntime, whose
-    optimizer then sees two shapes for that intermediate: QDQ propagation warns)."""
+    onnxruntime's kernel does too, but ONNX's shape inference counts it: onnx.checker rejects the
+    output shape, and onnxruntime's memory planner, which sizes buffers by the inferred shape, fails
+    to reuse one (ir 6001318). Where floor mode has the same windows, the pool is written in floor
+    mode; where torch drops a window, with the right padding cut to where its last window ends
+    (smaller than the padding: every window and divisor stays). Only where that window ends before
+    the padding starts (a stride past the kernel), an intermediate is cut to torch's windows by a Slice."""
     a, x, y = node.attrs, node.inputs[0], node.outputs[0]
     nd = len(a["kernel"])
     if ceil_adds_no_window(node):
         b.add(onnx_op, [b.inp(0)], [b.out()], **{**attrs, "ceil_mode": 0})
         return
-    cut = []
+    cut, pads = [], list(a["pads"])
     if a.get("ceil_mode") and not any((x.sym or ())[2:]):  # spatial sizes known
         dilation = a.get("dilation", [1] * nd)
         for i in range(nd):
+            size, start, stride = x.shape[2 + i], a["pads"][i], a["stride"][i]
             span = dilation[i] * (a["kernel"][i] - 1) + 1
-            counted = -(-(x.shape[2 + i] + a["pads"][i] + a["pads"][nd + i] - span) // a["stride"][i]) + 1
-            if counted != y.shape[2 + i]:
+            counted = -(-(size + start + a["pads"][nd + i] - span) // stride) + 1
+            if counted == y.shape[2 + i]:
+                continue
+            reach = (y.shape[2 + i] - 1) * stride + span - size - start  # of the last window past the input
+            if reach >= 0:
+                pads[nd + i] = reach
+            else:
                 cut.append((2 + i, y.shape[2 + i]))
+    attrs = {**attrs, "pads": pads}
     if not cut:
         b.add(onnx_op, [b.inp(0)], [b.out()], **attrs)
         return
@@ -882,12 +891,18 @@ def _dequantize(b: _Builder, node: Node, q: str, outputs: Sequence[str] | int) -
 
 def _requantized(node: Node) -> bool:
     """Whether onnxruntime would merge this node's dequantization with a requantization that reads it
-    (scalar parameters, an 8-bit zero point) though the two differ in scale or zero point."""
+    (scalar parameters, an 8-bit zero point) though the two differ in scale or zero point. The merge
+    needs the requantization to be its only reader, and not a graph output: a dequantization that a
+    conv reads too stays one, for the conv's QDQ fusion."""
     scale, zero = _qparams(node)
     if scale.numel != 1 or zero is None or zero.numel != 1 or zero.dtype not in (DType.int8, DType.uint8):
         return False
-    return any(u.index == 0 and u.node.op in ("fake_quant", "quantize_linear")
-               and not all(map(_same_value, (scale, zero), _qparams(u.node))) for u in node.outputs[0].uses)
+    out, uses = node.outputs[0], node.outputs[0].uses
+    if len(uses) != 1 or node.graph is None or any(o is out for o in node.graph.outputs):
+        return False
+    use = uses[0]
+    return use.index == 0 and use.node.op in ("fake_quant", "quantize_linear") \
+        and not all(map(_same_value, (scale, zero), _qparams(use.node)))
 
 
 def _qparams(node: Node) -> tuple[Value, Value | None]:

@@ -48,6 +48,31 @@ def test_ceil_mode_pools_drop_a_window_that_starts_in_the_padding(op):
 
 
 @pytest.mark.parametrize("op,count_include_pad", [("max_pool", None), ("avg_pool", True), ("avg_pool", False)])
+@pytest.mark.parametrize("kernel,stride,pads,size", [(3, 3, 1, 5), (3, 2, 1, 6), (4, 3, 2, 7), (2, 2, 1, 3)])
+def test_a_dropped_ceil_mode_window_is_written_with_less_right_padding(op, count_include_pad, kernel, stride, pads,
+                                                                       size):
+    """torch and onnxruntime's kernel drop a ceil-mode window that starts in the right padding; ONNX's
+    shape inference counted it, and onnxruntime's memory planner failed on the two sizes ("Shape
+    mismatch attempting to re-use buffer", ir 6001318). The pool is written with the right padding
+    cut to where torch's last window ends: every window and divisor as torch's, one shape everywhere."""
+    import onnx
+
+    x = torch.randn(2, 3, size, size)
+    attrs = {"kernel": [kernel] * 2, "stride": [stride] * 2, "pads": [pads] * 4, "ceil_mode": True}
+    attrs.update({"count_include_pad": count_include_pad} if op == "avg_pool" else {"dilation": [1, 1]})
+    graph = _one_node(op, [x], attrs)
+    want = getattr(torch.nn.functional, op.replace("pool", "pool2d"))(
+        x, kernel, stride, pads, ceil_mode=True, **({"count_include_pad": count_include_pad} if count_include_pad
+                                                    is not None else {}))
+    assert graph.outputs[0].shape == tuple(want.shape)
+    proto = slimgraph.to_onnx(graph)
+    assert [n.op_type for n in proto.graph.node] == ["MaxPool" if op == "max_pool" else "AveragePool"]
+    onnx.checker.check_model(proto, full_check=True)  # the inferred shape is torch's
+    torch.testing.assert_close(run_onnxruntime(proto, [x])[0], want)
+    _check(graph, [x])
+
+
+@pytest.mark.parametrize("op,count_include_pad", [("max_pool", None), ("avg_pool", True), ("avg_pool", False)])
 @pytest.mark.parametrize("pads,ceil_mode", [([0, 0, 1, 1], False), ([1, 0, 0, 1], True), ([0, 0, 2, 1], True)])
 def test_pools_with_pads_torch_cannot_take(op, count_include_pad, pads, ceil_mode):
     """Asymmetric pads (an ONNX file's SAME padding) are padded ahead of torch's pool: the padding
@@ -137,6 +162,25 @@ def test_requantization_with_other_parameters_keeps_both_roundings(second):
     _check(g, [x])
     twice = torch.round(x).clamp(-32.5, 31.25)  # the second grid spans (-128 - 2) / 4 to (127 - 2) / 4
     assert torch.equal(run_onnxruntime(slimgraph.to_onnx(g), [x])[0], twice)
+
+
+def test_a_dequantization_read_beside_its_requantization_stays_one():
+    """onnxruntime's DoubleQDQPairsRemover merges only a dequantization whose sole reader is the
+    requantization: one that an add reads too stays a DequantizeLinear (a conv there keeps its QDQ
+    fusion), and both roundings still hold."""
+    g = Graph("requantize_and_add")
+    x = g.add_input("x", (4, 8), DType.float32)
+    first = g.create_node("fake_quant", [x, g.add_constant("s1", torch.tensor(1.0)),
+                                         g.add_constant("z1", torch.tensor(1, dtype=torch.int8))], {}).outputs[0]
+    params = [g.add_constant("s2", torch.tensor(0.25)), g.add_constant("z2", torch.tensor(2, dtype=torch.int8))]
+    y = g.create_node("fake_quant", [first, *params], {}).outputs[0]
+    g.set_outputs([y, g.create_node("add", [first, x], {}).outputs[0]])
+    proto = slimgraph.to_onnx(g)
+    assert [n.op_type for n in proto.graph.node].count("DequantizeLinear") == 2
+    x = torch.randn(4, 8) * 10
+    _check(g, [x])
+    twice = torch.round(x).clamp(-32.5, 31.25)
+    assert torch.equal(run_onnxruntime(proto, [x])[0], twice)
 
 
 def test_var_at_opsets_before_18():
