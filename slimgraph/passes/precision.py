@@ -112,10 +112,11 @@ class _LowPrecision(Pass):
         periodic = [n for n in graph.nodes if n.op == "tan" or n.op in PERIODIC and
                     peaks.get(id(n.inputs[0]), 0) > 8 * peaks.get(id(n.outputs[0]), 1)]
         kept |= {n.name for n in periodic}
-        angles = [n.inputs[0] for n in periodic]
-        while angles:
+        angles, walked = [n.inputs[0] for n in periodic], set()
+        while angles:  # past what is kept already for range too: its own inputs may not be
             producer = angles.pop().producer
-            if producer is not None and producer.name not in kept and any(v.dtype == _F32 for v in producer.outputs):
+            if producer is not None and producer.name not in walked and any(v.dtype == _F32 for v in producer.outputs):
+                walked.add(producer.name)
                 kept.add(producer.name)
                 angles += [v for v in producer.inputs if v is not None]
         return [n.name for n in graph.nodes if n.name in kept]

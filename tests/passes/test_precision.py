@@ -283,6 +283,28 @@ def test_angle_of_tan_and_of_sin_past_8_stays_float32(op):
         assert float((y - model(x)).abs().max() / model(x).abs().max()) < 1e-3
 
 
+def test_an_angle_computed_through_a_node_kept_for_range_stays_float32_before_it():
+    """The walk up an angle's producers stopped at a node kept float32 for range already (a product
+    that passes through 1e-6, below float16's normal range): the linear before it ran in float16,
+    and sin of an angle near 100 was noise."""
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.sin(self.fc(x) * 1e-6 * 1e6 + 100)
+
+    torch.manual_seed(0)
+    model, x = M().eval(), torch.randn(3, 4)
+    result = slimgraph.optimize(slimgraph.import_model(model, (x,)), "fp16", example_inputs=(x,))
+    linear = next(n for n in result.graph.nodes if n.op == "linear")
+    assert linear.outputs[0].dtype == DType.float32
+    with torch.no_grad():
+        (y,) = interpret(result.graph, [x])
+        assert float((y - model(x)).abs().max() / model(x).abs().max()) < 1e-3
+
+
 def test_grid_sample_stays_float32():
     """grid_sample's kernel unnormalizes its grid to pixels in its input dtype: in float16, 1 + x for
     x = -2e-4 is 1, so a nearest sample at (1 - 2e-4) / 2 * 3 = 1.4997 lands on the tie at 1.5 and
