@@ -265,6 +265,9 @@ class RandomGraph:
         if op in ANGLES and not exact_in and not self._stable(node, values, outs, round16=False, step=2**-14):
             self.graph.remove_node(node)
             raise Rejected(f"{op} amplifies its input's float32 rounding past the checks' bound")
+        if op == "grid_sample" and attrs.get("mode") == "nearest" and not exact_in and self._near_an_edge(node):
+            self.graph.remove_node(node)
+            raise Rejected("nearest grid_sample of a coordinate near a pixel's edge")
         if op == "group_norm" and _group_norm_cancels(node, values, [self._data(v) for v in values], outs):
             self.graph.remove_node(node)
             raise Rejected("group_norm of a group nearly constant beside its mean: torch's kernel cancels")
@@ -299,6 +302,26 @@ class RandomGraph:
                             1e-2 * float(want.abs().max()):
                         return False
         return True
+
+    def _near_an_edge(self, node) -> bool:
+        """Whether a nearest grid_sample reads a coordinate within 2^-5 px of a pixel's edge (or 4 times
+        its float16 rounding there), where another backend's float16 grid, rounded at other points
+        than the float16 model's, reads the next pixel (ir 8000212: 9e-2 off in onnxruntime's fp16;
+        scaling the grid, as _stable does, barely moves a coordinate near 0)."""
+        x, grid = node.inputs
+        align = node.attrs.get("align_corners", False)
+        sizes = torch.tensor([x.shape[3], x.shape[2]], dtype=torch.float64)  # grid[..., 0] is the width's
+
+        def pixels(g: torch.Tensor) -> torch.Tensor:
+            g = g.double()
+            return (g + 1) / 2 * (sizes - 1) if align else ((g + 1) * sizes - 1) / 2
+
+        for data, low in zip(self._data(grid), self._low_data(grid)):
+            u = pixels(data)
+            margin = max(2**-5, 4 * float((pixels(low) - u).abs().max())) if u.numel() else 0.0
+            if u.numel() and float(((u - u.floor()) - 0.5).abs().min()) < margin:
+                return True
+        return False
 
     def _wide(self, node, values: list, entries: list[Entry]) -> bool:
         """Set the entries' data as float64 computes them, from their inputs' float64 values (off by
