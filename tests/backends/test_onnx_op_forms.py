@@ -88,6 +88,28 @@ def test_pools_with_pads_torch_cannot_take(op, count_include_pad, pads, ceil_mod
         torch.testing.assert_close(slimgraph.to_torch(graph)(x), run(graph, [x])[0])
 
 
+@pytest.mark.parametrize("op", ["conv", "max_pool", "avg_pool"])
+def test_asymmetric_pads_keep_a_symbolic_batch(op):
+    """Pads torch cannot take (SAME_UPPER: [0, 0, 1, 1]) are padded ahead of its kernel; F.pad's meta
+    kernel guarded the batch to its traced size, so symbolic inference gave the node, and all after
+    it, a static batch (fuzz-found: ir 9000480, an IR -> ONNX -> IR trip that was no fixed point)."""
+    g = Graph(op)
+    x = g.add_input("x", (2, 3, 6, 7), DType.float32, sym=("batch", None, None, None))
+    attrs = {"stride": [2, 2], "pads": [0, 0, 1, 1]}
+    if op == "conv":
+        inputs, attrs = [x, g.add_constant("w", torch.randn(4, 3, 3, 3))], {**attrs, "dilation": [1, 1], "groups": 1}
+    else:
+        inputs, attrs = [x], {**attrs, "kernel": [3, 3], "ceil_mode": True}
+        attrs.update({"dilation": [1, 1]} if op == "max_pool" else {"count_include_pad": False})
+    y = g.create_node(op, inputs, attrs).outputs[0]
+    g.set_outputs([y])
+    assert str(y.sym[0]) == "batch"
+    big = torch.randn(5, 3, 6, 7)
+    got = run(g, [big])[0]
+    assert got.shape[0] == 5
+    torch.testing.assert_close(torch.as_tensor(run_onnxruntime(slimgraph.to_onnx(g), [big])[0]), got)
+
+
 @pytest.mark.parametrize("op", ["adaptive_avg_pool", "adaptive_max_pool"])
 def test_adaptive_pools_to_sizes_that_do_not_divide(op):
     x = torch.randn(2, 3, 5, 7)

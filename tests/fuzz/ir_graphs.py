@@ -563,6 +563,8 @@ def _ordering(b, op):
         raise Rejected("ties")
     if op == "sort":
         return op, [x], {"axis": axis, "descending": b.rng.random() < 0.5}
+    if not x.shape[axis]:
+        raise Rejected("topk along an empty axis")
     return op, [x], {"axis": axis, "k": b.rng.randint(1, x.shape[axis]), "largest": b.rng.random() < 0.7}
 
 
@@ -753,6 +755,8 @@ def _slice(b, op):
 def _select(b, op):
     x = _x(b, rank=(2, 4))
     axis = b.axis(x)
+    if not x.shape[axis]:
+        raise Rejected("select along an empty axis")
     return op, [x], {"axis": axis, "index": b.rng.randrange(-x.shape[axis], x.shape[axis])}
 
 
@@ -786,6 +790,8 @@ def _gather(b, op):
     x = _x(b, rank=(2, 4))
     axis = b.axis(x)
     n = x.shape[axis]
+    if not n:  # a diagonal past the edge
+        raise Rejected(f"{op} along an empty axis")
     if op == "gather":
         return op, [x], {"axis": axis, "indices": [b.rng.randrange(n) for _ in range(b.rng.randint(1, n + 1))]}
     if op == "take":
@@ -810,6 +816,8 @@ def _index_put(b, op):
     x = _x(b, rank=(2, 4))
     axis = b.axis(x) % x.rank
     n = x.shape[axis]
+    if not n:  # a diagonal past the edge (ir 8000318)
+        raise Rejected("index_put along an empty axis")
     idx = b.graph.add_constant(f"c{len(b.graph.constants)}", torch.randperm(n)[:b.rng.randint(1, n)])
     b._new_constants.append(idx)
     shape = [idx.shape[0] if a == axis else d for a, d in enumerate(x.shape)][axis:]

@@ -31,6 +31,21 @@ def torch_pad_arg(pads: list[int]) -> list[int]:
     return arg
 
 
+def pad_spatial(x: torch.Tensor, pads: list[int], value: float = 0.0) -> torch.Tensor:
+    """x with ONNX-style [begin..., end...] pads on its trailing dims, filled with ``value``. As
+    F.pad(x, torch_pad_arg(pads), value=value), but by cats: F.pad's meta kernel guards a symbolic
+    batch to its traced size, and symbolic inference runs the references on fake tensors (a conv or
+    pool with SAME_UPPER pads came back with a static batch)."""
+    n = len(pads) // 2
+    for d in range(n):
+        axis, parts = x.dim() - n + d, []
+        for width in (pads[d], pads[n + d]):
+            parts.append(x.new_full((*x.shape[:axis], width, *x.shape[axis + 1:]), value) if width else None)
+        if any(t is not None for t in parts):
+            x = torch.cat([t for t in (parts[0], x, parts[1]) if t is not None], axis)
+    return x
+
+
 def _float_type(node):
     """The one floating dtype shared by every operand, else None (a closed form then defers to meta)."""
     dtypes = {v.dtype for v in node.inputs if v is not None}
@@ -54,7 +69,7 @@ def conv_ref(xs, a):
     pads = a["pads"]
     padding = symmetric_padding(pads)
     if padding is None:
-        x = F.pad(x, torch_pad_arg(pads))
+        x = pad_spatial(x, pads)
         padding = [0] * (len(pads) // 2)
     return _CONV[w.dim() - 2](x, w, b, a["stride"], padding, a["dilation"], a["groups"])
 
@@ -294,7 +309,7 @@ def max_pool_ref(xs, a):
     padding = symmetric_padding(pads)
     fn = _MAX_POOL[len(a["kernel"])]
     if padding is None or any(2 * p > k for p, k in zip(padding, a["kernel"])):  # torch pads no such way
-        padded = F.pad(x, torch_pad_arg(pads), value=float("-inf"))
+        padded = pad_spatial(x, pads, float("-inf"))
         return _inside(fn(padded, a["kernel"], a["stride"], [0] * len(a["kernel"]), a.get("dilation", 1),
                           a.get("ceil_mode", False)), x, a)
     return fn(x, a["kernel"], a["stride"], padding, a.get("dilation", 1), a.get("ceil_mode", False))
@@ -306,13 +321,13 @@ def avg_pool_ref(xs, a):
     count_include_pad = a.get("count_include_pad", True)
     fn = _AVG_POOL[len(a["kernel"])]
     if padding is None or any(2 * p > k for p, k in zip(padding, a["kernel"])):  # torch pads no such way
-        nd, explicit = len(a["kernel"]), torch_pad_arg(pads)
-        total = _inside(fn(F.pad(x, explicit), a["kernel"], a["stride"], [0] * nd, a.get("ceil_mode", False),
+        nd = len(a["kernel"])
+        total = _inside(fn(pad_spatial(x, pads), a["kernel"], a["stride"], [0] * nd, a.get("ceil_mode", False),
                            True), x, a)
         if count_include_pad:
             return total
         # the padding counts for nothing: the mean over the window's elements of x alone
-        ones = F.pad(torch.ones_like(x[:1, :1]), explicit)
+        ones = pad_spatial(torch.ones_like(x[:1, :1]), pads)
         return total / _inside(fn(ones, a["kernel"], a["stride"], [0] * nd, a.get("ceil_mode", False), True), x, a)
     return fn(x, a["kernel"], a["stride"], padding, a.get("ceil_mode", False), count_include_pad)
 
