@@ -375,7 +375,7 @@ class RandomGraph:
                 feeds = [None if v is None else self._low_data(v)[k] for v in values]
                 lows[k] = list(run_reference(node, feeds, {"batch": self.batches[k]}))
         for i, entry in enumerate(entries):
-            entry.low = (_round16(lows[0][i]), _round16(lows[1][i]))
+            entry.low = (_round16(lows[0][i], entry.data[0]), _round16(lows[1][i], entry.data[0]))
             for y, want in zip(entry.low, entry.data):
                 if want.is_floating_point() and want.numel() and not float((y - want).abs().max()) <= \
                         1e-2 * float(want.abs().max()):  # NaN too (acosh of 1 + 1e-4); no floor, as _stable
@@ -398,7 +398,8 @@ class RandomGraph:
         entry = self._entry(value)
         if entry is not None and entry.low is not None:
             return entry.low
-        return tuple(_round16(d) for d in self._data(value))
+        data = self._data(value)
+        return tuple(_round16(d, data[0]) for d in data)
 
     def _entry(self, value: Value) -> Entry | None:
         return next((e for e in self.pool if e.value is value), None)
@@ -446,13 +447,16 @@ def _group_norm_cancels(node, values: list, data: list, outs: list) -> bool:
     return False
 
 
-def _round16(t: torch.Tensor) -> torch.Tensor:
-    """A float32 tensor as fp16 holds it: rounded to float16 unless its peak is past float16's normal
-    range (fp16 keeps such values float32); other dtypes as they are."""
-    if t.dtype != torch.float32 or not t.numel():
+def _round16(t: torch.Tensor, example: torch.Tensor | None = None) -> torch.Tensor:
+    """A float32 tensor as fp16 holds it: rounded to float16 unless the value's peak at the example
+    inputs (``example``, where fp16 decides; t itself without) is past float16's normal range or 0 <
+    peak < its smallest normal (fp16 keeps such values float32); other dtypes as they are. A value
+    that is 0 at the example inputs and 1.7e-7 at the others is float16 there (ir 11000386)."""
+    example = t if example is None else example
+    if t.dtype != torch.float32 or not t.numel() or not example.numel():
         return t
-    peak, f16 = float(t.abs().max()), torch.finfo(torch.float16)
-    return t.to(torch.float16).to(t.dtype) if f16.tiny <= peak <= f16.max / 2 else t
+    peak, f16 = float(example.abs().max()), torch.finfo(torch.float16)
+    return t.to(torch.float16).to(t.dtype) if not 0 < peak < f16.tiny and peak <= f16.max / 2 else t
 
 
 def _bounded(t: torch.Tensor) -> bool:

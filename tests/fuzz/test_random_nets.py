@@ -109,6 +109,8 @@ REGRESSIONS = {
     ("ir", 9000480): "a ceil-mode avg_pool written with less right padding came back with asymmetric pads, whose "
                      "reference padded with F.pad: its meta kernel guarded the batch to 2, and a roll after it "
                      "folded to a constant (IR -> ONNX -> IR no fixed point)",
+    ("ir", 11000386): "expm1 was written to ONNX as exp(x) - 1, 8% off at x = -1.7e-7 (exact, onnx-file); the "
+                      "float16 model rounded a value fp16 keeps float32 where it is 0 at the example inputs",
 }
 CASES = sorted({("cnn", s) for s in CNN_SEEDS} | {("transformer", s) for s in TRANSFORMER_SEEDS}
                | {("ir", s) for s in IR_SEEDS} | set(REGRESSIONS))
