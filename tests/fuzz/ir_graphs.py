@@ -194,12 +194,16 @@ class RandomGraph:
         """A size for an attribute: the batch symbol where the dim is the symbolic batch."""
         return SymDim(sympy.Symbol("batch"), entry.shape[0]) if axis == 0 and entry.batched else entry.shape[axis]
 
-    def axis(self, entry: Entry, lo: int = 1) -> int:
-        """An axis of entry, past the batch, sometimes written negative."""
+    def axis(self, entry: Entry, lo: int = 1, indexed: bool = False) -> int:
+        """An axis of entry, past the batch, sometimes written negative; ``indexed``: one an index is
+        drawn along, so not empty (a diagonal past the edge: randint(1, 0) raised, ir 8000318)."""
         if entry.rank <= lo:
             raise Rejected("no axis past the batch")
         a = self.rng.randrange(lo, entry.rank)
-        return a - entry.rank if self.rng.random() < 0.3 else a
+        negative = self.rng.random() < 0.3
+        if indexed and not entry.shape[a]:
+            raise Rejected("an index along an empty axis")
+        return a - entry.rank if negative else a
 
     def _grow(self) -> None:
         op = self.rng.choice(self.ops)
@@ -361,15 +365,16 @@ class RandomGraph:
 
     def _low(self, node, values: list, outs: list, entries: list[Entry]) -> bool:
         """Set the entries' data as float16 computes it: the node run on its inputs as 16 bits hold
-        them, its outputs rounded to 16 bits (but for what fp16 keeps float32: the angle of a tan,
-        of a sin / cos where _angle_kept, values past float16's normal range). Whether they stay finite and within
-        1e-2 of their peak: where not, the output is a residue of rounding that no float16 computation
-        of the graph keeps, whatever fp16 does. The node divides by, squashes or takes the angle of
-        a cancellation of larger terms: 1 / 4e-3 left of O(1) terms, softsign of conv_transpose terms
+        them, its outputs rounded to 16 bits (but for what fp16 keeps float32: the angle of a tan, of
+        a sin / cos where _angle_kept, values past float16's normal range). Whether they stay finite
+        and within 1e-2 of their peak: where not, the output is a residue of rounding that no float16
+        computation of the graph keeps, whatever fp16 does. The node divides by, squashes or takes the
+        angle of a cancellation of larger terms: 1 / 4e-3 left of O(1) terms, softsign of conv_transpose terms
         near 560 that cancel, atan2 of a mean of tanhs that are +-1 in 16 bits."""
         lows: list[list[torch.Tensor]] = [[], []]
+        kept = self._angle_kept(node, values, outs)
         for k in range(2):
-            if self._angle_kept(node, values, outs):
+            if kept:
                 lows[k] = outs[k]
             else:
                 feeds = [None if v is None else self._low_data(v)[k] for v in values]
@@ -562,13 +567,11 @@ def _axis_op(b, op):
 
 def _ordering(b, op):
     x = _x(b, exact=True)
-    axis = b.axis(x)
+    axis = b.axis(x, indexed=op == "topk")
     if not x.distinct(axis % x.rank):
         raise Rejected("ties")
     if op == "sort":
         return op, [x], {"axis": axis, "descending": b.rng.random() < 0.5}
-    if not x.shape[axis]:
-        raise Rejected("topk along an empty axis")
     return op, [x], {"axis": axis, "k": b.rng.randint(1, x.shape[axis]), "largest": b.rng.random() < 0.7}
 
 
@@ -758,9 +761,7 @@ def _slice(b, op):
 
 def _select(b, op):
     x = _x(b, rank=(2, 4))
-    axis = b.axis(x)
-    if not x.shape[axis]:
-        raise Rejected("select along an empty axis")
+    axis = b.axis(x, indexed=True)
     return op, [x], {"axis": axis, "index": b.rng.randrange(-x.shape[axis], x.shape[axis])}
 
 
@@ -792,10 +793,8 @@ def _pad(b, op):
 
 def _gather(b, op):
     x = _x(b, rank=(2, 4))
-    axis = b.axis(x)
+    axis = b.axis(x, indexed=True)
     n = x.shape[axis]
-    if not n:  # a diagonal past the edge
-        raise Rejected(f"{op} along an empty axis")
     if op == "gather":
         return op, [x], {"axis": axis, "indices": [b.rng.randrange(n) for _ in range(b.rng.randint(1, n + 1))]}
     if op == "take":
@@ -818,10 +817,8 @@ def _gather(b, op):
 
 def _index_put(b, op):
     x = _x(b, rank=(2, 4))
-    axis = b.axis(x) % x.rank
+    axis = b.axis(x, indexed=True) % x.rank
     n = x.shape[axis]
-    if not n:  # a diagonal past the edge (ir 8000318)
-        raise Rejected("index_put along an empty axis")
     idx = b.graph.add_constant(f"c{len(b.graph.constants)}", torch.randperm(n)[:b.rng.randint(1, n)])
     b._new_constants.append(idx)
     shape = [idx.shape[0] if a == axis else d for a, d in enumerate(x.shape)][axis:]

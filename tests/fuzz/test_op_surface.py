@@ -30,18 +30,22 @@ def test_every_registered_op_is_drawn():
     assert drawn == drawable_ops(), f"never drawn: {sorted(drawable_ops() - drawn)}"
 
 
+def _switch_off(monkeypatch, rule: tuple) -> None:
+    """The generator with one rejection rule, (owner, name, verdict), always giving ``verdict``: another
+    rule is then tested alone."""
+    owner, name, verdict = rule
+    monkeypatch.setattr(owner, name, lambda *args: verdict)
 
-@pytest.mark.parametrize("rule", ["var reads values where 16-bit rounding moves it", "as float16 holds them"])
-def test_var_of_rows_that_are_all_rounding_is_not_drawn(rule, monkeypatch):
+
+@pytest.mark.parametrize("rule,off", [("var reads values where 16-bit rounding moves it", (RandomGraph, "_low", True)),
+                                      ("as float16 holds them", (ir_graphs, "_sensitive", False))])
+def test_var_of_rows_that_are_all_rounding_is_not_drawn(rule, off, monkeypatch):
     """Rows of pi / 4 with some elements one bit lower (torch's float32 atan2(t, t): its SIMD body and
     scalar tail round apart, ir 1000248) have a var of 1e-15 in torch and 0 in onnxruntime: no backend
     can match a residue. Each of two rules rejects it alone: the stability of var's inputs under 16-bit
     rounding, and the float16 model (0 against 1e-15, weighed against its own peak). Rows that are
     exactly constant (var 0 everywhere) and random ones are drawn."""
-    if rule.startswith("var"):
-        monkeypatch.setattr(RandomGraph, "_low", lambda *args: True)
-    else:
-        monkeypatch.setattr(ir_graphs, "_sensitive", lambda *args: False)
+    _switch_off(monkeypatch, off)
     random = RandomGraph(0, nodes=1, ops=["relu"])
     x = next(e for e in random.pool if e.value.name == "x")
     attrs = {"axes": [1], "correction": 1, "keepdim": True}
@@ -56,19 +60,16 @@ def test_var_of_rows_that_are_all_rounding_is_not_drawn(rule, monkeypatch):
         random.node("var", [x], attrs)
 
 
-
-@pytest.mark.parametrize("rule", ["group_norm of a group nearly constant beside its mean",
-                                  "its float32 value is over 1e-5 of its peak off its float64 value"])
-def test_group_norm_of_a_group_constant_beside_its_mean_is_not_drawn(rule, monkeypatch):
+@pytest.mark.parametrize("rule,off", [
+    ("group_norm of a group nearly constant beside its mean", (RandomGraph, "_wide", True)),
+    ("its float32 value is over 1e-5 of its peak off its float64 value", (ir_graphs, "_group_norm_cancels", False))])
+def test_group_norm_of_a_group_constant_beside_its_mean_is_not_drawn(rule, off, monkeypatch):
     """torch's group_norm computes x * (gamma * rstd) + (beta - mean * gamma * rstd): over copies of
     14.25 (rstd 1 / sqrt(eps)) those terms are 4506 and cancel, leaving the bias a float32 ulp of
     4506 off (ir 3001204: 2.7e-4 between two forms of it). Each of two rules rejects it alone: the
     analytic one for group_norm and the comparison of every node with its float64 value. The same
     group with a spread is drawn."""
-    if rule.startswith("group_norm"):
-        monkeypatch.setattr(RandomGraph, "_wide", lambda *args: True)
-    else:
-        monkeypatch.setattr(ir_graphs, "_group_norm_cancels", lambda *args: False)
+    _switch_off(monkeypatch, off)
     random = RandomGraph(0, nodes=1, ops=["relu"])
     x = next(e for e in random.pool if e.value.name == "x")
     c = x.shape[1]
@@ -84,8 +85,9 @@ def test_group_norm_of_a_group_constant_beside_its_mean_is_not_drawn(rule, monke
 def test_the_float16_model_takes_a_cos_angle_from_float16_where_fp16_does(monkeypatch):
     """fp16 keeps a sin / cos angle float32 only past 8 times its output's peak: below, the angle is
     rounded to 16 bits, and 1 / cos of an angle near 3 pi / 2 moves by 2x (ir 5000495). The float16
-    model of the generator computes it so, and rejects the reciprocal (float64 comparison off)."""
-    monkeypatch.setattr(RandomGraph, "_wide", lambda *args: True)
+    model of the generator computes it so, and rejects the reciprocal (the float64 comparison, which
+    rejects it too, switched off)."""
+    _switch_off(monkeypatch, (RandomGraph, "_wide", True))
     random = RandomGraph(0, nodes=1, ops=["relu"])
     x = next(e for e in random.pool if e.value.name == "x")
     angles = torch.zeros(x.shape, dtype=x.value.dtype.torch)

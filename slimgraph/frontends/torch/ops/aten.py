@@ -607,6 +607,16 @@ def index_put(cv, p, real):
     return cv.emit("index_put", [x, operand(cv, values, x), *idx], {"axes": axes, "accumulate": bool(p["accumulate"])})
 
 
+def _position(bound: Any, size: Any, default: Any) -> Any:
+    """A slice bound as a position along a dim of (symbolic) ``size``: ``default`` for None, the size
+    for one past 2^62 (torch's "to the end"), counted from the end where negative."""
+    if bound is None:
+        return default
+    if isinstance(bound, int) and bound >= 2 ** 62:
+        return size
+    return size + bound if isinstance(bound, int) and bound < 0 else bound
+
+
 @handles("slice_scatter")
 def slice_scatter(cv, p, real):
     """x[..., start:end:step] = src as an index_put at those positions: constants, or an arange over
@@ -615,10 +625,8 @@ def slice_scatter(cv, p, real):
     axis = p["dim"] % x.rank
     size, start, end, step = x.dim(axis), p["start"], p["end"], p["step"] or 1
     if isinstance(size, SymDim) or isinstance(start, SymDim) or isinstance(end, SymDim):
-        start = 0 if start is None else size + start if isinstance(start, int) and start < 0 else start
-        end = size if end is None or isinstance(end, int) and end >= 2 ** 62 else \
-            size + end if isinstance(end, int) and end < 0 else end
-        positions = cv.emit("arange", [], {"start": start, "end": end, "step": step, "dtype": "int64"})
+        positions = cv.emit("arange", [], {"start": _position(start, size, 0), "end": _position(end, size, size),
+                                           "step": step, "dtype": "int64"})
     else:
         start, end, step = slice(concrete(start), concrete(end), concrete(step)).indices(size)
         positions = cv.graph.add_constant(f"{cv.name}_positions", torch.arange(start, end, step))
